@@ -1,0 +1,1 @@
+"""Device profiles and the profiler (see the device-profiles issue)."""

@@ -1,0 +1,225 @@
+"""Streaming writer of .emoe files (see SPEC.md).
+
+Chunks are written as they come, each at a 4096-byte boundary of the data
+region, so a converter holds only the tensors of one expert at a time. The
+header goes in front at the end: the writer reserves room for it up front
+(the caller's estimate) and, if the header outgrows that room, moves the
+data region once with copy_file_range. Everything goes to a temporary file
+beside the destination that is renamed into place only after fsync, so an
+interrupted write leaves no .emoe behind.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import zstandard
+
+from formats import constants as C
+from formats.codecs import get_codec
+from formats.errors import EmoeError
+
+DEFAULT_HEADER_RESERVE = 64 * 1024
+
+
+class EmoeWriter:
+    """Write one .emoe file chunk by chunk.
+
+    Use as a context manager; an exception inside the block removes the
+    temporary file and leaves any existing file at `path` untouched.
+
+    Args:
+        path: destination file.
+        metadata: the header's metadata map (family and config are required).
+        header_reserve: bytes to reserve for the header (an estimate is fine).
+        compress: try zstd on every chunk (kept only when it saves >= 5%).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        metadata: Mapping,
+        *,
+        header_reserve: int = DEFAULT_HEADER_RESERVE,
+        compress: bool = True,
+        zstd_level: int = C.ZSTD_LEVEL,
+    ):
+        for key in (C.M_FAMILY, C.M_CONFIG):
+            if key not in metadata:
+                raise ValueError(f"metadata needs {key!r}")
+        self.path = Path(path)
+        self.metadata = dict(metadata)
+        self.compress = compress
+        self._zstd = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True)
+        self._chunks: list[list[int]] = []
+        self._tensors: dict[str, dict] = {}
+        self._experts: list[dict] = []
+        self._expert_keys: set[tuple[int, int]] = set()
+        self._blobs: dict[str, int] = {}
+        self._data_offset = C.align_up(C.PREAMBLE_SIZE + max(header_reserve, 1024))
+        self._end = 0  # end of the last chunk, relative to the data region
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.tmp_path, "wb+")
+        self._done = False
+
+    # ---- chunks
+    def _write_chunk(self, raw: bytes) -> int:
+        stored, comp = raw, C.Compression.NONE
+        if self.compress and len(raw) >= 64:
+            z = self._zstd.compress(raw)
+            saves = len(z) <= (1 - C.MIN_ZSTD_SAVING) * len(raw)
+            if saves and len(raw) <= C.MAX_ZSTD_RATIO * len(z):
+                stored, comp = z, C.Compression.ZSTD
+        offset = C.align_up(self._end)
+        self._f.seek(self._data_offset + offset)
+        self._f.write(stored)
+        self._end = offset + len(stored)
+        self._chunks.append([offset, len(stored), len(raw), int(comp), zlib.crc32(stored)])
+        return len(self._chunks) - 1
+
+    def _encode(self, name, w, codec_id, params, calib) -> list[bytes]:
+        codec = get_codec(codec_id, name)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        codec.check_params(w.shape, params)
+        segments = codec.encode(w, params, calib=calib)
+        expected = codec.level_nbytes(w.shape, params)
+        if [len(s) for s in segments] != expected:
+            raise EmoeError(f"codec {codec.name} produced wrong segment sizes for {name}", "report this bug")
+        return segments
+
+    def _entry(self, name, shape, codec_id, params, src_dtype) -> dict:
+        if name in self._tensors:
+            raise ValueError(f"tensor {name!r} written twice")
+        entry = {C.T_CODEC: int(codec_id), C.T_SHAPE: [int(d) for d in shape], C.T_PARAMS: dict(params), C.T_PARTS: []}
+        if src_dtype:
+            entry[C.T_SRC_DTYPE] = str(src_dtype)
+        self._tensors[name] = entry
+        return entry
+
+    # ---- public API
+    def add_tensor(self, name: str, w: np.ndarray, codec_id: int, params: Mapping | None = None,
+                   *, src_dtype: str | None = None, calib: np.ndarray | None = None) -> None:
+        """Add a dense tensor; each level becomes a chunk of its own."""
+        params = dict(params or {})
+        segments = self._encode(name, w, codec_id, params, calib)
+        entry = self._entry(name, w.shape, codec_id, params, src_dtype)
+        for seg in segments:
+            entry[C.T_PARTS].append([self._write_chunk(seg), 0, len(seg)])
+
+    def add_expert(self, layer: int, expert: int, tensors: Mapping[str, tuple], *,
+                   calib: Mapping[str, np.ndarray] | None = None) -> None:
+        """Add one routed expert: its level-k segments of all roles share chunk k.
+
+        Args:
+            tensors: role ("gate", "up", "down") -> (name, weight, codec_id, params, src_dtype).
+            calib: optional role -> calibration activations for fitted codecs.
+        """
+        key = (int(layer), int(expert))
+        if key in self._expert_keys:
+            raise ValueError(f"expert {key} written twice")
+        if set(tensors) != set(C.EXPERT_ROLES):
+            raise ValueError(f"expert {key} needs roles {C.EXPERT_ROLES}, got {sorted(tensors)}")
+        encoded = {}
+        for role in C.EXPERT_ROLES:
+            name, w, codec_id, params, src_dtype = tensors[role]
+            segs = self._encode(name, w, codec_id, dict(params), (calib or {}).get(role))
+            encoded[role] = (name, w.shape, codec_id, dict(params), src_dtype, segs)
+        n_levels = {len(v[5]) for v in encoded.values()}
+        if len(n_levels) != 1:
+            raise ValueError(f"expert {key}: roles have different level counts {n_levels}")
+        entries = {role: self._entry(*v[:5]) for role, v in encoded.items()}
+        levels = []
+        for k in range(n_levels.pop()):
+            raw, offs = bytearray(), {}
+            for role in C.EXPERT_ROLES:
+                offs[role] = len(raw)
+                raw += encoded[role][5][k]
+            chunk = self._write_chunk(bytes(raw))
+            levels.append(chunk)
+            for role in C.EXPERT_ROLES:
+                entries[role][C.T_PARTS].append([chunk, offs[role], len(encoded[role][5][k])])
+        self._expert_keys.add(key)
+        self._experts.append({C.E_LAYER: key[0], C.E_EXPERT: key[1], C.E_LEVELS: levels,
+                              C.E_TENSORS: {r: encoded[r][0] for r in C.EXPERT_ROLES}})
+
+    def add_blob(self, name: str, data: bytes) -> None:
+        if name in self._blobs:
+            raise ValueError(f"blob {name!r} written twice")
+        self._blobs[name] = self._write_chunk(bytes(data))
+
+    def set_metadata(self, key: str, value) -> None:
+        self.metadata[key] = value
+
+    def header_bytes(self) -> bytes:
+        header = {C.KEY_METADATA: self.metadata, C.KEY_CHUNKS: self._chunks, C.KEY_TENSORS: self._tensors,
+                  C.KEY_EXPERTS: self._experts, C.KEY_BLOBS: self._blobs}
+        return msgpack.packb(header, use_bin_type=True)
+
+    def close(self) -> Path:
+        """Write the header, sync and rename into place. Returns the final path."""
+        if self._done:
+            return self.path
+        header = self.header_bytes()
+        if len(header) > C.MAX_HEADER_SIZE:
+            self.abort()
+            raise EmoeError(f"header of {len(header)} bytes exceeds the {C.MAX_HEADER_SIZE}-byte limit",
+                            "store fewer, larger tensors (or raise MAX_HEADER_SIZE in a new format version)")
+        need = C.align_up(C.PREAMBLE_SIZE + len(header))
+        if need > self._data_offset:
+            self._relocate(need)
+        pre = C.PREAMBLE.pack(C.MAGIC, C.VERSION_MAJOR, C.VERSION_MINOR, len(header),
+                              self._data_offset, zlib.crc32(header), 0)
+        self._f.seek(0)
+        self._f.write(pre + header)
+        self._f.write(b"\0" * (self._data_offset - C.PREAMBLE_SIZE - len(header)))
+        self._f.truncate(self._data_offset + C.align_up(self._end))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp_path, self.path)
+        self._done = True
+        return self.path
+
+    def _relocate(self, new_offset: int) -> None:
+        """Move the data region to new_offset (header outgrew its reserve)."""
+        size = C.align_up(self._end)
+        self._f.flush()
+        moved = self.tmp_path.with_suffix(".move")
+        with open(moved, "wb") as dst:
+            dst.truncate(new_offset)
+            src_fd, dst_fd = self._f.fileno(), dst.fileno()
+            done = 0
+            while done < size:
+                n = os.copy_file_range(src_fd, dst_fd, size - done, self._data_offset + done, new_offset + done)
+                if n == 0:
+                    break
+                done += n
+        self._f.close()
+        os.replace(moved, self.tmp_path)
+        self._f = open(self.tmp_path, "rb+")
+        self._data_offset = new_offset
+
+    def abort(self) -> None:
+        """Drop the temporary file; nothing is left behind."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._f.close()
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
