@@ -23,7 +23,7 @@ _ROUTER = re.compile(r"(\.gate\.weight|shared_expert_gate\.weight|e_score_correc
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    experts_key: str  # config key with the number of routed experts
+    experts_keys: tuple[str, ...]  # config keys that may hold the number of routed experts
     width_key: str  # config key with an expert's intermediate size
     expert_re: re.Pattern
 
@@ -41,7 +41,9 @@ class Family:
         return list(range(n))
 
     def num_experts(self, cfg: dict) -> int:
-        return cfg_int(cfg, self.experts_key)
+        # transformers renames keys between versions (qwen3_moe: num_experts -> num_local_experts)
+        key = next((k for k in self.experts_keys if cfg.get(k) is not None), self.experts_keys[0])
+        return cfg_int(cfg, key)
 
     def expert_width(self, cfg: dict) -> int:
         return cfg_int(cfg, self.width_key)
@@ -69,12 +71,12 @@ def cfg_int(cfg: dict, key: str) -> int:
 
 
 FAMILIES: dict[str, Family] = {
-    "mixtral": Family("mixtral", "num_local_experts", "intermediate_size", _MIXTRAL),
-    "qwen2_moe": Family("qwen2_moe", "num_experts", "moe_intermediate_size", _PER_EXPERT),
-    "qwen3_moe": Family("qwen3_moe", "num_experts", "moe_intermediate_size", _PER_EXPERT),
-    "olmoe": Family("olmoe", "num_experts", "intermediate_size", _PER_EXPERT),
-    "deepseek_v2": Family("deepseek_v2", "n_routed_experts", "moe_intermediate_size", _PER_EXPERT),
-    "deepseek_v3": Family("deepseek_v3", "n_routed_experts", "moe_intermediate_size", _PER_EXPERT),
+    "mixtral": Family("mixtral", ("num_local_experts",), "intermediate_size", _MIXTRAL),
+    "qwen2_moe": Family("qwen2_moe", ("num_experts",), "moe_intermediate_size", _PER_EXPERT),
+    "qwen3_moe": Family("qwen3_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", _PER_EXPERT),
+    "olmoe": Family("olmoe", ("num_experts",), "intermediate_size", _PER_EXPERT),
+    "deepseek_v2": Family("deepseek_v2", ("n_routed_experts",), "moe_intermediate_size", _PER_EXPERT),
+    "deepseek_v3": Family("deepseek_v3", ("n_routed_experts",), "moe_intermediate_size", _PER_EXPERT),
 }
 
 
