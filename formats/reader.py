@@ -105,6 +105,7 @@ class EmoeReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._fd = -1
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -114,7 +115,7 @@ class EmoeReader:
         try:
             self._open()
         except BaseException:
-            os.close(self._fd)
+            self.close()  # sets _fd to -1 so __del__ cannot close a reused descriptor
             raise
         self._dctx = zstandard.ZstdDecompressor()
 
@@ -163,6 +164,7 @@ class EmoeReader:
         self.experts = self._parse_experts(experts)
         _schema(isinstance(blobs, dict), "blobs is not a map")
         for name, idx in blobs.items():
+            _schema(isinstance(name, str), f"blob name {name!r} is not a string")
             _schema(_is_int(idx, 0, len(self.chunks) - 1), f"blob {name!r} names chunk {idx!r} of {len(self.chunks)}")
         self.blobs: dict[str, int] = dict(blobs)
         self._owners = self._chunk_owners()
@@ -208,6 +210,7 @@ class EmoeReader:
         _schema(isinstance(tensors, dict), "tensors is not a map")
         out = {}
         for name, t in tensors.items():
+            _schema(isinstance(name, str), f"tensor name {name!r} is not a string")
             _schema(isinstance(t, dict), f"tensor {name!r} is not a map")
             for key in (C.T_CODEC, C.T_SHAPE, C.T_PARAMS, C.T_PARTS):
                 _schema(key in t, f"tensor {name!r} lacks {key!r}")
@@ -253,8 +256,9 @@ class EmoeReader:
             _schema((layer, idx) not in out, f"{label} appears twice")
             _schema(isinstance(levels, list) and levels and all(_is_int(c, 0, len(self.chunks) - 1) for c in levels),
                     f"{label} has bad level chunks {levels!r}")
-            _schema(isinstance(roles, dict) and set(roles) == set(C.EXPERT_ROLES),
-                    f"{label} needs tensors for roles {C.EXPERT_ROLES}")
+            _schema(isinstance(roles, dict) and set(roles) == set(C.EXPERT_ROLES)
+                    and all(isinstance(v, str) for v in roles.values()),
+                    f"{label} needs tensor names for roles {C.EXPERT_ROLES}")
             for role in C.EXPERT_ROLES:
                 if roles[role] not in self.tensors:
                     raise MissingTensor(f"{label}: its {role} tensor {roles[role]!r} is not in the file")
