@@ -106,12 +106,12 @@ class EmoeReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._fd = -1
+        if self.path.is_dir():
+            raise EmoeError(f"{self.path} is a folder, not a .emoe file", "give the path of a .emoe file")
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             raise EmoeError(f"{self.path}: no such file", "check the path, or convert a model with `edgemoe convert`") from None
-        except IsADirectoryError:
-            raise EmoeError(f"{self.path} is a folder, not a .emoe file", "give the path of a .emoe file") from None
         try:
             self._open()
         except BaseException:
