@@ -108,7 +108,17 @@ class EmoeWriter:
         """Add a dense tensor; each level becomes a chunk of its own."""
         params = dict(params or {})
         segments = self._encode(name, w, codec_id, params, calib)
-        entry = self._entry(name, w.shape, codec_id, params, src_dtype)
+        self.add_encoded(name, w.shape, codec_id, params, segments, src_dtype=src_dtype)
+
+    def add_encoded(self, name: str, shape, codec_id: int, params: Mapping, segments: list[bytes],
+                    *, src_dtype: str | None = None) -> None:
+        """Add a dense tensor already encoded (e.g. by encode_blocked), one chunk per level."""
+        codec = get_codec(codec_id, name)
+        params = dict(params)
+        codec.check_params(shape, params)
+        if [len(s) for s in segments] != codec.level_nbytes(shape, params):
+            raise EmoeError(f"{name}: segment sizes do not match codec {codec.name}", "report this bug")
+        entry = self._entry(name, shape, codec_id, params, src_dtype)
         for seg in segments:
             entry[C.T_PARTS].append([self._write_chunk(seg), 0, len(seg)])
 

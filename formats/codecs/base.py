@@ -58,6 +58,17 @@ class Codec:
         raise NotImplementedError  # each codec defines its own
 
     @classmethod
+    def level_fields(cls, shape: Sequence[int], params: dict) -> list[list[int]]:
+        """Byte sizes of the fields that make up each level's segment, in order.
+
+        Every field is row-major over the tensor's first dimension (codes, a
+        bit plane, scales...), so a segment for a block of rows splits into the
+        same fields and the whole tensor's field is the blocks' fields joined.
+        This is what lets encode_blocked stream a large tensor by rows.
+        """
+        return [[n] for n in cls.level_nbytes(shape, params)]
+
+    @classmethod
     def encode(
         cls, w: np.ndarray, params: dict, calib: np.ndarray | None = None
     ) -> list[bytes]:
@@ -92,7 +103,7 @@ class Codec:
             raise CodecError(
                 f"{cls.name}: asked to decode {len(segments)} levels of a {len(sizes)}-level tensor"
             )
-        for k, (seg, n) in enumerate(zip(segments, sizes)):
+        for k, (seg, n) in enumerate(zip(segments, sizes, strict=False)):
             if len(seg) != n:
                 raise CodecError(
                     f"{cls.name}: level {k + 1} segment has {len(seg)} bytes, expected {n}"
@@ -159,9 +170,42 @@ def check_matrix(cls: type[Codec], shape: Sequence[int], params: dict) -> tuple[
     if len(shape) != 2:
         raise CodecError(f"{cls.name} quantizes 2-D weights, got shape {list(shape)}")
     rows, cols = int(shape[0]), int(shape[1])
+    if rows <= 0 or cols <= 0:
+        raise CodecError(f"{cls.name}: shape {list(shape)} has a non-positive dimension")
     g = params.get("group")
     if not isinstance(g, int) or g <= 0 or cols % g or g % 8:
         raise CodecError(
             f"{cls.name}: group {g!r} must be a positive multiple of 8 that divides in_features={cols}"
         )
     return rows, cols, g
+
+
+def encode_blocked(codec: type[Codec], shape: Sequence[int], params: dict, load_rows,
+                   block_bytes: int = 32 << 20) -> list[bytes]:
+    """Encode a tensor a block of rows at a time; same layout as codec.encode.
+
+    Holds one block of float32 rows plus the encoded output, never the whole
+    float32 tensor: how a converter stores a 2 GB embedding on a small box.
+    Per-group codecs give the same bytes as encoding the tensor whole.
+
+    Args:
+        load_rows: (start, stop) -> float32 array of rows [start, stop).
+        block_bytes: float32 bytes per block (rounded to whole rows).
+    """
+    rows = int(shape[0])
+    row_bytes = 4 * max(1, numel(shape) // max(rows, 1))
+    step = max(1, block_bytes // row_bytes)
+    if len(shape) > 1:
+        step = max(8, step - step % 8)  # 8 rows keep bit planes byte-aligned for any K
+    pieces: list[list[list[bytes]]] = [[[] for _ in lv] for lv in codec.level_fields(shape, params)]
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        block = load_rows(r0, r1)
+        segs = codec.encode(block, params)
+        for lv, (seg, sizes) in enumerate(zip(segs, codec.level_fields(block.shape, params), strict=True)):
+            pos = 0
+            for f, n in enumerate(sizes):
+                pieces[lv][f].append(bytes(seg[pos:pos + n]))
+                pos += n
+        del block, segs
+    return [b"".join(b"".join(field) for field in lv) for lv in pieces]

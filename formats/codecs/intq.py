@@ -48,8 +48,12 @@ class Int8(Codec):
 
     @classmethod
     def level_nbytes(cls, shape, params):
+        return [sum(f) for f in cls.level_fields(shape, params)]
+
+    @classmethod
+    def level_fields(cls, shape, params):
         rows, cols, g = check_matrix(cls, shape, params)
-        return [rows * cols + 2 * rows * (cols // g)]
+        return [[rows * cols, 2 * rows * (cols // g)]]
 
     @classmethod
     def encode(cls, w, params, calib=None):
@@ -91,8 +95,12 @@ class Int4(Codec):
 
     @classmethod
     def level_nbytes(cls, shape, params):
+        return [sum(f) for f in cls.level_fields(shape, params)]
+
+    @classmethod
+    def level_fields(cls, shape, params):
         rows, cols, g = check_matrix(cls, shape, params)
-        return [rows * cols // 2 + 4 * rows * (cols // g)]
+        return [[rows * cols // 2, 2 * rows * (cols // g), 2 * rows * (cols // g)]]
 
     @classmethod
     def encode(cls, w, params, calib=None):

@@ -106,5 +106,12 @@ class HFSource(CheckpointSource):
         t = self._handles[shard].get_tensor(name)
         return np.ascontiguousarray(t.float().numpy())
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        shard = self._where.get(name)
+        if shard is None:
+            raise MissingTensor(f"tensor {name!r} is not in the checkpoint {self.folder}")
+        t = self._handles[shard].get_slice(name)[start:stop]
+        return np.ascontiguousarray(t.float().numpy())
+
     def close(self) -> None:
         self._handles.clear()

@@ -55,6 +55,10 @@ class CheckpointSource:
         """
         raise NotImplementedError  # subclass
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a tensor as float32; sources that can slice lazily override this."""
+        return self.load(name)[start:stop]
+
     def close(self) -> None:
         pass
 
