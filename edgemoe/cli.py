@@ -20,11 +20,21 @@ def _cmd_convert(args) -> int:
     from formats.convert import ConvertOptions, convert, open_source
     from formats.errors import EmoeError
 
-    out = Path(args.output) if args.output else Path(str(Path(args.source).resolve()).rstrip("/") + ".emoe")
+    out = (
+        Path(args.output)
+        if args.output
+        else Path(str(Path(args.source).resolve()).rstrip("/") + ".emoe")
+    )
     if out.exists() and not args.force:
-        raise EmoeError(f"{out} already exists", "pass --force to replace it, or choose another output path")
-    opts = ConvertOptions(dense=args.dense, experts=args.experts, compress=not args.no_compress,
-                          progress=not args.quiet)
+        raise EmoeError(
+            f"{out} already exists", "pass --force to replace it, or choose another output path"
+        )
+    opts = ConvertOptions(
+        dense=args.dense,
+        experts=args.experts,
+        compress=not args.no_compress,
+        progress=not args.quiet,
+    )
     with open_source(args.source) as src:
         for warning in filter(None, [getattr(src, "tokenizer_warning", None)]):
             print(f"edgemoe: warning: {warning}", file=sys.stderr)
@@ -44,22 +54,36 @@ def _cmd_inspect(args) -> int:
         return 0
     print(f"{s['path']}: .emoe {s['version']}, {s['family']} (from {s['source']}, {s['writer']})")
     print("config: " + ", ".join(f"{k}={v}" for k, v in s["config"].items()))
-    print(f"file {Bytes(s['file_bytes'])}: header {Bytes(s['header_bytes'])}, {s['chunks']} chunks "
-          f"({s['zstd_chunks']} zstd, {Bytes(s['raw_bytes'])} raw -> {Bytes(s['stored_bytes'])} stored)")
-    print(f"{s['tensors']} tensors, resident (dense) {Bytes(s['dense_bytes'])}, {s['experts']} routed experts")
-    print("\ncodec               tensors      params  bits/level         bytes per level (cumulative)")
+    print(
+        f"file {Bytes(s['file_bytes'])}: header {Bytes(s['header_bytes'])}, {s['chunks']} chunks "
+        f"({s['zstd_chunks']} zstd, {Bytes(s['raw_bytes'])} raw -> {Bytes(s['stored_bytes'])} stored)"
+    )
+    print(
+        f"{s['tensors']} tensors, resident (dense) {Bytes(s['dense_bytes'])}, {s['experts']} routed experts"
+    )
+    print(
+        "\ncodec               tensors      params  bits/level         bytes per level (cumulative)"
+    )
     for name, row in s["codecs"].items():
         cum = [sum(row["level_bytes"][: k + 1]) for k in range(len(row["level_bytes"]))]
         bits = "/".join(map(str, row["bits"]))
-        print(f"{name:<19} {row['tensors']:>7} {row['params']:>11}  {bits:<17}  " + " | ".join(str(Bytes(b)) for b in cum))
+        print(
+            f"{name:<19} {row['tensors']:>7} {row['params']:>11}  {bits:<17}  "
+            + " | ".join(str(Bytes(b)) for b in cum)
+        )
     if s["expert_layers"]:
         print("\nlayer  experts  levels  one expert at each level      stored (all experts)")
         for row in s["expert_layers"]:
             per = " | ".join(str(Bytes(b)) for b in row["level_bytes"])
-            print(f"{row['layer']:>5}  {row['experts']:>7}  {row['levels']:>6}  {per:<28}  {Bytes(row['stored_bytes'])}")
+            print(
+                f"{row['layer']:>5}  {row['experts']:>7}  {row['levels']:>6}  {per:<28}  {Bytes(row['stored_bytes'])}"
+            )
     if s["blobs"]:
-        print("\nblobs: " + ", ".join(f"{k} ({Bytes(v)})" for k, v in s["blobs"].items())
-              + ("; chat template present" if s["chat_template"] else ""))
+        print(
+            "\nblobs: "
+            + ", ".join(f"{k} ({Bytes(v)})" for k, v in s["blobs"].items())
+            + ("; chat template present" if s["chat_template"] else "")
+        )
     return 0
 
 
@@ -73,7 +97,15 @@ def _cmd_verify(args) -> int:
         if not args.quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify", file=sys.stderr, disable=None)
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="verify",
+                file=sys.stderr,
+                disable=None,
+            )
         for chunk, err in r.verify():
             if bar:
                 bar.update(chunk.length)
@@ -92,28 +124,41 @@ def _cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgemoe", description="Run MoE LLMs from flash inside a memory budget.")
+    p = argparse.ArgumentParser(
+        prog="edgemoe", description="Run MoE LLMs from flash inside a memory budget."
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file to .emoe")
     c.add_argument("source", help="model folder (config.json + *.safetensors) or a .gguf file")
     c.add_argument("output", nargs="?", help="the .emoe to write (default: SOURCE.emoe)")
-    c.add_argument("--dense", default="bf16", help="codec for non-expert weights: f32, f16, bf16, int8, int4 (default bf16)")
-    c.add_argument("--experts", default="mwq:2,3,4",
-                   help="codec for routed experts: NAME[:BITS,...][@GROUP], e.g. mwq:2,3,4 (default), "
-                        "mwq:5,6,7,8, bitplane:2,4,8, int4@128, int8, bf16, f32")
+    c.add_argument(
+        "--dense",
+        default="bf16",
+        help="codec for non-expert weights: f32, f16, bf16, int8, int4 (default bf16)",
+    )
+    c.add_argument(
+        "--experts",
+        default="mwq:2,3,4",
+        help="codec for routed experts: NAME[:BITS,...][@GROUP], e.g. mwq:2,3,4 (default), "
+        "mwq:5,6,7,8, bitplane:2,4,8, int4@128, int8, bf16, f32",
+    )
     c.add_argument("--no-compress", action="store_true", help="never zstd chunks")
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_cmd_convert)
 
-    i = sub.add_parser("inspect", help="show a .emoe file's config, tensors, codecs and expert table")
+    i = sub.add_parser(
+        "inspect", help="show a .emoe file's config, tensors, codecs and expert table"
+    )
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print a JSON record")
     i.set_defaults(fn=_cmd_inspect)
 
-    v = sub.add_parser("verify", help="check every chunk's checksum; exit 1 naming the first bad chunk")
+    v = sub.add_parser(
+        "verify", help="check every chunk's checksum; exit 1 naming the first bad chunk"
+    )
     v.add_argument("file")
     v.add_argument("--all", action="store_true", help="list every bad chunk, not just the first")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

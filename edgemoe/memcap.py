@@ -60,8 +60,11 @@ def _v1_writable() -> bool:
 
 
 def _v2_writable() -> bool:
-    return (V2_ROOT / "cgroup.controllers").exists() and os.access(V2_ROOT, os.W_OK) \
+    return (
+        (V2_ROOT / "cgroup.controllers").exists()
+        and os.access(V2_ROOT, os.W_OK)
         and "memory" in (V2_ROOT / "cgroup.subtree_control").read_text()
+    )
 
 
 def available() -> str | None:
@@ -123,8 +126,15 @@ class _Cgroup:
                 time.sleep(0.1)
 
 
-def run_capped(cmd: list[str], limit: Bytes | str | int, *, timeout: float = 600, env: dict | None = None,
-               cwd: str | os.PathLike | None = None, evict: list[str | os.PathLike] = ()) -> CapResult:
+def run_capped(
+    cmd: list[str],
+    limit: Bytes | str | int,
+    *,
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: str | os.PathLike | None = None,
+    evict: list[str | os.PathLike] = (),
+) -> CapResult:
     """Run cmd with its whole process tree inside a memory cgroup capped at `limit`.
 
     The command enters the cgroup before exec, so its imports count too.
@@ -147,8 +157,14 @@ def run_capped(cmd: list[str], limit: Bytes | str | int, *, timeout: float = 600
     t0 = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock
     try:
-        p = subprocess.Popen(wrapper + list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, cwd=cwd)
+        p = subprocess.Popen(
+            wrapper + list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=cwd,
+        )
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -159,7 +175,15 @@ def run_capped(cmd: list[str], limit: Bytes | str | int, *, timeout: float = 600
         # The reaped child's block reads (512-byte units, O_DIRECT included) land in
         # RUSAGE_CHILDREN; callers run one capped command at a time.
         inblock = resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock - before
-        return CapResult(p.returncode, limit, Bytes(cg.peak()), cg.oom_kills() > 0,
-                         Bytes(512 * inblock), wall, out, err)
+        return CapResult(
+            p.returncode,
+            limit,
+            Bytes(cg.peak()),
+            cg.oom_kills() > 0,
+            Bytes(512 * inblock),
+            wall,
+            out,
+            err,
+        )
     finally:
         cg.remove()

@@ -11,11 +11,20 @@ from __future__ import annotations
 import re
 
 _UNITS = {
-    "": 1, "B": 1,
-    "K": 1024, "KIB": 1024, "KB": 1000,
-    "M": 1024**2, "MIB": 1024**2, "MB": 1000**2,
-    "G": 1024**3, "GIB": 1024**3, "GB": 1000**3,
-    "T": 1024**4, "TIB": 1024**4, "TB": 1000**4,
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "KIB": 1024,
+    "KB": 1000,
+    "M": 1024**2,
+    "MIB": 1024**2,
+    "MB": 1000**2,
+    "G": 1024**3,
+    "GIB": 1024**3,
+    "GB": 1000**3,
+    "T": 1024**4,
+    "TIB": 1024**4,
+    "TB": 1000**4,
 }
 _RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
@@ -41,7 +50,9 @@ class Bytes(int):
         m = _RE.match(str(text))
         unit = m.group(2).upper() if m else None
         if not m or unit not in _UNITS:
-            raise ValueError(f"cannot read {text!r} as a size; write it like 4GB, 512MiB, 0.5G or 1048576")
+            raise ValueError(
+                f"cannot read {text!r} as a size; write it like 4GB, 512MiB, 0.5G or 1048576"
+            )
         return cls(float(m.group(1)) * _UNITS[unit])
 
     def __add__(self, other):

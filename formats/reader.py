@@ -107,11 +107,16 @@ class EmoeReader:
         self.path = Path(path)
         self._fd = -1
         if self.path.is_dir():
-            raise EmoeError(f"{self.path} is a folder, not a .emoe file", "give the path of a .emoe file")
+            raise EmoeError(
+                f"{self.path} is a folder, not a .emoe file", "give the path of a .emoe file"
+            )
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            raise EmoeError(f"{self.path}: no such file", "check the path, or convert a model with `edgemoe convert`") from None
+            raise EmoeError(
+                f"{self.path}: no such file",
+                "check the path, or convert a model with `edgemoe convert`",
+            ) from None
         try:
             self._open()
         except BaseException:
@@ -125,28 +130,43 @@ class EmoeReader:
         pre = os.pread(self._fd, C.PREAMBLE_SIZE, 0)
         if len(pre) < 4 or pre[:4] != C.MAGIC:
             if len(pre) < 4 and C.MAGIC.startswith(pre):
-                raise TruncatedFile(f"{self.path}: {len(pre)} bytes, too short for a .emoe preamble")
+                raise TruncatedFile(
+                    f"{self.path}: {len(pre)} bytes, too short for a .emoe preamble"
+                )
             raise BadMagic(f"{self.path}: starts with {pre[:4]!r}, not {C.MAGIC!r}")
         if len(pre) < C.PREAMBLE_SIZE:
-            raise TruncatedFile(f"{self.path}: {len(pre)} bytes, shorter than the {C.PREAMBLE_SIZE}-byte preamble")
+            raise TruncatedFile(
+                f"{self.path}: {len(pre)} bytes, shorter than the {C.PREAMBLE_SIZE}-byte preamble"
+            )
         _, major, minor, hlen, data_offset, hcrc, _ = C.PREAMBLE.unpack(pre)
         if major != C.VERSION_MAJOR:
-            raise UnsupportedVersion(f"{self.path}: format version {major}.{minor}, this reader reads {C.VERSION_MAJOR}.x")
+            raise UnsupportedVersion(
+                f"{self.path}: format version {major}.{minor}, this reader reads {C.VERSION_MAJOR}.x"
+            )
         self.version = (major, minor)
         if hlen == 0 or hlen > C.MAX_HEADER_SIZE:
-            raise HeaderTooLarge(f"{self.path}: header length {hlen} outside 1..{C.MAX_HEADER_SIZE}")
+            raise HeaderTooLarge(
+                f"{self.path}: header length {hlen} outside 1..{C.MAX_HEADER_SIZE}"
+            )
         if data_offset % C.ALIGNMENT or data_offset < C.PREAMBLE_SIZE + hlen:
             raise OffsetOutOfRange(
-                f"{self.path}: data offset {data_offset} is not a multiple of {C.ALIGNMENT} at or after the header's end ({C.PREAMBLE_SIZE + hlen})")
+                f"{self.path}: data offset {data_offset} is not a multiple of {C.ALIGNMENT} at or after the header's end ({C.PREAMBLE_SIZE + hlen})"
+            )
         if self.file_size < C.PREAMBLE_SIZE + hlen:
-            raise TruncatedFile(f"{self.path}: {self.file_size} bytes, but the header alone ends at byte {C.PREAMBLE_SIZE + hlen}")
+            raise TruncatedFile(
+                f"{self.path}: {self.file_size} bytes, but the header alone ends at byte {C.PREAMBLE_SIZE + hlen}"
+            )
         raw = os.pread(self._fd, hlen, C.PREAMBLE_SIZE)
         if zlib.crc32(raw) != hcrc:
-            raise HeaderCorrupt(f"{self.path}: header checksum mismatch (stored {hcrc:#010x}, computed {zlib.crc32(raw):#010x})")
+            raise HeaderCorrupt(
+                f"{self.path}: header checksum mismatch (stored {hcrc:#010x}, computed {zlib.crc32(raw):#010x})"
+            )
         try:
             header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
         except Exception as e:  # msgpack raises several types for bad bytes
-            raise HeaderCorrupt(f"{self.path}: header is not valid msgpack ({type(e).__name__}: {e})") from None
+            raise HeaderCorrupt(
+                f"{self.path}: header is not valid msgpack ({type(e).__name__}: {e})"
+            ) from None
         self.data_offset = data_offset
         self._parse(header)
 
@@ -165,45 +185,67 @@ class EmoeReader:
         _schema(isinstance(blobs, dict), "blobs is not a map")
         for name, idx in blobs.items():
             _schema(isinstance(name, str), f"blob name {name!r} is not a string")
-            _schema(_is_int(idx, 0, len(self.chunks) - 1), f"blob {name!r} names chunk {idx!r} of {len(self.chunks)}")
+            _schema(
+                _is_int(idx, 0, len(self.chunks) - 1),
+                f"blob {name!r} names chunk {idx!r} of {len(self.chunks)}",
+            )
         self.blobs: dict[str, int] = dict(blobs)
         self._owners = self._chunk_owners()
         unused = [i for i in range(len(self.chunks)) if i not in self._owners]
-        _schema(not unused, f"chunk {unused[0] if unused else ''} is referenced by no tensor or blob")
+        _schema(
+            not unused, f"chunk {unused[0] if unused else ''} is referenced by no tensor or blob"
+        )
 
     def _parse_chunks(self, chunks) -> list[Chunk]:
         _schema(isinstance(chunks, list), "chunks is not an array")
         data_size = self.file_size - self.data_offset
         out = []
         for i, c in enumerate(chunks):
-            _schema(isinstance(c, list) and len(c) == 5 and all(_is_int(x) for x in c),
-                    f"chunk {i} is not [offset, length, raw_length, compression, crc32] of unsigned ints")
+            _schema(
+                isinstance(c, list) and len(c) == 5 and all(_is_int(x) for x in c),
+                f"chunk {i} is not [offset, length, raw_length, compression, crc32] of unsigned ints",
+            )
             off, length, raw_len, comp, crc = c
             _schema(length >= 1, f"chunk {i} has length 0")
             _schema(crc <= 0xFFFFFFFF, f"chunk {i} crc32 {crc} exceeds 32 bits")
             if off % C.ALIGNMENT:
                 raise OffsetOutOfRange(f"chunk {i} offset {off} is not a multiple of {C.ALIGNMENT}")
             if comp == C.Compression.NONE:
-                _schema(raw_len == length, f"chunk {i} is uncompressed but raw_length {raw_len} != length {length}")
+                _schema(
+                    raw_len == length,
+                    f"chunk {i} is uncompressed but raw_length {raw_len} != length {length}",
+                )
             elif comp == C.Compression.ZSTD:
-                _schema(1 <= raw_len <= C.MAX_ZSTD_RATIO * length,
-                        f"chunk {i} claims {raw_len} raw bytes from {length} stored (limit x{C.MAX_ZSTD_RATIO})")
+                _schema(
+                    1 <= raw_len <= C.MAX_ZSTD_RATIO * length,
+                    f"chunk {i} claims {raw_len} raw bytes from {length} stored (limit x{C.MAX_ZSTD_RATIO})",
+                )
             else:
-                raise HeaderCorrupt(f"chunk {i} has unknown compression {comp}", "upgrade edgemoe or re-convert the file")
+                raise HeaderCorrupt(
+                    f"chunk {i} has unknown compression {comp}",
+                    "upgrade edgemoe or re-convert the file",
+                )
             out.append(Chunk(i, off, length, raw_len, comp, crc))
         by_offset = sorted(out, key=lambda ch: ch.offset)
-        for a, b in zip(by_offset, by_offset[1:]):
+        for a, b in zip(by_offset, by_offset[1:], strict=False):
             if a.offset + a.span > b.offset:
-                raise OverlappingChunks(f"chunk {a.index} [{a.offset}, {a.offset + a.length}) overlaps chunk {b.index} at {b.offset}")
+                raise OverlappingChunks(
+                    f"chunk {a.index} [{a.offset}, {a.offset + a.length}) overlaps chunk {b.index} at {b.offset}"
+                )
         end = C.align_up(by_offset[-1].offset + by_offset[-1].length) if out else 0
         if by_offset and by_offset[-1].offset + by_offset[-1].length > max(data_size, 0):
             last = by_offset[-1]
             raise TruncatedFile(
-                f"{self.path}: chunk {last.index} ends at byte {self.data_offset + last.offset + last.length} of a {self.file_size}-byte file")
+                f"{self.path}: chunk {last.index} ends at byte {self.data_offset + last.offset + last.length} of a {self.file_size}-byte file"
+            )
         if data_size < end:
-            raise TruncatedFile(f"{self.path}: {self.file_size} bytes, {self.data_offset + end} expected")
+            raise TruncatedFile(
+                f"{self.path}: {self.file_size} bytes, {self.data_offset + end} expected"
+            )
         if data_size > end:
-            raise OffsetOutOfRange(f"{self.path}: {data_size - end} bytes after the last chunk's padding")
+            raise OffsetOutOfRange(
+                f"{self.path}: {data_size - end} bytes after the last chunk's padding"
+            )
         return out
 
     def _parse_tensors(self, tensors) -> dict[str, TensorEntry]:
@@ -216,8 +258,12 @@ class EmoeReader:
                 _schema(key in t, f"tensor {name!r} lacks {key!r}")
             codec = get_codec(t[C.T_CODEC], f"tensor {name!r}")
             shape = t[C.T_SHAPE]
-            _schema(isinstance(shape, list) and 1 <= len(shape) <= C.MAX_NDIM
-                    and all(_is_int(d, 1, 2**40) for d in shape), f"tensor {name!r} has bad shape {shape!r}")
+            _schema(
+                isinstance(shape, list)
+                and 1 <= len(shape) <= C.MAX_NDIM
+                and all(_is_int(d, 1, 2**40) for d in shape),
+                f"tensor {name!r} has bad shape {shape!r}",
+            )
             params = t[C.T_PARAMS]
             _schema(isinstance(params, dict), f"tensor {name!r} params is not a map")
             try:
@@ -226,55 +272,98 @@ class EmoeReader:
             except CodecError as e:
                 raise HeaderCorrupt(f"tensor {name!r}: {e.what}") from None
             parts = t[C.T_PARTS]
-            _schema(isinstance(parts, list) and len(parts) == len(sizes),
-                    f"tensor {name!r} has {len(parts) if isinstance(parts, list) else parts!r} parts, its codec {codec.name} has {len(sizes)} levels")
+            _schema(
+                isinstance(parts, list) and len(parts) == len(sizes),
+                f"tensor {name!r} has {len(parts) if isinstance(parts, list) else parts!r} parts, its codec {codec.name} has {len(sizes)} levels",
+            )
             checked = []
-            for k, (p, size) in enumerate(zip(parts, sizes)):
-                _schema(isinstance(p, list) and len(p) == 3 and all(_is_int(x) for x in p),
-                        f"tensor {name!r} part {k + 1} is not [chunk, offset, length]")
+            for k, (p, size) in enumerate(zip(parts, sizes, strict=True)):
+                _schema(
+                    isinstance(p, list) and len(p) == 3 and all(_is_int(x) for x in p),
+                    f"tensor {name!r} part {k + 1} is not [chunk, offset, length]",
+                )
                 ci, off, length = p
                 if ci >= len(self.chunks):
-                    raise OffsetOutOfRange(f"tensor {name!r} level {k + 1} names chunk {ci} of {len(self.chunks)}")
+                    raise OffsetOutOfRange(
+                        f"tensor {name!r} level {k + 1} names chunk {ci} of {len(self.chunks)}"
+                    )
                 if off + length > self.chunks[ci].raw_length:
                     raise OffsetOutOfRange(
-                        f"tensor {name!r} level {k + 1} bytes [{off}, {off + length}) exceed chunk {ci}'s {self.chunks[ci].raw_length}")
-                _schema(length == size, f"tensor {name!r} level {k + 1} has {length} bytes, codec {codec.name} needs {size}")
+                        f"tensor {name!r} level {k + 1} bytes [{off}, {off + length}) exceed chunk {ci}'s {self.chunks[ci].raw_length}"
+                    )
+                _schema(
+                    length == size,
+                    f"tensor {name!r} level {k + 1} has {length} bytes, codec {codec.name} needs {size}",
+                )
                 checked.append((ci, off, length))
             src = t.get(C.T_SRC_DTYPE)
-            out[name] = TensorEntry(name, codec, tuple(shape), params, tuple(checked), src if isinstance(src, str) else None)
+            out[name] = TensorEntry(
+                name,
+                codec,
+                tuple(shape),
+                params,
+                tuple(checked),
+                src if isinstance(src, str) else None,
+            )
         return out
 
     def _parse_experts(self, experts) -> dict[tuple[int, int], ExpertEntry]:
         _schema(isinstance(experts, list), "experts is not an array")
         out: dict[tuple[int, int], ExpertEntry] = {}
         for i, e in enumerate(experts):
-            _schema(isinstance(e, dict) and all(k in e for k in (C.E_LAYER, C.E_EXPERT, C.E_LEVELS, C.E_TENSORS)),
-                    f"expert record {i} is not a map with layer, expert, levels, tensors")
+            _schema(
+                isinstance(e, dict)
+                and all(k in e for k in (C.E_LAYER, C.E_EXPERT, C.E_LEVELS, C.E_TENSORS)),
+                f"expert record {i} is not a map with layer, expert, levels, tensors",
+            )
             layer, idx, levels, roles = e[C.E_LAYER], e[C.E_EXPERT], e[C.E_LEVELS], e[C.E_TENSORS]
-            _schema(_is_int(layer, 0, 2**20) and _is_int(idx, 0, 2**20), f"expert record {i} has bad layer/expert ids")
+            _schema(
+                _is_int(layer, 0, 2**20) and _is_int(idx, 0, 2**20),
+                f"expert record {i} has bad layer/expert ids",
+            )
             label = f"expert {idx} of layer {layer}"
             _schema((layer, idx) not in out, f"{label} appears twice")
-            _schema(isinstance(levels, list) and levels and all(_is_int(c, 0, len(self.chunks) - 1) for c in levels),
-                    f"{label} has bad level chunks {levels!r}")
-            _schema(isinstance(roles, dict) and set(roles) == set(C.EXPERT_ROLES)
-                    and all(isinstance(v, str) for v in roles.values()),
-                    f"{label} needs tensor names for roles {C.EXPERT_ROLES}")
+            _schema(
+                isinstance(levels, list)
+                and levels
+                and all(_is_int(c, 0, len(self.chunks) - 1) for c in levels),
+                f"{label} has bad level chunks {levels!r}",
+            )
+            _schema(
+                isinstance(roles, dict)
+                and set(roles) == set(C.EXPERT_ROLES)
+                and all(isinstance(v, str) for v in roles.values()),
+                f"{label} needs tensor names for roles {C.EXPERT_ROLES}",
+            )
             for role in C.EXPERT_ROLES:
                 if roles[role] not in self.tensors:
-                    raise MissingTensor(f"{label}: its {role} tensor {roles[role]!r} is not in the file")
+                    raise MissingTensor(
+                        f"{label}: its {role} tensor {roles[role]!r} is not in the file"
+                    )
             for k, ci in enumerate(levels):
                 pos = 0
                 for role in C.EXPERT_ROLES:
                     t = self.tensors[roles[role]]
-                    _schema(t.levels == len(levels), f"{label}: {role} has {t.levels} levels, the expert {len(levels)}")
+                    _schema(
+                        t.levels == len(levels),
+                        f"{label}: {role} has {t.levels} levels, the expert {len(levels)}",
+                    )
                     p = t.parts[k]
-                    _schema(p[0] == ci and p[1] == pos, f"{label}: {role} level {k + 1} is not at byte {pos} of chunk {ci}")
+                    _schema(
+                        p[0] == ci and p[1] == pos,
+                        f"{label}: {role} level {k + 1} is not at byte {pos} of chunk {ci}",
+                    )
                     pos += p[2]
-                _schema(pos == self.chunks[ci].raw_length, f"{label}: level {k + 1} chunk {ci} holds {self.chunks[ci].raw_length} bytes, its tensors {pos}")
+                _schema(
+                    pos == self.chunks[ci].raw_length,
+                    f"{label}: level {k + 1} chunk {ci} holds {self.chunks[ci].raw_length} bytes, its tensors {pos}",
+                )
                 if k:
                     prev = self.chunks[levels[k - 1]]
-                    _schema(self.chunks[ci].offset == prev.offset + prev.span,
-                            f"{label}: level {k + 1} does not follow level {k} on disk")
+                    _schema(
+                        self.chunks[ci].offset == prev.offset + prev.span,
+                        f"{label}: level {k + 1} does not follow level {k} on disk",
+                    )
             out[(layer, idx)] = ExpertEntry(layer, idx, tuple(levels), dict(roles))
         return out
 
@@ -285,7 +374,9 @@ class EmoeReader:
                 owners[ci] = f"{e.label}, level {k + 1}"
         for t in self.tensors.values():
             for k, (ci, _, _) in enumerate(t.parts):
-                owners.setdefault(ci, f"tensor {t.name!r}" + (f", level {k + 1}" if t.levels > 1 else ""))
+                owners.setdefault(
+                    ci, f"tensor {t.name!r}" + (f", level {k + 1}" if t.levels > 1 else "")
+                )
         for name, ci in self.blobs.items():
             owners.setdefault(ci, f"blob {name!r}")
         return owners
@@ -321,7 +412,8 @@ class EmoeReader:
         got = zlib.crc32(stored)
         if got != c.crc32:
             raise ChecksumMismatch(
-                f"{self.path}: checksum mismatch in {self.owner(chunk)} (chunk {chunk} at byte {self.data_offset + c.offset}: stored {c.crc32:#010x}, computed {got:#010x})")
+                f"{self.path}: checksum mismatch in {self.owner(chunk)} (chunk {chunk} at byte {self.data_offset + c.offset}: stored {c.crc32:#010x}, computed {got:#010x})"
+            )
 
     def payload(self, chunk: int, stored: bytes | memoryview) -> bytes | memoryview:
         """Check a chunk's stored bytes and return its raw (decompressed) bytes."""
@@ -332,10 +424,14 @@ class EmoeReader:
         try:
             size = zstandard.frame_content_size(stored)
             if size != c.raw_length:
-                raise HeaderCorrupt(f"{self.owner(chunk)}: zstd frame holds {size} bytes, header says {c.raw_length}")
+                raise HeaderCorrupt(
+                    f"{self.owner(chunk)}: zstd frame holds {size} bytes, header says {c.raw_length}"
+                )
             return self._dctx.decompress(stored, max_output_size=c.raw_length)
         except zstandard.ZstdError as e:
-            raise HeaderCorrupt(f"{self.owner(chunk)} (chunk {chunk}): bad zstd data ({e})") from None
+            raise HeaderCorrupt(
+                f"{self.owner(chunk)} (chunk {chunk}): bad zstd data ({e})"
+            ) from None
 
     def read_chunk(self, chunk: int) -> bytes | memoryview:
         """Raw (decompressed) bytes of one chunk, checksum verified."""
@@ -345,7 +441,9 @@ class EmoeReader:
         """Decode a tensor at a level (1-based; default its highest) as float32."""
         t = self.tensors.get(name)
         if t is None:
-            raise MissingTensor(f"{self.path}: no tensor {name!r}", "check the name with `edgemoe inspect`")
+            raise MissingTensor(
+                f"{self.path}: no tensor {name!r}", "check the name with `edgemoe inspect`"
+            )
         level = level or t.levels
         if not 1 <= level <= t.levels:
             raise ValueError(f"tensor {name!r} has levels 1..{t.levels}, asked for {level}")
@@ -354,13 +452,15 @@ class EmoeReader:
         for ci, off, length in t.parts[:level]:
             if ci not in cache:
                 cache[ci] = self.read_chunk(ci)
-            segs.append(memoryview(cache[ci])[off: off + length])
+            segs.append(memoryview(cache[ci])[off : off + length])
         return t.codec.decode(segs, t.shape, t.params)
 
     def expert(self, layer: int, expert: int) -> ExpertEntry:
         e = self.experts.get((layer, expert))
         if e is None:
-            raise MissingTensor(f"{self.path}: no expert {expert} in layer {layer}", "check `edgemoe inspect`")
+            raise MissingTensor(
+                f"{self.path}: no expert {expert} in layer {layer}", "check `edgemoe inspect`"
+            )
         return e
 
     def expert_span(self, layer: int, expert: int, level: int) -> tuple[int, int]:

@@ -7,16 +7,33 @@ from collections import defaultdict
 from formats import constants as C
 from formats.reader import EmoeReader
 
-_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "max_position_embeddings", "num_experts_per_tok", "num_local_experts",
-                "num_experts", "n_routed_experts", "n_shared_experts", "moe_intermediate_size",
-                "intermediate_size", "kv_lora_rank", "q_lora_rank", "torch_dtype", "dtype")
+_CONFIG_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "num_experts_per_tok",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "n_shared_experts",
+    "moe_intermediate_size",
+    "intermediate_size",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "torch_dtype",
+    "dtype",
+)
 
 
 def summarize(r: EmoeReader) -> dict:
     """Config, sizes per codec and level, and the expert table, as plain data."""
     expert_tensors = {n for e in r.experts.values() for n in e.tensors.values()}
-    by_codec: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "level_bytes": None, "bits": None})
+    by_codec: dict[str, dict] = defaultdict(
+        lambda: {"tensors": 0, "params": 0, "level_bytes": None, "bits": None}
+    )
     dense_bytes = 0
     for t in r.tensors.values():
         key = t.codec.name + ("" if t.name not in expert_tensors else " (experts)")
@@ -27,13 +44,17 @@ def summarize(r: EmoeReader) -> dict:
             n *= d
         row["params"] += n
         sizes = [p[2] for p in t.parts]
-        row["level_bytes"] = [a + b for a, b in zip(row["level_bytes"] or [0] * len(sizes), sizes)]
+        row["level_bytes"] = [
+            a + b for a, b in zip(row["level_bytes"] or [0] * len(sizes), sizes, strict=False)
+        ]
         row["bits"] = t.codec.level_bits(t.params)
         if t.name not in expert_tensors:
             dense_bytes += t.nbytes()
     layers: dict[int, dict] = {}
     for e in r.experts.values():
-        row = layers.setdefault(e.layer, {"layer": e.layer, "experts": 0, "level_bytes": None, "stored_bytes": 0})
+        row = layers.setdefault(
+            e.layer, {"layer": e.layer, "experts": 0, "level_bytes": None, "stored_bytes": 0}
+        )
         row["experts"] += 1
         sizes = [r.chunks[c].raw_length for c in e.levels]
         cum = [sum(sizes[: k + 1]) for k in range(len(sizes))]

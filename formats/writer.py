@@ -90,40 +90,71 @@ class EmoeWriter:
         segments = codec.encode(w, params, calib=calib)
         expected = codec.level_nbytes(w.shape, params)
         if [len(s) for s in segments] != expected:
-            raise EmoeError(f"codec {codec.name} produced wrong segment sizes for {name}", "report this bug")
+            raise EmoeError(
+                f"codec {codec.name} produced wrong segment sizes for {name}", "report this bug"
+            )
         return segments
 
     def _entry(self, name, shape, codec_id, params, src_dtype) -> dict:
         if name in self._tensors:
             raise ValueError(f"tensor {name!r} written twice")
-        entry = {C.T_CODEC: int(codec_id), C.T_SHAPE: [int(d) for d in shape], C.T_PARAMS: dict(params), C.T_PARTS: []}
+        entry = {
+            C.T_CODEC: int(codec_id),
+            C.T_SHAPE: [int(d) for d in shape],
+            C.T_PARAMS: dict(params),
+            C.T_PARTS: [],
+        }
         if src_dtype:
             entry[C.T_SRC_DTYPE] = str(src_dtype)
         self._tensors[name] = entry
         return entry
 
     # ---- public API
-    def add_tensor(self, name: str, w: np.ndarray, codec_id: int, params: Mapping | None = None,
-                   *, src_dtype: str | None = None, calib: np.ndarray | None = None) -> None:
+    def add_tensor(
+        self,
+        name: str,
+        w: np.ndarray,
+        codec_id: int,
+        params: Mapping | None = None,
+        *,
+        src_dtype: str | None = None,
+        calib: np.ndarray | None = None,
+    ) -> None:
         """Add a dense tensor; each level becomes a chunk of its own."""
         params = dict(params or {})
         segments = self._encode(name, w, codec_id, params, calib)
         self.add_encoded(name, w.shape, codec_id, params, segments, src_dtype=src_dtype)
 
-    def add_encoded(self, name: str, shape, codec_id: int, params: Mapping, segments: list[bytes],
-                    *, src_dtype: str | None = None) -> None:
+    def add_encoded(
+        self,
+        name: str,
+        shape,
+        codec_id: int,
+        params: Mapping,
+        segments: list[bytes],
+        *,
+        src_dtype: str | None = None,
+    ) -> None:
         """Add a dense tensor already encoded (e.g. by encode_blocked), one chunk per level."""
         codec = get_codec(codec_id, name)
         params = dict(params)
         codec.check_params(shape, params)
         if [len(s) for s in segments] != codec.level_nbytes(shape, params):
-            raise EmoeError(f"{name}: segment sizes do not match codec {codec.name}", "report this bug")
+            raise EmoeError(
+                f"{name}: segment sizes do not match codec {codec.name}", "report this bug"
+            )
         entry = self._entry(name, shape, codec_id, params, src_dtype)
         for seg in segments:
             entry[C.T_PARTS].append([self._write_chunk(seg), 0, len(seg)])
 
-    def add_expert(self, layer: int, expert: int, tensors: Mapping[str, tuple], *,
-                   calib: Mapping[str, np.ndarray] | None = None) -> None:
+    def add_expert(
+        self,
+        layer: int,
+        expert: int,
+        tensors: Mapping[str, tuple],
+        *,
+        calib: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         """Add one routed expert: its level-k segments of all roles share chunk k.
 
         Args:
@@ -155,8 +186,14 @@ class EmoeWriter:
             for role in C.EXPERT_ROLES:
                 entries[role][C.T_PARTS].append([chunk, offs[role], len(encoded[role][5][k])])
         self._expert_keys.add(key)
-        self._experts.append({C.E_LAYER: key[0], C.E_EXPERT: key[1], C.E_LEVELS: levels,
-                              C.E_TENSORS: {r: encoded[r][0] for r in C.EXPERT_ROLES}})
+        self._experts.append(
+            {
+                C.E_LAYER: key[0],
+                C.E_EXPERT: key[1],
+                C.E_LEVELS: levels,
+                C.E_TENSORS: {r: encoded[r][0] for r in C.EXPERT_ROLES},
+            }
+        )
 
     def add_blob(self, name: str, data: bytes) -> None:
         if name in self._blobs:
@@ -167,8 +204,13 @@ class EmoeWriter:
         self.metadata[key] = value
 
     def header_bytes(self) -> bytes:
-        header = {C.KEY_METADATA: self.metadata, C.KEY_CHUNKS: self._chunks, C.KEY_TENSORS: self._tensors,
-                  C.KEY_EXPERTS: self._experts, C.KEY_BLOBS: self._blobs}
+        header = {
+            C.KEY_METADATA: self.metadata,
+            C.KEY_CHUNKS: self._chunks,
+            C.KEY_TENSORS: self._tensors,
+            C.KEY_EXPERTS: self._experts,
+            C.KEY_BLOBS: self._blobs,
+        }
         return msgpack.packb(header, use_bin_type=True)
 
     def close(self) -> Path:
@@ -178,13 +220,22 @@ class EmoeWriter:
         header = self.header_bytes()
         if len(header) > C.MAX_HEADER_SIZE:
             self.abort()
-            raise EmoeError(f"header of {len(header)} bytes exceeds the {C.MAX_HEADER_SIZE}-byte limit",
-                            "store fewer, larger tensors (or raise MAX_HEADER_SIZE in a new format version)")
+            raise EmoeError(
+                f"header of {len(header)} bytes exceeds the {C.MAX_HEADER_SIZE}-byte limit",
+                "store fewer, larger tensors (or raise MAX_HEADER_SIZE in a new format version)",
+            )
         need = C.align_up(C.PREAMBLE_SIZE + len(header))
         if need > self._data_offset:
             self._relocate(need)
-        pre = C.PREAMBLE.pack(C.MAGIC, C.VERSION_MAJOR, C.VERSION_MINOR, len(header),
-                              self._data_offset, zlib.crc32(header), 0)
+        pre = C.PREAMBLE.pack(
+            C.MAGIC,
+            C.VERSION_MAJOR,
+            C.VERSION_MINOR,
+            len(header),
+            self._data_offset,
+            zlib.crc32(header),
+            0,
+        )
         self._f.seek(0)
         self._f.write(pre + header)
         self._f.write(b"\0" * (self._data_offset - C.PREAMBLE_SIZE - len(header)))
@@ -206,7 +257,9 @@ class EmoeWriter:
             src_fd, dst_fd = self._f.fileno(), dst.fileno()
             done = 0
             while done < size:
-                n = os.copy_file_range(src_fd, dst_fd, size - done, self._data_offset + done, new_offset + done)
+                n = os.copy_file_range(
+                    src_fd, dst_fd, size - done, self._data_offset + done, new_offset + done
+                )
                 if n == 0:
                     break
                 done += n

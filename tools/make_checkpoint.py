@@ -18,15 +18,30 @@ from pathlib import Path
 import numpy as np
 
 
-def mixtral_config(hidden: int, intermediate: int, layers: int, experts: int, vocab: int, top_k: int = 2) -> dict:
+def mixtral_config(
+    hidden: int, intermediate: int, layers: int, experts: int, vocab: int, top_k: int = 2
+) -> dict:
     heads = max(1, hidden // 128)
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
-        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": max(1, heads // 4), "head_dim": hidden // heads, "num_local_experts": experts,
-        "num_experts_per_tok": top_k, "vocab_size": vocab, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "tie_word_embeddings": False, "hidden_act": "silu",
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 4),
+        "head_dim": hidden // heads,
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
     }
 
 
@@ -36,13 +51,22 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (v, d))]
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        out += [(f"{p}.input_layernorm.weight", (d,)), (f"{p}.post_attention_layernorm.weight", (d,)),
-                (f"{p}.self_attn.q_proj.weight", (h * hd, d)), (f"{p}.self_attn.k_proj.weight", (kv * hd, d)),
-                (f"{p}.self_attn.v_proj.weight", (kv * hd, d)), (f"{p}.self_attn.o_proj.weight", (d, h * hd)),
-                (f"{p}.block_sparse_moe.gate.weight", (cfg["num_local_experts"], d))]
+        out += [
+            (f"{p}.input_layernorm.weight", (d,)),
+            (f"{p}.post_attention_layernorm.weight", (d,)),
+            (f"{p}.self_attn.q_proj.weight", (h * hd, d)),
+            (f"{p}.self_attn.k_proj.weight", (kv * hd, d)),
+            (f"{p}.self_attn.v_proj.weight", (kv * hd, d)),
+            (f"{p}.self_attn.o_proj.weight", (d, h * hd)),
+            (f"{p}.block_sparse_moe.gate.weight", (cfg["num_local_experts"], d)),
+        ]
         for e in range(cfg["num_local_experts"]):
             q = f"{p}.block_sparse_moe.experts.{e}"
-            out += [(f"{q}.w1.weight", (i, d)), (f"{q}.w3.weight", (i, d)), (f"{q}.w2.weight", (d, i))]
+            out += [
+                (f"{q}.w1.weight", (i, d)),
+                (f"{q}.w3.weight", (i, d)),
+                (f"{q}.w2.weight", (d, i)),
+            ]
     out += [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
     return out
 
@@ -85,7 +109,9 @@ def write_checkpoint(out: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", type=Path)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2048)

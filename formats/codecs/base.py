@@ -69,9 +69,7 @@ class Codec:
         return [[n] for n in cls.level_nbytes(shape, params)]
 
     @classmethod
-    def encode(
-        cls, w: np.ndarray, params: dict, calib: np.ndarray | None = None
-    ) -> list[bytes]:
+    def encode(cls, w: np.ndarray, params: dict, calib: np.ndarray | None = None) -> list[bytes]:
         """Encode a float32 tensor into one bytes segment per level.
 
         Args:
@@ -180,8 +178,9 @@ def check_matrix(cls: type[Codec], shape: Sequence[int], params: dict) -> tuple[
     return rows, cols, g
 
 
-def encode_blocked(codec: type[Codec], shape: Sequence[int], params: dict, load_rows,
-                   block_bytes: int = 32 << 20) -> list[bytes]:
+def encode_blocked(
+    codec: type[Codec], shape: Sequence[int], params: dict, load_rows, block_bytes: int = 32 << 20
+) -> list[bytes]:
     """Encode a tensor a block of rows at a time; same layout as codec.encode.
 
     Holds one block of float32 rows plus the encoded output, never the whole
@@ -202,10 +201,12 @@ def encode_blocked(codec: type[Codec], shape: Sequence[int], params: dict, load_
         r1 = min(rows, r0 + step)
         block = load_rows(r0, r1)
         segs = codec.encode(block, params)
-        for lv, (seg, sizes) in enumerate(zip(segs, codec.level_fields(block.shape, params), strict=True)):
+        for lv, (seg, sizes) in enumerate(
+            zip(segs, codec.level_fields(block.shape, params), strict=True)
+        ):
             pos = 0
             for f, n in enumerate(sizes):
-                pieces[lv][f].append(bytes(seg[pos:pos + n]))
+                pieces[lv][f].append(bytes(seg[pos : pos + n]))
                 pos += n
         del block, segs
     return [b"".join(b"".join(field) for field in lv) for lv in pieces]

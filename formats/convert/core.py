@@ -45,7 +45,10 @@ class CodecChoice:
             b = tuple(int(x) for x in bits.split(",")) if bits else None
             g = int(group) if group else None
         except ValueError:
-            raise CodecError(f"cannot parse codec choice {text!r}", "write it as NAME[:B1,B2,...][@GROUP], e.g. mwq:2,3,4@128") from None
+            raise CodecError(
+                f"cannot parse codec choice {text!r}",
+                "write it as NAME[:B1,B2,...][@GROUP], e.g. mwq:2,3,4@128",
+            ) from None
         return cls(name, b, g)
 
     def params(self, shape) -> dict:
@@ -110,14 +113,18 @@ def plan_experts(source: CheckpointSource, fam: Family) -> dict[tuple[int, int],
                 if info is None:
                     raise MissingTensor(f"expert {e} of layer {layer}: tensor {name!r} is missing")
                 if tuple(info.shape) != want[role]:
-                    raise ShapeMismatch(f"{name}: shape {list(info.shape)}, config.json implies {list(want[role])}")
+                    raise ShapeMismatch(
+                        f"{name}: shape {list(info.shape)}, config.json implies {list(want[role])}"
+                    )
                 roles[role] = name
             plan[(layer, e)] = roles
     for name in infos:
         hit = fam.classify(name)
         if hit and (hit[0], hit[1]) not in plan:
-            raise CheckpointError(f"{name}: expert {hit[1]} of layer {hit[0]} is not in config.json's {len(layers)} MoE layers x {n_exp} experts",
-                                  "the checkpoint and its config.json disagree; use the model's own config.json")
+            raise CheckpointError(
+                f"{name}: expert {hit[1]} of layer {hit[0]} is not in config.json's {len(layers)} MoE layers x {n_exp} experts",
+                "the checkpoint and its config.json disagree; use the model's own config.json",
+            )
     return plan
 
 
@@ -134,7 +141,9 @@ def _header_estimate(source: CheckpointSource, metadata: dict, levels: int) -> i
     return meta + per_tensor + 64 * 1024
 
 
-def convert(source: CheckpointSource, out_path: str | os.PathLike, options: ConvertOptions | None = None) -> Path:
+def convert(
+    source: CheckpointSource, out_path: str | os.PathLike, options: ConvertOptions | None = None
+) -> Path:
     """Convert one checkpoint into a .emoe file.
 
     Args:
@@ -159,7 +168,12 @@ def convert(source: CheckpointSource, out_path: str | os.PathLike, options: Conv
     expert_names = {n for roles in plan.values() for n in roles.values()}
     dense_names = [n for n in infos if n not in expert_names]
 
-    metadata = {C.M_FAMILY: fam.model_type, C.M_CONFIG: cfg, C.M_SOURCE: source.kind, C.M_WRITER: WRITER_NAME}
+    metadata = {
+        C.M_FAMILY: fam.model_type,
+        C.M_CONFIG: cfg,
+        C.M_SOURCE: source.kind,
+        C.M_WRITER: WRITER_NAME,
+    }
     if source.generation_config:
         metadata[C.M_GENERATION_CONFIG] = source.generation_config
     if source.chat_template:
@@ -170,12 +184,18 @@ def convert(source: CheckpointSource, out_path: str | os.PathLike, options: Conv
     except StopIteration:
         levels = 1
     except CodecError as e:
-        raise CodecError(f"routed experts: {e.what}", "choose another --experts codec, e.g. bf16") from None
+        raise CodecError(
+            f"routed experts: {e.what}", "choose another --experts codec, e.g. bf16"
+        ) from None
 
     total = sum(numel(i.shape) * 4 for i in infos.values())
     bar = _progress(total, f"convert {Path(out_path).name}", options.progress)
-    with EmoeWriter(out_path, metadata, header_reserve=_header_estimate(source, metadata, levels),
-                    compress=options.compress) as w:
+    with EmoeWriter(
+        out_path,
+        metadata,
+        header_reserve=_header_estimate(source, metadata, levels),
+        compress=options.compress,
+    ) as w:
         if source.tokenizer_json:
             w.add_blob(C.BLOB_TOKENIZER, source.tokenizer_json)
         for name in dense_names:
@@ -185,10 +205,17 @@ def convert(source: CheckpointSource, out_path: str | os.PathLike, options: Conv
             try:
                 params = choice.params(shape)
             except CodecError:
-                choice, params = CodecChoice("bf16"), {}  # e.g. int8 on an odd width: keep it exact-ish
+                choice, params = (
+                    CodecChoice("bf16"),
+                    {},
+                )  # e.g. int8 on an odd width: keep it exact-ish
             # by rows: a 2 GB embedding never sits in memory as float32
-            segments = encode_blocked(codec_by_name(choice.name), shape, params,
-                                      lambda a, b, n=name: source.load_rows(n, a, b))
+            segments = encode_blocked(
+                codec_by_name(choice.name),
+                shape,
+                params,
+                lambda a, b, n=name: source.load_rows(n, a, b),
+            )
             w.add_encoded(name, shape, choice.codec_id, params, segments, src_dtype=info.dtype)
             del segments
             bar.update(numel(shape) * 4)
@@ -199,7 +226,9 @@ def convert(source: CheckpointSource, out_path: str | os.PathLike, options: Conv
                 try:
                     params = expert_choice.params(arr.shape)
                 except CodecError as err:
-                    raise CodecError(f"{name}: {err.what}", "choose another --experts codec, e.g. bf16") from None
+                    raise CodecError(
+                        f"{name}: {err.what}", "choose another --experts codec, e.g. bf16"
+                    ) from None
                 tensors[role] = (name, arr, expert_choice.codec_id, params, infos[name].dtype)
                 bar.update(arr.size * 4)
             w.add_expert(layer, e, tensors)
@@ -220,8 +249,15 @@ def _progress(total: int, desc: str, enabled: bool):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                disable=None)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=None,
+    )
 
 
 def open_source(path: str | os.PathLike) -> CheckpointSource:
@@ -238,7 +274,9 @@ def open_source(path: str | os.PathLike) -> CheckpointSource:
             from formats.convert.gguf import GGUFSource
 
             return GGUFSource(p)
-        raise CheckpointError(f"{p}: neither a model folder nor a GGUF file (starts with {magic!r})")
+        raise CheckpointError(
+            f"{p}: neither a model folder nor a GGUF file (starts with {magic!r})"
+        )
     raise CheckpointError(f"{p}: no such file or folder")
 
 

@@ -13,9 +13,20 @@ from dataclasses import dataclass
 
 from formats.errors import CheckpointError, UnsupportedArchitecture
 
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_MIXTRAL = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2)\.weight$")
-_ROLE = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+_PER_EXPERT = re.compile(
+    r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
+_MIXTRAL = re.compile(
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w3|w2)\.weight$"
+)
+_ROLE = {
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+}
 # Small tensors that steer routing stay f32 whatever the dense codec is.
 _ROUTER = re.compile(r"(\.gate\.weight|shared_expert_gate\.weight|e_score_correction_bias)$")
 
@@ -65,18 +76,26 @@ class Family:
 def cfg_int(cfg: dict, key: str) -> int:
     v = cfg.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise CheckpointError(f"config.json: {key!r} is {v!r}, expected a non-negative integer",
-                              "the config does not match its model family; use the model's own config.json")
+        raise CheckpointError(
+            f"config.json: {key!r} is {v!r}, expected a non-negative integer",
+            "the config does not match its model family; use the model's own config.json",
+        )
     return v
 
 
 FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", ("num_local_experts",), "intermediate_size", _MIXTRAL),
     "qwen2_moe": Family("qwen2_moe", ("num_experts",), "moe_intermediate_size", _PER_EXPERT),
-    "qwen3_moe": Family("qwen3_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", _PER_EXPERT),
+    "qwen3_moe": Family(
+        "qwen3_moe", ("num_experts", "num_local_experts"), "moe_intermediate_size", _PER_EXPERT
+    ),
     "olmoe": Family("olmoe", ("num_experts",), "intermediate_size", _PER_EXPERT),
-    "deepseek_v2": Family("deepseek_v2", ("n_routed_experts",), "moe_intermediate_size", _PER_EXPERT),
-    "deepseek_v3": Family("deepseek_v3", ("n_routed_experts",), "moe_intermediate_size", _PER_EXPERT),
+    "deepseek_v2": Family(
+        "deepseek_v2", ("n_routed_experts",), "moe_intermediate_size", _PER_EXPERT
+    ),
+    "deepseek_v3": Family(
+        "deepseek_v3", ("n_routed_experts",), "moe_intermediate_size", _PER_EXPERT
+    ),
 }
 
 
@@ -86,7 +105,9 @@ def family_of(cfg: dict) -> Family:
     fam = FAMILIES.get(mt) if isinstance(mt, str) else None
     if fam is None:
         arch = cfg.get("architectures")
-        raise UnsupportedArchitecture(f"model_type {mt!r} (architectures {arch!r}) is not a supported MoE family")
+        raise UnsupportedArchitecture(
+            f"model_type {mt!r} (architectures {arch!r}) is not a supported MoE family"
+        )
     return fam
 
 

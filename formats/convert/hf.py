@@ -23,9 +23,13 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})", f"restore {path.name} from the model's source") from None
+        raise CheckpointError(
+            f"{path}: cannot read JSON ({e})", f"restore {path.name} from the model's source"
+        ) from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object", f"restore {path.name} from the model's source")
+        raise CheckpointError(
+            f"{path}: expected a JSON object", f"restore {path.name} from the model's source"
+        )
     return data
 
 
@@ -69,12 +73,15 @@ class HFSource(CheckpointSource):
         for shard in shards:
             path = self.folder / shard
             if not path.is_file():
-                raise MissingTensor(f"{index.name} names shard {shard}, which is not in {self.folder}")
+                raise MissingTensor(
+                    f"{index.name} names shard {shard}, which is not in {self.folder}"
+                )
             try:
                 h = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})",
-                                      f"download {shard} again") from None
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file ({e})", f"download {shard} again"
+                ) from None
             self._handles[shard] = h
             for name in h.keys():
                 sl = h.get_slice(name)
@@ -83,7 +90,9 @@ class HFSource(CheckpointSource):
         if weight_map is not None:
             for name, shard in weight_map.items():
                 if self._where.get(name) != shard:
-                    raise MissingTensor(f"tensor {name!r} is listed in {INDEX} under {shard} but is not in it")
+                    raise MissingTensor(
+                        f"tensor {name!r} is listed in {INDEX} under {shard} but is not in it"
+                    )
 
     def _chat_template(self) -> str | None:
         jinja = self.folder / "chat_template.jinja"

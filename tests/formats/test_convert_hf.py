@@ -49,7 +49,9 @@ def test_f32_is_exact(tiny_hf, family, tmp_path):
         fam = family_of(cfg)
         assert len(r.experts) == len(fam.moe_layers(cfg)) * fam.num_experts(cfg)
         e = r.expert(fam.moe_layers(cfg)[-1], 3)
-        np.testing.assert_array_equal(r.tensor(e.tensors["down"]), ref[fam.expert_name(e.layer, 3, "down")])
+        np.testing.assert_array_equal(
+            r.tensor(e.tensors["down"]), ref[fam.expert_name(e.layer, 3, "down")]
+        )
         assert all(err is None for _, err in r.verify())
 
 
@@ -78,7 +80,9 @@ def test_default_codecs_nest_and_route_small_tensors_f32(tiny_hf, family, tmp_pa
 @pytest.mark.parametrize("experts", ["bitplane:2,4,8", "int4@32", "int8", "bf16", "mwq:5,6,7,8"])
 def test_expert_codec_choices(tiny_hf, tmp_path, experts):
     d = tiny_hf("qwen2_moe")
-    out = _convert(d, tmp_path / "m.emoe", ConvertOptions(dense="int8", experts=experts, progress=False))
+    out = _convert(
+        d, tmp_path / "m.emoe", ConvertOptions(dense="int8", experts=experts, progress=False)
+    )
     ref = load_file(str(d / "model.safetensors"))
     with EmoeReader(out) as r:
         name = "model.layers.1.mlp.experts.5.up_proj.weight"
@@ -98,7 +102,9 @@ def test_sharded_bf16_checkpoint(tiny_hf, tmp_path):
     sharded = tmp_path / "sharded"
     model.save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    out = _convert(sharded, tmp_path / "m.emoe", ConvertOptions(dense="bf16", experts="bf16", progress=False))
+    out = _convert(
+        sharded, tmp_path / "m.emoe", ConvertOptions(dense="bf16", experts="bf16", progress=False)
+    )
     from safetensors.torch import load_file as load_pt
 
     saved = {}
@@ -177,7 +183,9 @@ def test_failed_conversion_keeps_existing_file(tiny_hf, tmp_path):
 
 
 def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "edgemoe.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "edgemoe.cli", *map(str, args)], capture_output=True, text=True, **kw
+    )
 
 
 @pytest.mark.slow

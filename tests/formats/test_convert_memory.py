@@ -26,11 +26,27 @@ def test_convert_checkpoint_larger_than_the_cap(memory_cap, tmp_path):
     assert total > 2 * CAP, "the checkpoint must not fit in the cap"
     out = tmp_path / "big.emoe"
     shards = sorted(ckpt.glob("*.safetensors"))
-    r = memory_cap([sys.executable, "-m", "edgemoe.cli", "convert", str(ckpt), str(out), "-q",
-                    "--experts", "int4"], CAP, evict=shards, timeout=900)
+    r = memory_cap(
+        [
+            sys.executable,
+            "-m",
+            "edgemoe.cli",
+            "convert",
+            str(ckpt),
+            str(out),
+            "-q",
+            "--experts",
+            "int4",
+        ],
+        CAP,
+        evict=shards,
+        timeout=900,
+    )
     assert r.ok, f"rc={r.returncode} oom={r.oom_killed} peak={r.peak}\n{r.stderr[-2000:]}"
     assert r.peak <= CAP and r.bytes_read >= total // 2
-    print(f"\nconverted {total} under a {CAP} cap: peak {r.peak}, read {r.bytes_read}, {r.wall_s:.1f} s")
+    print(
+        f"\nconverted {total} under a {CAP} cap: peak {r.peak}, read {r.bytes_read}, {r.wall_s:.1f} s"
+    )
 
     from safetensors import safe_open
 

@@ -25,8 +25,14 @@ def write_golden(path: Path) -> Path:
         w.add_tensor("a", np.array([1.0, -2.0, 0.5, 3.25], np.float32), C.CodecId.F32)
         w.add_tensor("b", w8, C.CodecId.BF16)
         w.add_tensor("c", w8, C.CodecId.INT8, codec_by_name("int8").default_params(w8.shape))
-        w.add_expert(0, 0, {r: (f"e.{r}", w8 * (i + 1), C.CodecId.F16, {}, "F32")
-                            for i, r in enumerate(C.EXPERT_ROLES)})
+        w.add_expert(
+            0,
+            0,
+            {
+                r: (f"e.{r}", w8 * (i + 1), C.CodecId.F16, {}, "F32")
+                for i, r in enumerate(C.EXPERT_ROLES)
+            },
+        )
         w.add_blob(C.BLOB_TOKENIZER, b"{}")
     return path
 
@@ -36,11 +42,13 @@ def test_golden_bytes(tmp_path):
     fresh = write_golden(tmp_path / "tiny.emoe").read_bytes()
     if os.environ.get("EDGEMOE_REGEN_GOLDEN"):
         GOLDEN.write_bytes(fresh)
-    assert fresh == GOLDEN.read_bytes(), "format drift: bump the version or set EDGEMOE_REGEN_GOLDEN=1 on purpose"
+    assert fresh == GOLDEN.read_bytes(), (
+        "format drift: bump the version or set EDGEMOE_REGEN_GOLDEN=1 on purpose"
+    )
     assert fresh[:4] == b"EMOE" and fresh[4:8] == b"\x01\x00\x00\x00"
     _, _, _, hlen, doff, hcrc, res = C.PREAMBLE.unpack(fresh[:32])
-    assert doff == 4096 and res == 0 and zlib.crc32(fresh[32:32 + hlen]) == hcrc
-    assert fresh[32 + hlen: doff] == b"\0" * (doff - 32 - hlen)
+    assert doff == 4096 and res == 0 and zlib.crc32(fresh[32 : 32 + hlen]) == hcrc
+    assert fresh[32 + hlen : doff] == b"\0" * (doff - 32 - hlen)
     assert len(fresh) % 4096 == 0
     with EmoeReader(GOLDEN) as r:
         np.testing.assert_array_equal(r.tensor("a"), [1.0, -2.0, 0.5, 3.25])
@@ -56,14 +64,27 @@ def _nested_file(path, compress=True, reserve=65536, experts=4):
     mwq = codec_by_name("mwq")
     with EmoeWriter(path, META, header_reserve=reserve, compress=compress) as w:
         w.add_tensor("zeros", np.zeros((64, 64), np.float32), C.CodecId.F32)
-        w.add_tensor("steps", np.repeat(rng.integers(0, 4, 256), 16).astype(np.float32).reshape(64, 64), C.CodecId.F32)
+        w.add_tensor(
+            "steps",
+            np.repeat(rng.integers(0, 4, 256), 16).astype(np.float32).reshape(64, 64),
+            C.CodecId.F32,
+        )
         # random bit patterns: incompressible bytes
-        w.add_tensor("noise", rng.integers(0, 2**32, (64, 64), dtype=np.uint32).view(np.float32), C.CodecId.F32)
+        w.add_tensor(
+            "noise",
+            rng.integers(0, 2**32, (64, 64), dtype=np.uint32).view(np.float32),
+            C.CodecId.F32,
+        )
         for e in range(experts):
             t = {}
             for role, shape in (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32))):
-                t[role] = (f"x.{e}.{role}", rng.standard_normal(shape).astype(np.float32), mwq.id,
-                           mwq.default_params(shape), "F32")
+                t[role] = (
+                    f"x.{e}.{role}",
+                    rng.standard_normal(shape).astype(np.float32),
+                    mwq.id,
+                    mwq.default_params(shape),
+                    "F32",
+                )
             w.add_expert(1, e, t)
     return path
 
@@ -85,13 +106,15 @@ def test_layout_alignment_and_nesting(tmp_path):
             for k, ci in enumerate(e.levels[:2]):
                 c = r.chunks[ci]
                 start = c.offset - r.chunks[e.levels[0]].offset
-                raw = r.payload(ci, blob[start:start + c.length])
+                raw = r.payload(ci, blob[start : start + c.length])
                 for role, name in e.tensors.items():
                     _, o, ln = r.tensors[name].parts[k]
-                    segs.setdefault(role, []).append(memoryview(raw)[o:o + ln])
+                    segs.setdefault(role, []).append(memoryview(raw)[o : o + ln])
             for role, name in e.tensors.items():
                 t = r.tensors[name]
-                np.testing.assert_array_equal(t.codec.decode(segs[role], t.shape, t.params), r.tensor(name, 2))
+                np.testing.assert_array_equal(
+                    t.codec.decode(segs[role], t.shape, t.params), r.tensor(name, 2)
+                )
 
 
 def test_zstd_only_where_it_pays(tmp_path):
@@ -104,7 +127,10 @@ def test_zstd_only_where_it_pays(tmp_path):
         assert noise.compression == C.Compression.NONE  # zstd saves < 5%
         # all zeros would inflate > 256x: stored raw so no chunk can be a zstd bomb
         assert zeros.compression == C.Compression.NONE
-        np.testing.assert_array_equal(r.tensor("steps"), np.repeat(np.random.default_rng(0).integers(0, 4, 256), 16).reshape(64, 64))
+        np.testing.assert_array_equal(
+            r.tensor("steps"),
+            np.repeat(np.random.default_rng(0).integers(0, 4, 256), 16).reshape(64, 64),
+        )
         assert all(c.raw_length <= C.MAX_ZSTD_RATIO * c.length for c in r.chunks)
         np.testing.assert_array_equal(r.tensor("zeros"), 0)
 
@@ -135,7 +161,9 @@ def test_writer_refuses_misuse(tmp_path):
         with pytest.raises(ValueError, match="written twice"):
             w.add_tensor("a", np.ones(4, np.float32), C.CodecId.F32)
         with pytest.raises(ValueError, match="roles"):
-            w.add_expert(0, 0, {"gate": ("g", np.ones((8, 8), np.float32), C.CodecId.F32, {}, None)})
+            w.add_expert(
+                0, 0, {"gate": ("g", np.ones((8, 8), np.float32), C.CodecId.F32, {}, None)}
+            )
     with pytest.raises(ValueError, match="edgemoe.family"):
         EmoeWriter(tmp_path / "x.emoe", {})
 

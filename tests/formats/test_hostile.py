@@ -18,13 +18,13 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hostile_gen import EXPECTED_BITROT_OWNER, assemble, split, variants, write_base
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import formats.errors as E
 from formats import constants as C
 from formats.reader import EmoeReader
-from hostile_gen import EXPECTED_BITROT_OWNER, assemble, split, variants, write_base
 
 HOSTILE = Path(__file__).parent / "hostile"
 MANIFEST = json.loads((HOSTILE / "MANIFEST.json").read_text())
@@ -76,7 +76,9 @@ def _base() -> bytes:
 
 def test_fresh_hostile_variants(tmp_path):
     made = variants(_base())
-    assert set(made) | {"valid.emoe"} == set(MANIFEST), "hostile/ is stale: run tests/formats/hostile_gen.py"
+    assert set(made) | {"valid.emoe"} == set(MANIFEST), (
+        "hostile/ is stale: run tests/formats/hostile_gen.py"
+    )
     for name, (blob, err, when) in made.items():
         p = tmp_path / name
         p.write_bytes(blob)
@@ -101,7 +103,7 @@ def test_zstd_chunks_are_validated(tmp_path):
     ci = h[C.KEY_BLOBS][C.BLOB_TOKENIZER]
     c = h[C.KEY_CHUNKS][ci]
     data = bytearray(data)
-    data[c[0]: c[0] + len(payload)] = payload
+    data[c[0] : c[0] + len(payload)] = payload
     import zlib
 
     c[1], c[2], c[3], c[4] = len(payload), 17, int(C.Compression.ZSTD), zlib.crc32(payload)
@@ -113,8 +115,11 @@ def test_zstd_chunks_are_validated(tmp_path):
 
 # ---- fuzzing
 
-FUZZ = settings(max_examples=int(os.environ.get("EDGEMOE_FUZZ_EXAMPLES", "300")), deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                      HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("EDGEMOE_FUZZ_EXAMPLES", "300")),
+    deadline=2000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _open_only_named_errors(path: Path, blob: bytes) -> None:
@@ -154,13 +159,21 @@ def test_fuzz_mutated_header_bytes(tmp_path, data):
         hb[i] = data.draw(st.integers(0, 255))
     if data.draw(st.booleans()):
         hb = hb[: data.draw(st.integers(1, len(hb)))]
-    _open_only_named_errors(tmp_path / "f.emoe", assemble(None, payload, header_bytes=bytes(hb), data_offset=doff))
+    _open_only_named_errors(
+        tmp_path / "f.emoe", assemble(None, payload, header_bytes=bytes(hb), data_offset=doff)
+    )
 
 
 _values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -194,4 +207,6 @@ def test_fuzz_header_values(tmp_path, data):
         hb = msgpack.packb(h, use_bin_type=True)
     except (TypeError, ValueError, OverflowError):
         return
-    _open_only_named_errors(tmp_path / "f.emoe", assemble(None, payload, header_bytes=hb, data_offset=doff))
+    _open_only_named_errors(
+        tmp_path / "f.emoe", assemble(None, payload, header_bytes=hb, data_offset=doff)
+    )
