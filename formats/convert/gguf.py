@@ -21,7 +21,7 @@ permutation of q_proj/k_proj rows is undone, so F32 GGUFs load bit-exact.
 `rope_freqs` and layers past `block_count` (DeepSeek MTP) are skipped; any
 other unknown tensor is an error.
 
-Tokenizer (see _tokenizer_json): "gpt2" (byte-level BPE) vocabularies are
+Tokenizer (see gguf_tokenizer.py): "gpt2" (byte-level BPE) vocabularies are
 rebuilt with the pre-tokenizer of `tokenizer.ggml.pre` for gpt-2/default/olmo,
 qwen2, llama-bpe (llama3), deepseek-llm, deepseek-v3 and deepseek-coder; other
 pre names fall back to GPT-2's regex and set `tokenizer_warning`. "llama"
@@ -31,7 +31,6 @@ the token scores. Anything else leaves tokenizer_json None with a warning.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from formats.convert.gguf_tokenizer import tokenizer_json
 from formats.convert.source import CheckpointSource, TensorInfo
 from formats.errors import CheckpointError, MissingTensor, ShapeMismatch, UnsupportedArchitecture
 
@@ -67,17 +67,43 @@ HF_CLASSES = {
 # llama.cpp hard-codes top-k renormalisation per architecture unless the file says otherwise
 NORM_TOPK_DEFAULT = {"qwen2_moe": False, "qwen3_moe": True, "olmoe": False}
 
-_TRUNCATED_FIX = "the file is incomplete (interrupted copy or download?); download or convert it again"
+_TRUNCATED_FIX = (
+    "the file is incomplete (interrupted copy or download?); download or convert it again"
+)
 _BLK = "blk.{bid}."
 _BLOCK_KINDS = {  # "attn_q" -> MT.ATTN_Q, from gguf-py's name table
     gguf.TENSOR_NAMES[t].removeprefix(_BLK): t
     for t in (
-        MT.ATTN_NORM, MT.FFN_NORM, MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V, MT.ATTN_QKV, MT.ATTN_OUT,
-        MT.ATTN_Q_NORM, MT.ATTN_K_NORM, MT.ATTN_Q_A, MT.ATTN_Q_A_NORM, MT.ATTN_Q_B,
-        MT.ATTN_KV_A_MQA, MT.ATTN_KV_A_NORM, MT.ATTN_KV_B, MT.ATTN_K_B, MT.ATTN_V_B,
-        MT.FFN_GATE, MT.FFN_UP, MT.FFN_DOWN, MT.FFN_GATE_INP, MT.FFN_GATE_EXP, MT.FFN_UP_EXP,
-        MT.FFN_DOWN_EXP, MT.FFN_GATE_UP_EXP, MT.FFN_GATE_SHEXP, MT.FFN_UP_SHEXP,
-        MT.FFN_DOWN_SHEXP, MT.FFN_GATE_INP_SHEXP, MT.FFN_EXP_PROBS_B,
+        MT.ATTN_NORM,
+        MT.FFN_NORM,
+        MT.ATTN_Q,
+        MT.ATTN_K,
+        MT.ATTN_V,
+        MT.ATTN_QKV,
+        MT.ATTN_OUT,
+        MT.ATTN_Q_NORM,
+        MT.ATTN_K_NORM,
+        MT.ATTN_Q_A,
+        MT.ATTN_Q_A_NORM,
+        MT.ATTN_Q_B,
+        MT.ATTN_KV_A_MQA,
+        MT.ATTN_KV_A_NORM,
+        MT.ATTN_KV_B,
+        MT.ATTN_K_B,
+        MT.ATTN_V_B,
+        MT.FFN_GATE,
+        MT.FFN_UP,
+        MT.FFN_DOWN,
+        MT.FFN_GATE_INP,
+        MT.FFN_GATE_EXP,
+        MT.FFN_UP_EXP,
+        MT.FFN_DOWN_EXP,
+        MT.FFN_GATE_UP_EXP,
+        MT.FFN_GATE_SHEXP,
+        MT.FFN_UP_SHEXP,
+        MT.FFN_DOWN_SHEXP,
+        MT.FFN_GATE_INP_SHEXP,
+        MT.FFN_EXP_PROBS_B,
     )
 }
 _GLOBAL_NAMES = {
@@ -96,16 +122,27 @@ def _block_hf_names(model_type: str) -> dict:
     moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     shared = "mlp.shared_experts" if model_type.startswith("deepseek") else "mlp.shared_expert"
     return {
-        MT.ATTN_NORM: "input_layernorm", MT.FFN_NORM: "post_attention_layernorm",
-        MT.ATTN_Q: "self_attn.q_proj", MT.ATTN_K: "self_attn.k_proj",
-        MT.ATTN_V: "self_attn.v_proj", MT.ATTN_OUT: "self_attn.o_proj",
-        MT.ATTN_Q_NORM: "self_attn.q_norm", MT.ATTN_K_NORM: "self_attn.k_norm",
-        MT.ATTN_Q_A: "self_attn.q_a_proj", MT.ATTN_Q_A_NORM: "self_attn.q_a_layernorm",
-        MT.ATTN_Q_B: "self_attn.q_b_proj", MT.ATTN_KV_A_MQA: "self_attn.kv_a_proj_with_mqa",
-        MT.ATTN_KV_A_NORM: "self_attn.kv_a_layernorm", MT.ATTN_KV_B: "self_attn.kv_b_proj",
-        MT.FFN_GATE: "mlp.gate_proj", MT.FFN_UP: "mlp.up_proj", MT.FFN_DOWN: "mlp.down_proj",
-        MT.FFN_GATE_INP: f"{moe}.gate", MT.FFN_GATE_INP_SHEXP: "mlp.shared_expert_gate",
-        MT.FFN_GATE_SHEXP: f"{shared}.gate_proj", MT.FFN_UP_SHEXP: f"{shared}.up_proj",
+        MT.ATTN_NORM: "input_layernorm",
+        MT.FFN_NORM: "post_attention_layernorm",
+        MT.ATTN_Q: "self_attn.q_proj",
+        MT.ATTN_K: "self_attn.k_proj",
+        MT.ATTN_V: "self_attn.v_proj",
+        MT.ATTN_OUT: "self_attn.o_proj",
+        MT.ATTN_Q_NORM: "self_attn.q_norm",
+        MT.ATTN_K_NORM: "self_attn.k_norm",
+        MT.ATTN_Q_A: "self_attn.q_a_proj",
+        MT.ATTN_Q_A_NORM: "self_attn.q_a_layernorm",
+        MT.ATTN_Q_B: "self_attn.q_b_proj",
+        MT.ATTN_KV_A_MQA: "self_attn.kv_a_proj_with_mqa",
+        MT.ATTN_KV_A_NORM: "self_attn.kv_a_layernorm",
+        MT.ATTN_KV_B: "self_attn.kv_b_proj",
+        MT.FFN_GATE: "mlp.gate_proj",
+        MT.FFN_UP: "mlp.up_proj",
+        MT.FFN_DOWN: "mlp.down_proj",
+        MT.FFN_GATE_INP: f"{moe}.gate",
+        MT.FFN_GATE_INP_SHEXP: "mlp.shared_expert_gate",
+        MT.FFN_GATE_SHEXP: f"{shared}.gate_proj",
+        MT.FFN_UP_SHEXP: f"{shared}.up_proj",
         MT.FFN_DOWN_SHEXP: f"{shared}.down_proj",
     }
 
@@ -156,13 +193,17 @@ def _open_reader(path: Path) -> gguf.GGUFReader:
             _TRUNCATED_FIX,
         ) from exc
     if reader.byte_order != "I":
-        raise CheckpointError(f"{path} is a big-endian GGUF", "convert it with llama.cpp's "
-                              "gguf_convert_endian.py to little-endian first")
+        raise CheckpointError(
+            f"{path} is a big-endian GGUF",
+            "convert it with llama.cpp's gguf_convert_endian.py to little-endian first",
+        )
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte "
-                                  f"{t.data_offset + t.n_bytes} but the file has {size}",
-                                  _TRUNCATED_FIX)
+            raise CheckpointError(
+                f"{path} is truncated: tensor {t.name!r} ends at byte "
+                f"{t.data_offset + t.n_bytes} but the file has {size}",
+                _TRUNCATED_FIX,
+            )
     return reader
 
 
@@ -178,20 +219,26 @@ def _open_shards(path: Path) -> list[gguf.GGUFReader]:
         return [reader]
     m = _SHARD_RE.fullmatch(path.name)
     if m is None:
-        raise CheckpointError(f"{path} is one of {count} shards, but its name does not end in "
-                              "-NNNNN-of-NNNNN.gguf", "give the shards their original names")
+        raise CheckpointError(
+            f"{path} is one of {count} shards, but its name does not end in -NNNNN-of-NNNNN.gguf",
+            "give the shards their original names",
+        )
     readers = []
     for no in range(1, count + 1):
         shard = path.with_name(f"{m[1]}-{no:05d}-of-{count:05d}.gguf")
         if not shard.is_file():
-            raise CheckpointError(f"shard {shard.name} of {path.name} is missing",
-                                  "download all shards of the model into one folder")
+            raise CheckpointError(
+                f"shard {shard.name} of {path.name} is missing",
+                "download all shards of the model into one folder",
+            )
         readers.append(reader if shard == path else _open_reader(shard))
     want = readers[0].fields.get(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
     have = sum(len(r.tensors) for r in readers)
     if want is not None and want.contents() != have:
-        raise CheckpointError(f"{path.name}: the shards hold {have} tensors, shard 1 says "
-                              f"{want.contents()}", "download all shards again")
+        raise CheckpointError(
+            f"{path.name}: the shards hold {have} tensors, shard 1 says {want.contents()}",
+            "download all shards again",
+        )
     return readers
 
 
@@ -211,8 +258,11 @@ def _dequantize(t, index: int | None = None) -> np.ndarray:
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     # llama.cpp's permute() interleaves the two rotary halves of each head:
     # rows (head, half, i) -> (head, i, half). This is its exact inverse.
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 class GGUFSource(CheckpointSource):
@@ -255,9 +305,11 @@ class GGUFSource(CheckpointSource):
         self.config = self._build_config()
         self._check_complete()
         self.generation_config = {
-            k: self.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if self.config.get(k) is not None} or None
-        self.tokenizer_json, self.tokenizer_warning = _tokenizer_json(self._get)
+            k: self.config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if self.config.get(k) is not None
+        } or None
+        self.tokenizer_json, self.tokenizer_warning = tokenizer_json(self._get)
         self.chat_template = self._get(KT.CHAT_TEMPLATE)
 
     # -- metadata -----------------------------------------------------------
@@ -279,7 +331,8 @@ class GGUFSource(CheckpointSource):
             raise CheckpointError(
                 f"{self.path.name}: metadata key {key.format(arch=self.arch)!r} is missing",
                 "this GGUF was not written by llama.cpp's converter for its architecture; "
-                "convert the Hugging Face checkpoint instead")
+                "convert the Hugging Face checkpoint instead",
+            )
         return value
 
     def _shape(self, name: str) -> tuple[int, ...]:
@@ -290,7 +343,8 @@ class GGUFSource(CheckpointSource):
             if not self._get(KL.EXPERT_COUNT, 0):
                 raise UnsupportedArchitecture(
                     f"{self.path.name}: GGUF architecture 'llama' without experts "
-                    "(llama.expert_count is 0 or absent), a dense model")
+                    "(llama.expert_count is 0 or absent), a dense model"
+                )
             return "mixtral"
         if self.arch == "deepseek2":
             sigmoid = self._get(KL.EXPERT_GATING_FUNC) == gguf.ExpertGatingFuncType.SIGMOID
@@ -317,8 +371,10 @@ class GGUFSource(CheckpointSource):
                 continue
             m = _BLOCK_RE.fullmatch(name)
             if m is None:
-                raise CheckpointError(f"{self.path.name}: tensor {name!r} has no Hugging Face "
-                                      f"counterpart known for {self.arch}")
+                raise CheckpointError(
+                    f"{self.path.name}: tensor {name!r} has no Hugging Face "
+                    f"counterpart known for {self.arch}"
+                )
             bid, rest, suffix = int(m[1]), m[2], m[3]
             if n_layers is not None and bid >= n_layers:
                 self.skipped.append(name)  # MTP / next-token-prediction layers
@@ -329,22 +385,28 @@ class GGUFSource(CheckpointSource):
                 hf = _expert_hf_name(self.model_type, bid, int(old[2]), _EXPERT_KINDS[old[1]])
                 recipes[hf] = _Recipe("copy", (name,), shape, dtype)
             elif kind in (MT.FFN_GATE_EXP, MT.FFN_UP_EXP, MT.FFN_DOWN_EXP, MT.FFN_GATE_UP_EXP) and (
-                    shape[0] != self._get(KL.EXPERT_COUNT, shape[0])):
-                raise ShapeMismatch(f"{name} stacks {shape[0]} experts, but "
-                                    f"{self.arch}.expert_count is {self._get(KL.EXPERT_COUNT)}")
+                shape[0] != self._get(KL.EXPERT_COUNT, shape[0])
+            ):
+                raise ShapeMismatch(
+                    f"{name} stacks {shape[0]} experts, but "
+                    f"{self.arch}.expert_count is {self._get(KL.EXPERT_COUNT)}"
+                )
             elif kind in (MT.FFN_GATE_EXP, MT.FFN_UP_EXP, MT.FFN_DOWN_EXP):
                 for xid in range(shape[0]):
                     recipes[_expert_hf_name(self.model_type, bid, xid, kind)] = _Recipe(
-                        "expert", (name,), shape[1:], dtype, index=xid)
+                        "expert", (name,), shape[1:], dtype, index=xid
+                    )
             elif kind == MT.FFN_GATE_UP_EXP:
                 half = (shape[1] // 2, *shape[2:])
                 for xid in range(shape[0]):
                     for part, sub in enumerate((MT.FFN_GATE_EXP, MT.FFN_UP_EXP)):
                         recipes[_expert_hf_name(self.model_type, bid, xid, sub)] = _Recipe(
-                            "half", (name,), half, dtype, index=xid, part=part)
+                            "half", (name,), half, dtype, index=xid, part=part
+                        )
             elif kind == MT.FFN_EXP_PROBS_B:
                 recipes[f"{layer}.mlp.gate.e_score_correction_bias"] = _Recipe(
-                    "copy", (name,), shape, dtype)
+                    "copy", (name,), shape, dtype
+                )
             elif kind == MT.ATTN_QKV:
                 recipes.update(self._split_qkv(name, layer, suffix, shape, dtype))
             elif kind == MT.ATTN_K_B:
@@ -353,19 +415,25 @@ class GGUFSource(CheckpointSource):
                 pass  # merged with its attn_k_b below
             elif kind in hf_names:
                 recipes[f"{layer}.{hf_names[kind]}.{suffix}"] = _Recipe(
-                    "copy", (name,), shape, dtype, unpermute=self._heads_to_unpermute(kind))
+                    "copy", (name,), shape, dtype, unpermute=self._heads_to_unpermute(kind)
+                )
             else:
-                raise CheckpointError(f"{self.path.name}: tensor {name!r} has no Hugging Face "
-                                      f"counterpart known for {self.arch}")
+                raise CheckpointError(
+                    f"{self.path.name}: tensor {name!r} has no Hugging Face "
+                    f"counterpart known for {self.arch}"
+                )
             if kind == MT.FFN_GATE_INP_SHEXP and len(shape) == 1:  # squeezed by old converters
                 recipes[f"{layer}.mlp.shared_expert_gate.weight"] = _Recipe(
-                    "copy", (name,), (1, shape[0]), dtype)
+                    "copy", (name,), (1, shape[0]), dtype
+                )
         for bid, kb in k_b.items():
             recipes[f"model.layers.{bid}.self_attn.kv_b_proj.weight"] = self._merge_kv_b(bid, kb)
         for hf, r in recipes.items():
             if r.unpermute and r.shape[0] % (2 * r.unpermute):
-                raise ShapeMismatch(f"{hf}: {r.shape[0]} rows do not split into {r.unpermute} "
-                                    "rotary heads of two halves")
+                raise ShapeMismatch(
+                    f"{hf}: {r.shape[0]} rows do not split into {r.unpermute} "
+                    "rotary heads of two halves"
+                )
         return recipes
 
     def _heads_to_unpermute(self, kind) -> int:
@@ -380,41 +448,58 @@ class GGUFSource(CheckpointSource):
 
     def _head_dim(self) -> int:
         return self._get(KA.KEY_LENGTH) or self._get(KL.EMBEDDING_LENGTH) // self._get(
-            KA.HEAD_COUNT)
+            KA.HEAD_COUNT
+        )
 
     def _split_qkv(self, name, layer, suffix, shape, dtype) -> dict[str, _Recipe]:
         n_head = self._get(KA.HEAD_COUNT)
         n_kv = self._get(KA.HEAD_COUNT_KV, n_head)
         q, kv = n_head * self._head_dim(), n_kv * self._head_dim()
         if shape[0] != q + 2 * kv:
-            raise ShapeMismatch(f"{name}: {shape[0]} rows, but {n_head} query and {n_kv} "
-                                f"key/value heads need {q + 2 * kv}")
+            raise ShapeMismatch(
+                f"{name}: {shape[0]} rows, but {n_head} query and {n_kv} "
+                f"key/value heads need {q + 2 * kv}"
+            )
         out = {}
-        for proj, start, stop, kind in (("q_proj", 0, q, MT.ATTN_Q),
-                                        ("k_proj", q, q + kv, MT.ATTN_K),
-                                        ("v_proj", q + kv, q + 2 * kv, MT.ATTN_V)):
+        for proj, start, stop, kind in (
+            ("q_proj", 0, q, MT.ATTN_Q),
+            ("k_proj", q, q + kv, MT.ATTN_K),
+            ("v_proj", q + kv, q + 2 * kv, MT.ATTN_V),
+        ):
             out[f"{layer}.self_attn.{proj}.{suffix}"] = _Recipe(
-                "rows", (name,), (stop - start, *shape[1:]), dtype, start=start, stop=stop,
-                unpermute=self._heads_to_unpermute(kind))
+                "rows",
+                (name,),
+                (stop - start, *shape[1:]),
+                dtype,
+                start=start,
+                stop=stop,
+                unpermute=self._heads_to_unpermute(kind),
+            )
         return out
 
     def _merge_kv_b(self, bid: int, kb: str) -> _Recipe:
         vb = gguf.TENSOR_NAMES[MT.ATTN_V_B].format(bid=bid) + ".weight"
         if vb not in self._gguf:
-            raise MissingTensor(f"{self.path.name}: {kb!r} is present but {vb!r} is not; "
-                                f"both are needed to rebuild model.layers.{bid}.self_attn.kv_b_proj")
+            raise MissingTensor(
+                f"{self.path.name}: {kb!r} is present but {vb!r} is not; both "
+                f"are needed to rebuild model.layers.{bid}.self_attn.kv_b_proj"
+            )
         ks, vs = self._shape(kb), self._shape(vb)  # [H, kv_lora, nope], [H, v, kv_lora]
         if len(ks) != 3 or len(vs) != 3 or ks[0] != vs[0] or ks[1] != vs[2]:
-            raise ShapeMismatch(f"{kb} {ks} and {vb} {vs} are not [heads, kv_lora_rank, "
-                                "qk_nope_head_dim] and [heads, v_head_dim, kv_lora_rank]")
+            raise ShapeMismatch(
+                f"{kb} {ks} and {vb} {vs} are not [heads, kv_lora_rank, "
+                "qk_nope_head_dim] and [heads, v_head_dim, kv_lora_rank]"
+            )
         dtype = self._gguf[kb].tensor_type.name
         return _Recipe("kv_b", (kb, vb), (ks[0] * (ks[2] + vs[1]), ks[1]), dtype)
 
     def _check_complete(self) -> None:
         """Every tensor the HF model of this config has must be present."""
         c, mt = self.config, self.model_type
-        need = {"model.embed_tokens.weight": "token_embd.weight",
-                "model.norm.weight": "output_norm.weight"}
+        need = {
+            "model.embed_tokens.weight": "token_embd.weight",
+            "model.norm.weight": "output_norm.weight",
+        }
         if not c["tie_word_embeddings"]:
             need["lm_head.weight"] = "output.weight"
         hf = _block_hf_names(mt)
@@ -423,8 +508,11 @@ class GGUFSource(CheckpointSource):
             kinds = [MT.ATTN_NORM, MT.FFN_NORM, MT.ATTN_OUT]
             if mt.startswith("deepseek"):
                 kinds += [MT.ATTN_KV_A_MQA, MT.ATTN_KV_A_NORM, MT.ATTN_KV_B]
-                kinds += ([MT.ATTN_Q_A, MT.ATTN_Q_A_NORM, MT.ATTN_Q_B] if c["q_lora_rank"]
-                          else [MT.ATTN_Q])
+                kinds += (
+                    [MT.ATTN_Q_A, MT.ATTN_Q_A_NORM, MT.ATTN_Q_B]
+                    if c["q_lora_rank"]
+                    else [MT.ATTN_Q]
+                )
             else:
                 kinds += [MT.ATTN_Q, MT.ATTN_K, MT.ATTN_V]
             if mt in ("qwen3_moe", "olmoe"):
@@ -442,7 +530,8 @@ class GGUFSource(CheckpointSource):
                     need.update((_expert_hf_name(mt, bid, x, k), where) for x in range(n_experts))
                 if mt == "deepseek_v3":
                     need[f"model.layers.{bid}.mlp.gate.e_score_correction_bias"] = (
-                        gguf.TENSOR_NAMES[MT.FFN_EXP_PROBS_B].format(bid=bid) + ".bias")
+                        gguf.TENSOR_NAMES[MT.FFN_EXP_PROBS_B].format(bid=bid) + ".bias"
+                    )
             for k in kinds:
                 where = gguf.TENSOR_NAMES[k].format(bid=bid) + ".weight"
                 if k == MT.ATTN_KV_B:
@@ -452,8 +541,9 @@ class GGUFSource(CheckpointSource):
             if name not in self._recipes:
                 raise MissingTensor(
                     f"{self.path.name}: tensor {where} is missing, so this {mt} model has no "
-                    f"{name!r}", "the GGUF is incomplete or was cut down; download or convert "
-                    "it again")
+                    f"{name!r}",
+                    "the GGUF is incomplete or was cut down; download or convert it again",
+                )
 
     # -- config ---------------------------------------------------------------
 
@@ -462,8 +552,11 @@ class GGUFSource(CheckpointSource):
         n_head = self._need(KA.HEAD_COUNT)
         vocab = g(KL.VOCAB_SIZE)
         if vocab is None:
-            vocab = (self._shape("token_embd.weight")[0] if "token_embd.weight" in self._gguf
-                     else len(g(KT.LIST) or []))
+            vocab = (
+                self._shape("token_embd.weight")[0]
+                if "token_embd.weight" in self._gguf
+                else len(g(KT.LIST) or [])
+            )
         theta = float(g(KR.FREQ_BASE, 10000.0))
         c = {
             "architectures": [HF_CLASSES[mt]],
@@ -497,14 +590,23 @@ class GGUFSource(CheckpointSource):
             if moe_ff is None and "blk.0.ffn_gate_exps.weight" in self._gguf:
                 moe_ff = self._shape("blk.0.ffn_gate_exps.weight")[1]
             bias = "blk.0.attn_q.bias" in self._gguf
-            c.update(num_experts=n_experts, norm_topk_prob=NORM_TOPK_DEFAULT[mt]
-                     if norm is None else bool(norm))
+            c.update(
+                num_experts=n_experts,
+                norm_topk_prob=NORM_TOPK_DEFAULT[mt] if norm is None else bool(norm),
+            )
             if mt == "olmoe":
-                c.update(intermediate_size=moe_ff or c["intermediate_size"], attention_bias=bias,
-                         clip_qkv=g(KA.CLAMP_KQV))
+                c.update(
+                    intermediate_size=moe_ff or c["intermediate_size"],
+                    attention_bias=bias,
+                    clip_qkv=g(KA.CLAMP_KQV),
+                )
             else:
-                c.update(moe_intermediate_size=moe_ff, decoder_sparse_step=1, mlp_only_layers=[],
-                         use_sliding_window=False)
+                c.update(
+                    moe_intermediate_size=moe_ff,
+                    decoder_sparse_step=1,
+                    mlp_only_layers=[],
+                    use_sliding_window=False,
+                )
             if mt == "qwen2_moe":
                 shared = g(KL.EXPERT_SHARED_FEED_FORWARD_LENGTH)
                 if shared is None and "blk.0.ffn_gate_shexp.weight" in self._gguf:
@@ -526,8 +628,10 @@ class GGUFSource(CheckpointSource):
         rope = {"rope_type": kind, "type": kind, "factor": float(factor)}
         if kind == "yarn":
             rope["original_max_position_embeddings"] = g(KR.SCALING_ORIG_CTX_LEN)
-            for key, hf in ((KR.SCALING_YARN_BETA_FAST, "beta_fast"),
-                            (KR.SCALING_YARN_BETA_SLOW, "beta_slow")):
+            for key, hf in (
+                (KR.SCALING_YARN_BETA_FAST, "beta_fast"),
+                (KR.SCALING_YARN_BETA_SLOW, "beta_slow"),
+            ):
                 if g(key) is not None:
                     rope[hf] = float(g(key))
             if (log_mul := g(KR.SCALING_YARN_LOG_MUL)) is not None:
@@ -564,15 +668,16 @@ class GGUFSource(CheckpointSource):
             norm_topk_prob=bool(norm),
             scoring_func="sigmoid" if v3 else "softmax",
             # DeepSeek-V2 routes within groups when it has them; V2-Lite has one group
-            topk_method="noaux_tc" if v3 else
-            ("group_limited_greedy" if n_group > 1 else "greedy"),
+            topk_method="noaux_tc" if v3 else ("group_limited_greedy" if n_group > 1 else "greedy"),
         )
         # cross-check the MLA dims against the tensors they shape
         kb = "blk.0.attn_k_b.weight"
         if kb in self._gguf and self._shape(kb)[1:] != (c["kv_lora_rank"], c["qk_nope_head_dim"]):
-            raise ShapeMismatch(f"{kb} is {self._shape(kb)}, but kv_lora_rank "
-                                f"{c['kv_lora_rank']} and qk_nope_head_dim "
-                                f"{c['qk_nope_head_dim']} come from the metadata")
+            raise ShapeMismatch(
+                f"{kb} is {self._shape(kb)}, but kv_lora_rank "
+                f"{c['kv_lora_rank']} and qk_nope_head_dim "
+                f"{c['qk_nope_head_dim']} come from the metadata"
+            )
 
     # -- CheckpointSource -------------------------------------------------------
 
@@ -582,8 +687,10 @@ class GGUFSource(CheckpointSource):
     def load(self, name: str) -> np.ndarray:
         r = self._recipes.get(name)
         if r is None:
-            raise MissingTensor(f"{self.path.name} has no tensor {name!r}",
-                                "check the name against GGUFSource.tensors()")
+            raise MissingTensor(
+                f"{self.path.name} has no tensor {name!r}",
+                "check the name against GGUFSource.tensors()",
+            )
         t = self._gguf[r.sources[0]]
         if r.op == "kv_b":
             k_b = _dequantize(t).transpose(0, 2, 1)  # [H, nope, kv_lora]
@@ -594,9 +701,9 @@ class GGUFSource(CheckpointSource):
         elif r.op == "half":
             w = _dequantize(t, r.index)
             n = w.shape[0] // 2
-            w = w[r.part * n:(r.part + 1) * n]
+            w = w[r.part * n : (r.part + 1) * n]
         elif r.op == "rows":
-            w = _dequantize(t)[r.start:r.stop]
+            w = _dequantize(t)[r.start : r.stop]
         else:
             w = _dequantize(t)
         w = w.reshape(r.shape)
@@ -615,11 +722,11 @@ class GGUFSource(CheckpointSource):
         start, stop, _ = slice(start, stop).indices(r.shape[0])
         base = r.start if r.op == "rows" else 0
         # quantized blocks never straddle rows, so a row slice of the bytes is exact
-        raw = np.asarray(t.data[base + start:base + max(start, stop)])
+        raw = np.asarray(t.data[base + start : base + max(start, stop)])
         try:
             out = gguf.quants.dequantize(raw, t.tensor_type)
         except NotImplementedError:
-            return _dequantize(t)[base + start:base + max(start, stop)]
+            return _dequantize(t)[base + start : base + max(start, stop)]
         return np.array(out, dtype=np.float32).reshape(-1, *r.shape[1:])
 
     def close(self) -> None:
@@ -629,147 +736,3 @@ class GGUFSource(CheckpointSource):
 
 def _first(v):
     return v[0] if isinstance(v, list) else v
-
-
-# -- tokenizer ----------------------------------------------------------------
-
-# Pre-tokenizer regexes by `tokenizer.ggml.pre`, as the models' tokenizer.json
-# files have them (llama.cpp's src/llama-vocab.cpp keeps the same lists).
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-           r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-          r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DEEPSEEK_LLM = [
-    "[\r\n]",
-    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕ"
-    "ἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳ"
-    "Ꙁ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
-    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
-    "\\s+$",
-    "[一-龥ࠀ-一가-퟿]+",
-    "\\p{N}+",
-]
-_DEEPSEEK_V3 = [
-    "\\p{N}{1,3}",
-    "[一-龥぀-ゟ゠-ヿ]+",
-    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+|"
-    " ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
-]
-_DEEPSEEK_CODER = ["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", "[一-龥ࠀ-一가-퟿]+", "\\p{N}"]
-_GPT2_PRES = {"default", "gpt-2", "gpt2", "olmo", "mpt", "phi-2"}
-_SPLIT_PRES = {  # name -> (regexes, NFC normalizer, ignore_merges)
-    "llama-bpe": ([_LLAMA3], False, True), "llama3": ([_LLAMA3], False, True),
-    "llama-v3": ([_LLAMA3], False, True), "dbrx": ([_LLAMA3], False, False),
-    "smaug-bpe": ([_LLAMA3], False, False), "qwen2": ([_QWEN2], True, False),
-    "deepseek-r1-qwen": ([_QWEN2], True, False), "deepseek-llm": (_DEEPSEEK_LLM, False, False),
-    "deepseek-v3": (_DEEPSEEK_V3, False, False), "deepseek-coder": (_DEEPSEEK_CODER, False, False),
-}
-
-
-def _byte_level(use_regex: bool) -> dict:
-    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-            "use_regex": use_regex}
-
-
-def _tokenizer_json(get) -> tuple[bytes | None, str | None]:
-    """HF tokenizer.json bytes rebuilt from `tokenizer.ggml.*`, and a warning or None."""
-    model = get(KT.MODEL)
-    tokens = get(KT.LIST)
-    if model is None or not tokens:
-        return None, "the GGUF has no tokenizer.ggml vocabulary; supply a tokenizer.json"
-    types = get(KT.TOKEN_TYPE) or [int(TT.NORMAL)] * len(tokens)
-    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": types[i] == TT.USER_DEFINED, "special": types[i] != TT.USER_DEFINED}
-             for i, tok in enumerate(tokens)
-             if types[i] in (TT.CONTROL, TT.USER_DEFINED, TT.UNKNOWN)]
-    warning = None
-    if model == "gpt2":
-        pre = get(KT.PRE) or "default"
-        vocab: dict[str, int] = {}
-        for i, tok in enumerate(tokens):
-            if types[i] != TT.UNUSED:  # [PADn] fillers llama.cpp adds past the HF vocab
-                vocab.setdefault(tok, i)
-        merges = [m.split(" ", 1) for m in get(KT.MERGES) or []]
-        normalizer, ignore_merges = None, False
-        if pre in _SPLIT_PRES:
-            regexes, nfc, ignore_merges = _SPLIT_PRES[pre]
-            pre_tok = {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
-                for r in regexes] + [_byte_level(False)]}
-            normalizer = {"type": "NFC"} if nfc else None
-        else:
-            if pre not in _GPT2_PRES:
-                warning = (f"tokenizer.ggml.pre {pre!r} is not one edgemoe knows; used GPT-2's "
-                           "byte-level pre-tokenizer, so ids may differ around digits, "
-                           "whitespace and CJK text; supply the model's tokenizer.json")
-            pre_tok = _byte_level(True)
-        bpe = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-               "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-               "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
-        decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                   "use_regex": True}
-    elif model == "llama":
-        scores = get(KT.SCORES) or [0.0] * len(tokens)
-        vocab = {tok: i for i, tok in reversed(list(enumerate(tokens)))}
-        unk = next((tokens[i] for i, t in enumerate(types) if t == TT.UNKNOWN), None)
-        bpe = {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-               "end_of_word_suffix": None, "fuse_unk": True,
-               "byte_fallback": any(t == TT.BYTE for t in types), "ignore_merges": False,
-               "vocab": vocab, "merges": _spm_merges(tokens, scores, types)}
-        prefix = get(KT.ADD_PREFIX, True)
-        steps = [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
-        normalizer = {"type": "Sequence", "normalizers": (
-            [{"type": "Prepend", "prepend": "\u2581"}] if prefix else []) + steps}
-        pre_tok = None
-        decoder = {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}] + (
-            [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])}
-    else:
-        return None, (f"tokenizer.ggml.model {model!r} is not rebuilt (only 'gpt2' byte-level "
-                      "BPE and 'llama' SentencePiece are); supply the model's tokenizer.json")
-    doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-           "normalizer": normalizer, "pre_tokenizer": pre_tok,
-           "post_processor": _post_processor(get, tokens), "decoder": decoder, "model": bpe}
-    return json.dumps(doc, ensure_ascii=False).encode("utf-8"), warning
-
-
-def _post_processor(get, tokens: list[str]) -> dict | None:
-    """BOS/EOS insertion as `tokenizer.ggml.add_{bos,eos}_token` ask (llama vocabs add BOS)."""
-    spm = get(KT.MODEL) == "llama"
-    bos, eos = get(KT.BOS_ID), get(KT.EOS_ID)
-    add_bos = get(KT.ADD_BOS, spm) and bos is not None and bos < len(tokens)
-    add_eos = get(KT.ADD_EOS, False) and eos is not None and eos < len(tokens)
-    if not (add_bos or add_eos):
-        return None
-    pre = [(tokens[bos], bos)] if add_bos else []
-    post = [(tokens[eos], eos)] if add_eos else []
-
-    def seq(name, type_id):
-        return [{"SpecialToken": {"id": t, "type_id": type_id}} for t, _ in pre] + [
-            {"Sequence": {"id": name, "type_id": type_id}}] + [
-            {"SpecialToken": {"id": t, "type_id": type_id}} for t, _ in post]
-
-    return {"type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
-            "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in pre + post}}
-
-
-def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[list[str]]:
-    """BPE merges for a SentencePiece vocabulary, ranked by the merged piece's score.
-
-    Every split of a normal piece into two pieces of the vocabulary is a merge;
-    higher-scoring results merge first, ties broken by the ids of the two halves
-    (what HF's SentencePiece extractor does).
-    """
-    ids = {}
-    for i, tok in enumerate(tokens):
-        if types[i] in (TT.NORMAL, TT.USER_DEFINED):
-            ids.setdefault(tok, i)
-    found = []
-    for tok, i in ids.items():
-        for cut in range(1, len(tok)):
-            left, right = tok[:cut], tok[cut:]
-            if left in ids and right in ids:
-                found.append((-scores[i], i, ids[left], ids[right], left, right))
-    found.sort(key=lambda m: m[:4])
-    return [[left, right] for *_, left, right in found]
