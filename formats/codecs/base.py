@@ -55,7 +55,7 @@ class Codec:
     @classmethod
     def level_nbytes(cls, shape: Sequence[int], params: dict) -> list[int]:
         """Byte length of each level's segment (not cumulative)."""
-        raise NotImplementedError  # each codec defines its own
+        return [sum(fields) for fields in cls.level_fields(shape, params)]
 
     @classmethod
     def level_fields(cls, shape: Sequence[int], params: dict) -> list[list[int]]:
@@ -66,7 +66,7 @@ class Codec:
         same fields and the whole tensor's field is the blocks' fields joined.
         This is what lets encode_blocked stream a large tensor by rows.
         """
-        return [[n] for n in cls.level_nbytes(shape, params)]
+        raise NotImplementedError  # each codec defines its own
 
     @classmethod
     def encode(cls, w: np.ndarray, params: dict, calib: np.ndarray | None = None) -> list[bytes]:

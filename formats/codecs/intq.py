@@ -47,10 +47,6 @@ class Int8(Codec):
         return [8]
 
     @classmethod
-    def level_nbytes(cls, shape, params):
-        return [sum(f) for f in cls.level_fields(shape, params)]
-
-    @classmethod
     def level_fields(cls, shape, params):
         rows, cols, g = check_matrix(cls, shape, params)
         return [[rows * cols, 2 * rows * (cols // g)]]
@@ -92,10 +88,6 @@ class Int4(Codec):
     @classmethod
     def level_bits(cls, params):
         return [4]
-
-    @classmethod
-    def level_nbytes(cls, shape, params):
-        return [sum(f) for f in cls.level_fields(shape, params)]
 
     @classmethod
     def level_fields(cls, shape, params):

@@ -345,10 +345,6 @@ class MWQ(Codec):
         return list(params["bits"])
 
     @classmethod
-    def level_nbytes(cls, shape, params):
-        return [sum(f) for f in cls.level_fields(shape, params)]
-
-    @classmethod
     def level_fields(cls, shape, params):
         cls.check_params(shape, params)
         rows, cols, g = check_matrix(cls, shape, params)

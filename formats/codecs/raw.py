@@ -17,8 +17,8 @@ class _Raw(Codec):
         return [cls.itemsize * 8]
 
     @classmethod
-    def level_nbytes(cls, shape, params) -> list[int]:
-        return [numel(shape) * cls.itemsize]
+    def level_fields(cls, shape, params) -> list[list[int]]:
+        return [[numel(shape) * cls.itemsize]]
 
     @classmethod
     def check_params(cls, shape, params) -> None:
