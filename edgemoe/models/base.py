@@ -1,0 +1,276 @@
+"""Blocks every family shares: norms, rotary embeddings, the KV cache, attention.
+
+Shape legend: B sequences, S new tokens, L cached + new positions, H heads,
+Hkv key/value heads, Dh head dim, D hidden.
+
+Batches are left-padded: every sequence in a batch advances together, and
+pad slots are masked out of attention with `KVCache.valid`, so prompts of
+different lengths share a batch and each still sees positions 0, 1, 2...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from edgemoe.kernels import DenseLinear, Linear
+from edgemoe.moe.executor import ExpertExecutor
+
+
+class Weights(Protocol):
+    """Resident (non-expert) weights by Hugging Face name."""
+
+    dtype: torch.dtype
+
+    def has(self, name: str) -> bool: ...
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Dense tensor; 1-D tensors (norms, biases) in float32, others in dtype."""
+
+    def linear(self, name: str, bias: str | None = None) -> Linear:
+        """y = x @ W.T (+ bias), fused on stored codes where possible."""
+
+
+def from_dict(cls, cfg: dict):
+    """Build an args dataclass from a config dict, dropping unknown keys (mlx-lm style)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
+
+
+def rope_theta(cfg: dict, default: float = 10000.0) -> float:
+    """rope_theta from either the classic key or transformers 5's rope_parameters."""
+    if cfg.get("rope_theta") is not None:
+        return float(cfg["rope_theta"])
+    params = cfg.get("rope_parameters") or {}
+    return float(params.get("rope_theta", default))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: in float32, cast back, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype) if weight.dtype == x.dtype else (weight * h).to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor,
+    dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    inv_freq: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, S, dim] for integer positions [B, S] (rotate-half layout)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, S, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, Dh]; cos/sin [B, S, Dh]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, preallocated to max_len.
+
+    Attributes:
+        length: positions filled so far (shared by the batch; pads included).
+        valid: [B, max_len] which slots hold real tokens.
+        next_pos: [B] the position id the next real token of each sequence gets.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        kv_heads: int,
+        k_dim: int,
+        v_dim: int,
+        dtype: torch.dtype,
+    ):
+        self.max_len, self.batch, self.dtype = max_len, batch, dtype
+        self.k = [
+            torch.zeros(batch, kv_heads, max_len, k_dim, dtype=dtype) for _ in range(n_layers)
+        ]
+        self.v = [
+            torch.zeros(batch, kv_heads, max_len, v_dim, dtype=dtype) for _ in range(n_layers)
+        ]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool)
+        self.next_pos = torch.zeros(batch, dtype=torch.int64)
+        self.length = 0
+
+    @staticmethod
+    def nbytes_for(n_layers, batch, max_len, kv_heads, k_dim, v_dim, dtype) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return n_layers * batch * max_len * kv_heads * (k_dim + v_dim) * item
+
+    def begin(self, valid_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [B, S] and the attention mask [B, 1, S, L] for S new slots."""
+        b, s = valid_new.shape
+        start = self.length
+        if start + s > self.max_len:
+            raise ValueError(f"context of {start + s} tokens exceeds the cache's {self.max_len}")
+        positions = self.next_pos[:, None] + torch.cumsum(valid_new.long(), dim=1) - 1
+        positions = positions.clamp(min=0)
+        self.valid[:, start : start + s] = valid_new
+        keys = self.valid[:, None, : start + s]  # [B, 1, L]
+        q_abs = torch.arange(start, start + s)[:, None]  # [S, 1]
+        causal = torch.arange(start + s)[None, :] <= q_abs  # [S, L]
+        mask = keys[:, :, None, :] & causal[None, None]  # [B, 1, S, L]
+        # a pad query attends to itself only, so no row is all -inf (its output is unused)
+        diag = torch.zeros(s, start + s, dtype=torch.bool)
+        diag[torch.arange(s), start + torch.arange(s)] = True
+        mask = mask | (~valid_new[:, None, :, None] & diag[None, None])
+        return positions, mask
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, S, *] at the current slots; return all [B, Hkv, L, *]."""
+        s = k.shape[2]
+        self.k[layer][:, :, self.length : self.length + s] = k
+        self.v[layer][:, :, self.length : self.length + s] = v
+        end = self.length + s
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def commit(self, valid_new: torch.Tensor) -> None:
+        self.length += valid_new.shape[1]
+        self.next_pos += valid_new.sum(dim=1)
+
+
+def attend(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q [B, H, S, Dh], k/v [B, Hkv, L, *], mask [B, 1, S, L] -> [B, S, H * Dv]."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, H, S, Dv]
+    return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class Attention:
+    """Grouped-query attention with the options the standard families use.
+
+    qk_norm: None, "head" (Qwen3: RMSNorm over each head's Dh) or "full"
+    (OLMoE: RMSNorm over the whole projection before splitting heads).
+    """
+
+    def __init__(
+        self,
+        w: Weights,
+        prefix: str,
+        n_heads: int,
+        n_kv: int,
+        head_dim: int,
+        theta: float,
+        eps: float,
+        bias: bool = False,
+        qk_norm: str | None = None,
+    ):
+        b = (lambda n: f"{prefix}.{n}.bias") if bias else (lambda n: None)
+        self.q = w.linear(f"{prefix}.q_proj.weight", b("q_proj"))
+        self.k = w.linear(f"{prefix}.k_proj.weight", b("k_proj"))
+        self.v = w.linear(f"{prefix}.v_proj.weight", b("v_proj"))
+        self.o = w.linear(f"{prefix}.o_proj.weight")
+        self.n_heads, self.n_kv, self.head_dim, self.theta, self.eps = (
+            n_heads,
+            n_kv,
+            head_dim,
+            theta,
+            eps,
+        )
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = w.tensor(f"{prefix}.q_norm.weight")
+            self.k_norm = w.tensor(f"{prefix}.k_norm.weight")
+
+    def __call__(self, x, positions, mask, cache: KVCache, layer: int) -> torch.Tensor:
+        bsz, s, _ = x.shape
+        q, k, v = self.q(x).to(x.dtype), self.k(x).to(x.dtype), self.v(x).to(x.dtype)
+        if self.qk_norm == "full":
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q = q.view(bsz, s, self.n_heads, self.head_dim)
+        k = k.view(bsz, s, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, Dh]
+        v = v.view(bsz, s, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = cache.update(layer, k, v)
+        o = attend(q, k_all, v_all, mask, 1.0 / math.sqrt(self.head_dim))
+        return self.o(o).to(x.dtype)
+
+
+class MLP:
+    """Dense SwiGLU MLP from resident weights (shared experts, dense layers)."""
+
+    def __init__(self, w: Weights, prefix: str):
+        self.gate = w.linear(f"{prefix}.gate_proj.weight")
+        self.up = w.linear(f"{prefix}.up_proj.weight")
+        self.down = w.linear(f"{prefix}.down_proj.weight")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x)).to(x.dtype)
+
+
+class CausalLM:
+    """Embedding -> decoder layers -> norm -> lm_head; families supply the layers.
+
+    Subclasses set `self.args` (with num_hidden_layers, rms_norm_eps,
+    tie_word_embeddings) and implement make_layer and kv_dims.
+    """
+
+    args: object
+
+    def __init__(self, args, weights: Weights, executor: ExpertExecutor):
+        self.args, self.weights, self.executor = args, weights, executor
+        self.dtype = weights.dtype
+        self.embed = weights.tensor("model.embed_tokens.weight")
+        self.layers = [self.make_layer(i) for i in range(args.num_hidden_layers)]
+        self.norm = weights.tensor("model.norm.weight")
+        if weights.has("lm_head.weight"):
+            self.lm_head = weights.linear("lm_head.weight")
+        else:  # tied embeddings
+            self.lm_head = DenseLinear(self.embed)
+
+    def make_layer(self, i: int):
+        raise NotImplementedError  # family
+
+    def kv_dims(self) -> tuple[int, int, int]:
+        """(kv heads, key dim, value dim) of the cache."""
+        raise NotImplementedError  # family
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        h, dk, dv = self.kv_dims()
+        return KVCache(self.args.num_hidden_layers, batch, max_len, h, dk, dv, self.dtype)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens [B, S] -> final hidden states [B, S, D] (cache advanced by S)."""
+        if valid is None:
+            valid = torch.ones(tokens.shape, dtype=torch.bool)
+        positions, mask = cache.begin(valid)
+        x = self.embed[tokens].to(self.dtype)  # [B, S, D]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, mask, cache, i)
+        cache.commit(valid)
+        return rms_norm(x, self.norm, self.args.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> float32 [..., V]."""
+        return self.lm_head(hidden).float()

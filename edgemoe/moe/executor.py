@@ -1,0 +1,51 @@
+"""The executor seam: how a MoE layer gets its routed experts computed.
+
+A model hands an executor the layer index, the tokens' hidden states and
+their (expert, weight) choices, and gets the combined output back. Where the
+experts live (in memory, on flash behind a cache, on another node) and in
+what order they are fetched is the executor's business; model files know
+nothing of files, caches or threads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from edgemoe.moe.combine import combine_into
+from edgemoe.moe.dispatch import dispatch
+from edgemoe.moe.experts import ExpertWeights, expert_forward
+
+
+class ExpertExecutor(ABC):
+    """Computes routed experts for one layer at a time."""
+
+    @abstractmethod
+    def run(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Combined routed-expert output.
+
+        Args:
+            layer: decoder layer index.
+            x: [T, D] hidden states of the layer's tokens.
+            expert_ids: [T, K] int64 chosen experts.
+            expert_weights: [T, K] float32 combine weights.
+        Returns:
+            [T, D] in x's dtype: sum_k weight[t, k] * expert_{ids[t, k]}(x[t]).
+        """
+
+
+class ResidentExecutor(ExpertExecutor):
+    """All experts in memory (tests, and runs whose budget holds every expert)."""
+
+    def __init__(self, experts: dict[tuple[int, int], ExpertWeights]):
+        self.experts = experts
+
+    def run(self, layer, x, expert_ids, expert_weights):
+        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        for a in dispatch(expert_ids, expert_weights):
+            y = expert_forward(x[a.tokens], self.experts[(layer, a.expert)])  # [N, D]
+            combine_into(out, a.tokens, y, a.weights)
+        return out.to(x.dtype)
