@@ -177,14 +177,19 @@ class Attention:
         head_dim: int,
         theta: float,
         eps: float,
-        bias: bool = False,
         qk_norm: str | None = None,
+        clip_qkv: float | None = None,
     ):
-        b = (lambda n: f"{prefix}.{n}.bias") if bias else (lambda n: None)
-        self.q = w.linear(f"{prefix}.q_proj.weight", b("q_proj"))
-        self.k = w.linear(f"{prefix}.k_proj.weight", b("k_proj"))
-        self.v = w.linear(f"{prefix}.v_proj.weight", b("v_proj"))
-        self.o = w.linear(f"{prefix}.o_proj.weight")
+        def proj(n):  # biases wherever the checkpoint has them (qkv_bias, attention_bias)
+            bias = f"{prefix}.{n}.bias"
+            return w.linear(f"{prefix}.{n}.weight", bias if w.has(bias) else None)
+
+        self.q, self.k, self.v, self.o = (
+            proj("q_proj"),
+            proj("k_proj"),
+            proj("v_proj"),
+            proj("o_proj"),
+        )
         self.n_heads, self.n_kv, self.head_dim, self.theta, self.eps = (
             n_heads,
             n_kv,
@@ -192,7 +197,7 @@ class Attention:
             theta,
             eps,
         )
-        self.qk_norm = qk_norm
+        self.qk_norm, self.clip = qk_norm, clip_qkv
         if qk_norm:
             self.q_norm = w.tensor(f"{prefix}.q_norm.weight")
             self.k_norm = w.tensor(f"{prefix}.k_norm.weight")
@@ -202,6 +207,8 @@ class Attention:
         q, k, v = self.q(x).to(x.dtype), self.k(x).to(x.dtype), self.v(x).to(x.dtype)
         if self.qk_norm == "full":
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        if self.clip is not None:  # OLMoE's clip_qkv
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         q = q.view(bsz, s, self.n_heads, self.head_dim)
         k = k.view(bsz, s, self.n_kv, self.head_dim)
         if self.qk_norm == "head":
@@ -274,3 +281,51 @@ class CausalLM:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] -> float32 [..., V]."""
         return self.lm_head(hidden).float()
+
+
+class RoutedMoE:
+    """A sparse MoE block: float32 router -> routing rule -> executor (+ shared expert).
+
+    Args:
+        route: (logits [T, E]) -> (ids [T, K], weights [T, K]).
+        shared: optional dense MLP added to every token (Qwen2-MoE, DeepSeek).
+        shared_gate: optional [1, D] weight; the shared output is scaled by sigmoid(x @ g.T).
+    """
+
+    def __init__(
+        self,
+        router: torch.Tensor,
+        route,
+        executor: ExpertExecutor,
+        layer: int,
+        shared: MLP | None = None,
+        shared_gate: torch.Tensor | None = None,
+    ):
+        self.router, self.route, self.executor, self.layer = router, route, executor, layer
+        self.shared, self.shared_gate = shared, shared_gate
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)  # [T, D]
+        logits = flat.float() @ self.router.float().T  # [T, E]
+        ids, w = self.route(logits)  # [T, K]
+        out = self.executor.run(self.layer, flat, ids, w)  # [T, D]
+        if self.shared is not None:
+            y = self.shared(flat)
+            if self.shared_gate is not None:
+                y = torch.sigmoid(flat.float() @ self.shared_gate.float().T).to(y.dtype) * y
+            out = out + y
+        return out.reshape(b, s, d)
+
+
+class DecoderLayer:
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, w: Weights, i: int, attn, mlp, eps: float):
+        self.attn, self.mlp, self.eps = attn, mlp, eps
+        self.ln1 = w.tensor(f"model.layers.{i}.input_layernorm.weight")
+        self.ln2 = w.tensor(f"model.layers.{i}.post_attention_layernorm.weight")
+
+    def __call__(self, x, positions, mask, cache, i):
+        h = x + self.attn(rms_norm(x, self.ln1, self.eps), positions, mask, cache, i)
+        return h + self.mlp(rms_norm(h, self.ln2, self.eps))

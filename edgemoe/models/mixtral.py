@@ -1,16 +1,15 @@
 """Mixtral: GQA attention with rotary embeddings, softmax top-k routing renormalised.
 
 Routed experts live under model.layers.N.block_sparse_moe.experts.E.{w1,w3,w2}
-(gate, up, down); the router is block_sparse_moe.gate.
+(gate, up, down); the router is block_sparse_moe.gate. Every layer is sparse.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
-import torch
-
-from edgemoe.models.base import Attention, CausalLM, from_dict, rms_norm, rope_theta
+from edgemoe.models.base import Attention, CausalLM, DecoderLayer, RoutedMoE, from_dict, rope_theta
 from edgemoe.moe.router import softmax_topk
 
 
@@ -38,25 +37,10 @@ class ModelArgs:
         return args
 
 
-class MoE:
-    def __init__(self, model: Model, i: int):
-        self.router = model.weights.tensor(
-            f"model.layers.{i}.block_sparse_moe.gate.weight"
-        )  # [E, D]
-        self.k, self.layer, self.executor = model.args.num_experts_per_tok, i, model.executor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        flat = x.reshape(-1, d)  # [T, D]
-        logits = flat.float() @ self.router.float().T  # [T, E]
-        ids, w = softmax_topk(logits, self.k, normalize=True)  # [T, K]
-        return self.executor.run(self.layer, flat, ids, w).reshape(b, s, d)
-
-
-class Layer:
-    def __init__(self, model: Model, i: int):
-        a, w, p = model.args, model.weights, f"model.layers.{i}"
-        self.attn = Attention(
+class Model(CausalLM):
+    def make_layer(self, i: int) -> DecoderLayer:
+        a, w, p = self.args, self.weights, f"model.layers.{i}"
+        attn = Attention(
             w,
             f"{p}.self_attn",
             a.num_attention_heads,
@@ -65,19 +49,9 @@ class Layer:
             a.rope_theta,
             a.rms_norm_eps,
         )
-        self.ln1 = w.tensor(f"{p}.input_layernorm.weight")
-        self.ln2 = w.tensor(f"{p}.post_attention_layernorm.weight")
-        self.moe, self.eps = MoE(model, i), a.rms_norm_eps
-
-    def __call__(self, x, positions, mask, cache, i):
-        h = x + self.attn(rms_norm(x, self.ln1, self.eps), positions, mask, cache, i)
-        return h + self.moe(rms_norm(h, self.ln2, self.eps))
-
-
-class Model(CausalLM):
-    def make_layer(self, i: int) -> Layer:
-        return Layer(self, i)
+        route = partial(softmax_topk, k=a.num_experts_per_tok, normalize=True)
+        moe = RoutedMoE(w.tensor(f"{p}.block_sparse_moe.gate.weight"), route, self.executor, i)
+        return DecoderLayer(w, i, attn, moe, a.rms_norm_eps)
 
     def kv_dims(self):
-        a = self.args
-        return a.num_key_value_heads, a.head_dim, a.head_dim
+        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
