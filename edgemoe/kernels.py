@@ -196,3 +196,28 @@ class BiasLinear(Linear):
     def __call__(self, x):
         y = self.inner(x)
         return y + self.bias.to(y.dtype)
+
+
+def prepared_nbytes(
+    codec_name: str, shape, params: dict, levels: int, dtype: torch.dtype, fused: bool = True
+) -> int:
+    """Bytes make_linear's result holds for this tensor, computed without building it (planner)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if len(shape) != 2:
+        return n * 4 if len(shape) == 1 else n * item
+    rows, cols = int(shape[0]), int(shape[1])
+    group = params.get("group")
+    int4_ok = group in INT4_GROUPS and cols % group == 0 and rows % 16 == 0 and cols % 64 == 0
+    if fused and codec_name == "int8" and group == cols:
+        return n + rows * item
+    if (
+        fused
+        and int4_ok
+        and (codec_name == "int4" or (codec_name == "mwq" and params["bits"][0] <= 4))
+    ):
+        k = 1 if codec_name == "int4" else levels
+        return k * (n // 2 + 2 * rows * (cols // group) * item)
+    return n * item

@@ -13,6 +13,7 @@ import os
 import torch
 
 from edgemoe.kernels import BiasLinear, DenseLinear, Linear, make_linear
+from formats.convert.families import is_router
 from formats.errors import MissingTensor
 from formats.reader import EmoeReader
 
@@ -49,7 +50,8 @@ class ResidentWeights:
             t = self.reader.tensors.get(name)
             if t is None:
                 self._segments(name)  # raises MissingTensor
-            dt = torch.float32 if len(t.shape) == 1 else self.dtype
+            # norms, biases and routers stay float32: routing decisions are precision-sensitive
+            dt = torch.float32 if len(t.shape) == 1 or is_router(name) else self.dtype
             arr = t.codec.decode(self._segments(name), t.shape, t.params)
             self._dense[name] = torch.from_numpy(arr).to(dt)
             self.nbytes += self._dense[name].numel() * self._dense[name].element_size()

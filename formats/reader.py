@@ -11,6 +11,7 @@ read is checked against its CRC.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class EmoeReader:
         except BaseException:
             self.close()  # sets _fd to -1 so __del__ cannot close a reused descriptor
             raise
-        self._dctx = zstandard.ZstdDecompressor()
+        self._local = threading.local()  # zstd decompressors are not thread-safe: one per thread
 
     # ---- opening
     def _open(self) -> None:
@@ -427,7 +428,10 @@ class EmoeReader:
                 raise HeaderCorrupt(
                     f"{self.owner(chunk)}: zstd frame holds {size} bytes, header says {c.raw_length}"
                 )
-            return self._dctx.decompress(stored, max_output_size=c.raw_length)
+            dctx = getattr(self._local, "dctx", None)
+            if dctx is None:
+                dctx = self._local.dctx = zstandard.ZstdDecompressor()
+            return dctx.decompress(stored, max_output_size=c.raw_length)
         except zstandard.ZstdError as e:
             raise HeaderCorrupt(
                 f"{self.owner(chunk)} (chunk {chunk}): bad zstd data ({e})"

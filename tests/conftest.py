@@ -49,3 +49,28 @@ def memory_cap():
             pytest.fail(f"memory-cap tests must run in CI: {why}")
         pytest.skip(why)
     return memcap.run_capped
+
+
+@pytest.fixture(scope="session")
+def tiny_emoe(tmp_path_factory):
+    """tiny_emoe(family, experts="f32", dense="f32") -> .emoe of a tiny model with a BPE tokenizer (cached)."""
+    from formats.convert import ConvertOptions, convert, open_source
+    from tests.formats.gguf_fixtures import train_tiny_bpe_tokenizer
+
+    folders: dict = {}
+    files: dict = {}
+
+    def get(family: str, experts: str = "f32", dense: str = "f32") -> Path:
+        if family not in folders:
+            d = tmp_path_factory.mktemp(f"tok-{family}")
+            train_tiny_bpe_tokenizer(d, 384)
+            folders[family] = make_tiny_hf(family, d, vocab_size=384)
+        key = (family, experts, dense)
+        if key not in files:
+            out = tmp_path_factory.mktemp("emoe") / f"{family}.emoe"
+            with open_source(folders[family]) as src:
+                convert(src, out, ConvertOptions(dense=dense, experts=experts, progress=False))
+            files[key] = out
+        return files[key]
+
+    return get

@@ -170,8 +170,9 @@ def yarn(p: dict, dim: int, theta: float, max_pos: int) -> tuple[torch.Tensor, f
         high += 0.001  # as transformers: avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)  # [dim/2]
+    inv_interpolation, inv_extrapolation = 1.0 / (factor * pos_freqs), 1.0 / pos_freqs
     extrapolation = 1 - ramp  # written as transformers writes it, for identical bits
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = inv_interpolation * (1 - extrapolation) + inv_extrapolation * extrapolation
     softmax_factor = mscale(m_all) ** 2 if m_all else 1.0
     return inv_freq, float(attention_factor), softmax_factor
 

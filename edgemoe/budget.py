@@ -1,0 +1,167 @@
+"""The memory planner: split a budget into floor, resident weights, KV cache,
+I/O buffers, workspace and the expert cache.
+
+The budget is everything the process uses, as a phone's memory killer sees
+it. The floor is measured, not assumed: the process's resident set after its
+imports, file-backed library pages included (a bare `import torch` fills
+~200 MB of a fresh cgroup), so the plan holds even when the libraries are
+not already in the page cache. If the budget cannot hold the floor, the
+resident weights, the KV cache, the I/O buffers, the workspace and the
+largest expert, the planner refuses before anything is loaded and says the
+smallest budget that works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+from edgemoe.kernels import prepared_nbytes
+from edgemoe.models.base import KVCache
+from edgemoe.units import Bytes
+from formats.errors import EmoeError
+from formats.reader import EmoeReader
+
+# Python heap, allocator slack and torch's per-op scratch not covered by the workspace term.
+MARGIN = Bytes.parse("24MiB")
+
+
+class BudgetTooSmall(EmoeError):
+    fix = "raise --mem"
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: Bytes | None
+    floor: Bytes
+    resident: Bytes
+    kv_cache: Bytes
+    io_buffers: Bytes
+    workspace: Bytes
+    expert_cache: Bytes
+    largest_expert: Bytes
+    all_experts: Bytes
+
+    @property
+    def fixed(self) -> Bytes:
+        return (
+            self.floor + self.resident + self.kv_cache + self.io_buffers + self.workspace + MARGIN
+        )
+
+    @property
+    def minimum(self) -> Bytes:
+        """The smallest budget that runs: everything fixed plus one expert slot."""
+        return self.fixed + self.largest_expert
+
+    @property
+    def expert_slots(self) -> float:
+        return self.expert_cache / max(1, self.largest_expert)
+
+    def as_dict(self) -> dict:
+        d = {k: int(v) if isinstance(v, int) else v for k, v in asdict(self).items()}
+        d.update(minimum=int(self.minimum), expert_slots=round(self.expert_slots, 2))
+        return d
+
+
+def process_floor() -> Bytes:
+    """This process's resident set now (anonymous + file-backed pages)."""
+    return Bytes(psutil.Process().memory_info().rss)
+
+
+def expert_nbytes(
+    reader: EmoeReader, layer: int, expert: int, level: int, dtype: torch.dtype, fused: bool = True
+) -> int:
+    e = reader.expert(layer, expert)
+    return sum(
+        prepared_nbytes(
+            reader.tensors[n].codec.name,
+            reader.tensors[n].shape,
+            reader.tensors[n].params,
+            level,
+            dtype,
+            fused,
+        )
+        for n in e.tensors.values()
+    )
+
+
+def resident_nbytes(reader: EmoeReader, dtype: torch.dtype, fused: bool = True) -> Bytes:
+    expert_names = {n for e in reader.experts.values() for n in e.tensors.values()}
+    total = 0
+    for name, t in reader.tensors.items():
+        if name in expert_names:
+            continue
+        # embeddings are looked up, not multiplied: always dense in the compute dtype
+        dense = name.endswith("embed_tokens.weight")
+        total += prepared_nbytes(
+            t.codec.name, t.shape, t.params, t.levels, dtype, fused and not dense
+        )
+    if "lm_head.weight" not in reader.tensors:
+        pass  # tied: the lm_head reuses the embedding
+    return Bytes(total)
+
+
+def plan(
+    reader: EmoeReader,
+    mem: Bytes | None,
+    *,
+    ctx: int,
+    batch: int,
+    dtype: torch.dtype,
+    kv_dims: tuple[int, int, int],
+    level: int | None = None,
+    threads: int = 2,
+    fused: bool = True,
+    prefill_chunk: int = 512,
+    floor: Bytes | None = None,
+) -> Plan:
+    """Split `mem` (None: unlimited, every expert cached).
+
+    Raises:
+        BudgetTooSmall: naming the smallest budget that works.
+    """
+    cfg = reader.config
+    n_layers = cfg["num_hidden_layers"]
+    floor = floor if floor is not None else process_floor()
+    resident = resident_nbytes(reader, dtype, fused)
+    heads, dk, dv = kv_dims
+    kv = Bytes(KVCache.nbytes_for(n_layers, batch, ctx, heads, dk, dv, dtype))
+    sizes = [
+        expert_nbytes(reader, e.layer, e.expert, level or len(e.levels), dtype, fused)
+        for e in reader.experts.values()
+    ]
+    largest = Bytes(max(sizes, default=0))
+    spans = [
+        reader.expert_span(e.layer, e.expert, len(e.levels))[1] for e in reader.experts.values()
+    ]
+    io = Bytes(
+        threads * (max(spans, default=0) + 4096) * 2
+    )  # aligned buffer + the copied-out payloads
+    d, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    n_heads = cfg.get("num_attention_heads", 1)
+    width = max(cfg.get("intermediate_size", 0) or 0, cfg.get("moe_intermediate_size", 0) or 0)
+    tokens = batch * min(ctx, prefill_chunk)
+    # activations of one prefill chunk (hidden, q/k/v, MLP width, attention scores) and the logits
+    workspace = Bytes(
+        4 * (tokens * (12 * d + 4 * width) + batch * n_heads * min(ctx, prefill_chunk) * ctx)
+        + 4 * batch * vocab * 2
+    )
+    all_experts = Bytes(sum(sizes))
+    fixed = floor + resident + kv + io + workspace + MARGIN
+    if mem is None:
+        cache = all_experts
+    else:
+        cache = Bytes(max(0, int(mem) - int(fixed)))
+        if cache < largest:
+            need = fixed + largest
+            raise BudgetTooSmall(
+                f"a budget of {mem} cannot run this model: the process floor {floor}, resident weights "
+                f"{resident}, KV cache {kv} ({batch} x {ctx} tokens), I/O buffers {io} and workspace "
+                f"{workspace + MARGIN} need {fixed}, plus {largest} for one expert; the smallest budget "
+                f"that works is {need}",
+                f"pass --mem {need} or more, or a shorter --ctx / smaller --batch",
+            )
+        cache = Bytes(min(cache, all_experts))
+    return Plan(mem, floor, resident, kv, io, workspace, cache, largest, all_experts)

@@ -1,0 +1,113 @@
+"""ExpertCache: prepared expert slices against a byte budget, eviction behind one interface.
+
+Keys are (layer, expert, level). Entries in use by the layer being computed
+are pinned and never evicted. The policy decides only which unpinned key
+goes first; LRU over whole experts is the default, and the scheduling issue
+will bring others (EdgeMoE's layer-distance score, Belady for studies).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+from edgemoe.units import Bytes
+
+Key = tuple[int, int, int]
+
+
+class EvictionPolicy(Protocol):
+    def touch(self, key: Key) -> None:
+        """The key was used (hit or insert)."""
+
+    def remove(self, key: Key) -> None:
+        """The key left the cache."""
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        """The next key to evict, never a pinned one; None if none can go."""
+
+
+class LRU:
+    def __init__(self):
+        self._order: OrderedDict[Key, None] = OrderedDict()
+
+    def touch(self, key):
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def remove(self, key):
+        self._order.pop(key, None)
+
+    def victim(self, pinned):
+        return next((k for k in self._order if k not in pinned), None)
+
+
+class ExpertCache:
+    """Holds values with known sizes under `capacity` bytes."""
+
+    def __init__(self, capacity: Bytes | int, policy: EvictionPolicy | None = None):
+        self.capacity = Bytes(capacity)
+        self.policy = policy or LRU()
+        self._items: dict[Key, tuple[object, int]] = {}
+        self._pinned: set[Key] = set()
+        self.used = Bytes(0)
+        self.hits = self.misses = self.evictions = 0
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Key):
+        """The value, or None (counted as a hit or a miss)."""
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.policy.touch(key)
+        return item[0]
+
+    def make_room(self, nbytes: int) -> bool:
+        """Evict unpinned entries until nbytes fit; False if pins prevent it."""
+        while self.used + nbytes > self.capacity:
+            key = self.policy.victim(self._pinned)
+            if key is None:
+                return False
+            self.evict(key)
+        return True
+
+    def put(self, key: Key, value, nbytes: int) -> bool:
+        """Insert (evicting as needed); False, and nothing stored, if it cannot fit."""
+        if key in self._items:
+            self.evict(key)
+        if nbytes > self.capacity or not self.make_room(nbytes):
+            return False
+        self._items[key] = (value, nbytes)
+        self.used = self.used + nbytes
+        self.policy.touch(key)
+        return True
+
+    def evict(self, key: Key) -> None:
+        _, n = self._items.pop(key)
+        self.used = self.used - n
+        self.policy.remove(key)
+        self._pinned.discard(key)
+        self.evictions += 1
+
+    def pin(self, key: Key) -> None:
+        if key in self._items:
+            self._pinned.add(key)
+
+    def unpin_all(self) -> None:
+        self._pinned.clear()
+
+    @property
+    def free(self) -> Bytes:
+        return Bytes(max(0, self.capacity - self.used))
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0

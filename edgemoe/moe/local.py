@@ -1,0 +1,75 @@
+"""LocalExecutor: routed experts from this machine's flash, through the cache.
+
+For one layer: experts already cached are computed first; the missing ones
+are read in waves that fit the cache's free space, each wave's reads issued
+at once so I/O overlaps with computing the experts that already arrived.
+Each expert a layer needs is read at most once per forward pass, however
+many tokens (a long prompt, a batch) route to it and however small the
+cache: a prompt costs one read per touched expert, not one per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from edgemoe.cache import ExpertCache
+from edgemoe.moe.combine import combine_into
+from edgemoe.moe.dispatch import dispatch
+from edgemoe.moe.executor import ExpertExecutor
+from edgemoe.moe.experts import ExpertWeights, expert_forward
+from edgemoe.store import ExpertStore
+
+
+class LocalExecutor(ExpertExecutor):
+    """Args:
+    store: reads expert slices.
+    cache: holds prepared experts.
+    prepare: (layer, expert, payloads) -> ExpertWeights.
+    level: the level to compute every expert at.
+    expert_nbytes: (layer) -> prepared bytes of one expert of that layer (for wave sizes).
+    """
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        cache: ExpertCache,
+        prepare: Callable,
+        level: Callable[[int, int], int],
+        expert_nbytes: Callable[[int], int],
+    ):
+        self.store, self.cache, self.prepare = store, cache, prepare
+        self.level, self.expert_nbytes = level, expert_nbytes
+        self.expert_reads = 0
+        self.uncached = 0  # experts computed without a cache slot (the cache holds less than one)
+
+    def run(self, layer, x, expert_ids, expert_weights):
+        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        todo = []
+        for a in dispatch(expert_ids, expert_weights):
+            key = (layer, a.expert, self.level(layer, a.expert))
+            ew = self.cache.get(key)
+            if ew is None:
+                todo.append((a, key))
+                continue
+            self.cache.pin(key)
+            combine_into(out, a.tokens, expert_forward(x[a.tokens], ew), a.weights)
+        self.cache.unpin_all()
+        size = max(1, self.expert_nbytes(layer))
+        while todo:
+            self.cache.make_room(min(size * len(todo), self.cache.capacity))
+            n = max(1, min(len(todo), self.cache.free // size))
+            wave, todo = todo[:n], todo[n:]
+            futures = [self.store.fetch(layer, a.expert, key[2]) for a, key in wave]
+            self.expert_reads += len(wave)
+            for (a, key), fut in zip(wave, futures):
+                ew: ExpertWeights = self.prepare(layer, a.expert, fut.result())
+                if self.cache.put(key, ew, ew.nbytes):
+                    self.cache.pin(key)
+                else:
+                    self.uncached += 1
+                combine_into(out, a.tokens, expert_forward(x[a.tokens], ew), a.weights)
+                del ew
+            self.cache.unpin_all()
+        return out.to(x.dtype)

@@ -1,0 +1,175 @@
+"""The runtime's seams: store, cache, waves, planner, sampling, generation."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+import edgemoe
+from edgemoe import Bytes
+from edgemoe.budget import BudgetTooSmall
+from edgemoe.cache import ExpertCache
+from edgemoe.kernels import DenseLinear
+from edgemoe.moe.dispatch import dispatch
+from edgemoe.moe.executor import ResidentExecutor
+from edgemoe.moe.experts import ExpertWeights
+from edgemoe.moe.reference import reference_moe
+from edgemoe.sampling import Sampling, sample
+from edgemoe.store import ExpertStore
+from formats.reader import EmoeReader
+from tests.models.harness import greedy_ours, load_ours
+
+PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
+
+
+def test_dispatch_combine_equals_reference():
+    torch.manual_seed(0)
+    t, d, i, e, k = 13, 16, 24, 6, 2
+    x = torch.randn(t, d)
+    dense = {j: (torch.randn(i, d), torch.randn(i, d), torch.randn(d, i)) for j in range(e)}
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k)
+    ex = ResidentExecutor(
+        {(0, j): ExpertWeights(*(DenseLinear(m) for m in dense[j])) for j in range(e)}
+    )
+    torch.testing.assert_close(
+        ex.run(0, x, ids, w), reference_moe(x, ids, w, dense), rtol=1e-5, atol=1e-4
+    )
+    groups = dispatch(ids, w)
+    assert sorted(a.expert for a in groups) == sorted(set(ids.flatten().tolist()))
+    assert sum(len(a.tokens) for a in groups) == t * k
+
+
+def test_cache_lru_pins_and_capacity():
+    c = ExpertCache(100)
+    assert c.put((0, 0, 1), "a", 40) and c.put((0, 1, 1), "b", 40)
+    c.get((0, 0, 1))  # a is now the most recent
+    c.pin((0, 0, 1))
+    assert c.put((0, 2, 1), "c", 40)  # evicts b (LRU, unpinned)
+    assert (0, 1, 1) not in c and (0, 0, 1) in c and c.used <= c.capacity
+    c.pin((0, 2, 1))
+    assert not c.put((0, 3, 1), "d", 40)  # both residents pinned: refused, nothing evicted
+    assert len(c) == 2 and c.used == 80
+    c.unpin_all()
+    assert c.put((0, 3, 1), "d", 40) and c.evictions == 2
+    assert not c.put((9, 9, 1), "huge", 101)
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered", "refused"])
+def test_store_reads_match_reader(tiny_emoe, monkeypatch, mode):
+    src = tiny_emoe("qwen3_moe", experts="mwq:2,3,4", dense="bf16")
+    if (
+        mode == "refused"
+    ):  # a filesystem that refuses O_DIRECT reads: fall back to buffered + DONTNEED
+        real = os.preadv
+        calls = {"n": 0}
+
+        def preadv(fd, bufs, off):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, bufs, off)
+
+        monkeypatch.setattr(os, "preadv", preadv)
+    with EmoeReader(src) as r:
+        store = ExpertStore(r, threads=2, direct=mode != "buffered")
+        keys = list(r.experts)[:6]
+        futs = {(k, lv): store.fetch(*k, lv) for k in keys for lv in (1, 3)}
+        for (k, lv), f in futs.items():
+            want = [bytes(r.read_chunk(ci)) for ci in r.experts[k].levels[:lv]]
+            assert f.result() == want
+        up = store.fetch(*keys[0], 3, have=1).result()  # upgrade: only the extra levels
+        assert up == [bytes(r.read_chunk(ci)) for ci in r.experts[keys[0]].levels[1:3]]
+        assert store.reads == len(futs) + 1 and store.bytes_read > 0
+        assert store.direct == (mode == "direct"), "O_DIRECT works on the work disk"
+        store.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_generation_is_identical_at_every_budget(tiny_emoe, family):
+    path = tiny_emoe(family)
+    ref = load_ours(path)
+    m = edgemoe.load(path, ctx=128)
+    ids = m.tokenizer.encode(PROMPT)
+    want, _ = greedy_ours(ref, [ids], 24)
+    reads = []
+    for cache in [m.plan.all_experts, m.plan.all_experts // 2, m.plan.largest_expert]:
+        mm = edgemoe.load(path, ctx=128, batch=1, expert_cache=cache)
+        got, _ = greedy_ours(mm.model, [ids], 24)
+        assert got[0] == want[0], f"expert cache {cache}"
+        assert mm.cache.used <= mm.cache.capacity
+        reads.append(mm.store.bytes_read)
+        mm.close()
+    assert reads[0] <= reads[1] < reads[2], reads
+
+
+def test_prefill_reads_each_touched_expert_once(tiny_emoe):
+    path = tiny_emoe("qwen3_moe")
+    plan = edgemoe.load(path, ctx=256).plan
+    m = edgemoe.load(path, ctx=256, expert_cache=plan.largest_expert)  # a cache of one expert
+    assert m.plan.expert_slots < 2
+    long_prompt = " ".join([PROMPT] * 8)
+    ids = m.tokenizer.encode(long_prompt)
+    touched = set()
+    real_run = m.executor.run
+
+    def spy(layer, x, expert_ids, w):
+        touched.update((layer, e) for e in expert_ids.flatten().tolist())
+        return real_run(layer, x, expert_ids, w)
+
+    m.executor.run = spy
+    with torch.inference_mode():
+        m.model.forward(torch.tensor([ids]), m.model.new_cache(1, len(ids)))
+    assert len(ids) > 60 and m.store.reads == len(
+        touched
+    )  # one read per touched expert, not per token
+
+
+def test_budget_too_small_names_the_minimum(tiny_emoe):
+    path = tiny_emoe("mixtral")
+    with pytest.raises(BudgetTooSmall, match="smallest budget that works is") as e:
+        edgemoe.load(path, mem="100MB", ctx=128)
+    assert "--mem" in str(e.value)
+    need = Bytes.parse(str(e.value).split("smallest budget that works is ")[1].split(";")[0])
+    # what it names is enough, with the slack of this process's own growth
+    edgemoe.load(path, mem=need + Bytes.parse("64MiB"), ctx=128).close()
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(1)
+    assert sample(logits, Sampling(), None).tolist() == [1, 0]
+    assert sample(logits, Sampling(temperature=1.0, top_k=1), g).tolist() == [1, 0]
+    assert sample(logits, Sampling(temperature=1.0, top_p=0.01), g).tolist() == [1, 0]
+    draws = [
+        sample(logits, Sampling(temperature=5.0, seed=3), torch.Generator().manual_seed(3)).tolist()
+        for _ in range(2)
+    ]
+    assert draws[0] == draws[1]
+    with pytest.raises(ValueError):
+        Sampling(top_p=0)
+
+
+def test_batch_stop_strings_and_stream(tiny_emoe):
+    m = edgemoe.load(tiny_emoe("olmoe"), ctx=128, batch=3)
+    prompts = [
+        PROMPT,
+        "Hello",
+        "A much longer prompt about nothing in particular, to pad the batch",
+    ]
+    batched = m.generate(prompts, max_tokens=16)
+    alone = [m.generate(p, max_tokens=16) for p in prompts]
+    assert batched == alone
+    assert "".join(m.stream(prompts[0], max_tokens=16)) == alone[0]
+    first = alone[0]
+    # a stop string made of complete characters from the middle of the greedy output
+    starts = [i for i in range(1, len(first)) if first[i].isalnum()]
+    assert starts, f"no usable stop string in {first!r}"
+    stop = first[starts[0]]
+    cut = m.generate(prompts[0], max_tokens=16, stop=[stop])
+    assert cut == first[: first.find(stop)]
+    s = m.summary()
+    assert s["new_tokens"] > 0 and s["prefill_tok_s"] > 0 and 0 <= s["hit_rate"] <= 1
