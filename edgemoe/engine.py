@@ -22,6 +22,7 @@ import torch
 from edgemoe import budget
 from edgemoe.cache import ExpertCache
 from edgemoe.models import build_model, family_module
+from edgemoe.moe.experts import ExpertWeights
 from edgemoe.moe.local import LocalExecutor
 from edgemoe.prepare import prepare_expert
 from edgemoe.sampling import Sampling, sample
