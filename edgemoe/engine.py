@@ -22,7 +22,6 @@ import torch
 from edgemoe import budget
 from edgemoe.cache import ExpertCache
 from edgemoe.models import build_model, family_module
-from edgemoe.moe.experts import ExpertWeights
 from edgemoe.moe.local import LocalExecutor
 from edgemoe.prepare import prepare_expert
 from edgemoe.sampling import Sampling, sample
@@ -151,9 +150,9 @@ class EdgeModel:
                 )
             return sizes[layer]
 
-        prep = lambda layer, expert, payloads: prepare_expert(
-            r, r.expert(layer, expert), payloads, self.dtype, fused
-        )  # noqa: E731
+        def prep(layer, expert, payloads):
+            return prepare_expert(r, r.expert(layer, expert), payloads, self.dtype, fused)  # noqa: E731
+
         self.executor = LocalExecutor(
             self.store, self.cache, prep, lambda layer, e: self.level, expert_size
         )
