@@ -123,12 +123,118 @@ def _cmd_verify(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from edgemoe.engine import load
+    from edgemoe.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    prompts = args.prompt or []
+    batch = args.batch or max(1, len(prompts))
+    m = load(
+        args.model,
+        args.mem,
+        ctx=args.ctx,
+        batch=batch,
+        dtype=args.dtype,
+        level=args.level,
+        threads=args.threads,
+    )
+    kw = dict(
+        max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop or ()), chat=args.chat
+    )
+    try:
+        if not prompts:
+            return _interactive(m, kw, args)
+        if args.json:
+            texts = m.generate(prompts, **kw)
+            print(
+                json.dumps({"prompts": prompts, "outputs": texts, "summary": m.summary()}, indent=1)
+            )
+            return 0
+        if len(prompts) == 1:
+            if not args.quiet:
+                print(prompts[0], end="", flush=True)
+            for piece in m.stream(prompts[0], **kw):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            for p, text in zip(prompts, m.generate(prompts, **kw)):
+                print(f"--- {p}\n{text}")
+        print(m.summary_line(), file=sys.stderr)
+        return 0
+    finally:
+        m.close()
+
+
+def _interactive(m, kw, args) -> int:
+    """A prompt loop on stdin; with --chat the conversation is kept."""
+    history: list[dict] = []
+    print("edgemoe: type a prompt, Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if args.chat:
+            history.append({"role": "user", "content": line})
+            reply = "".join(_echo(m.stream(list(history), **{**kw, "chat": False})))
+            history.append({"role": "assistant", "content": reply})
+        else:
+            "".join(_echo(m.stream(line, **kw)))
+        print()
+        print(m.summary_line(), file=sys.stderr)
+
+
+def _echo(pieces):
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        yield piece
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe", description="Run MoE LLMs from flash inside a memory budget."
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="generate text from a .emoe inside a memory budget")
+    r.add_argument("model", nargs="?", help="the .emoe (default: the bundled demo model)")
+    r.add_argument(
+        "--mem",
+        help="memory budget for the whole process, e.g. 4GB, 512MiB, 0.5G (default: unlimited)",
+    )
+    r.add_argument(
+        "-p", "--prompt", action="append", help="a prompt; repeat for a batch; none: interactive"
+    )
+    r.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    r.add_argument(
+        "-n", "--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)"
+    )
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", help="stop at this string; repeatable")
+    r.add_argument(
+        "--ctx", type=int, help="longest context to plan for (default: min(model, 2048))"
+    )
+    r.add_argument(
+        "--batch", type=int, help="largest batch to plan for (default: the number of prompts)"
+    )
+    r.add_argument(
+        "--dtype", default="auto", help="auto (f32 for f32 files, else bf16), f32 or bf16"
+    )
+    r.add_argument("--level", type=int, help="expert precision level (default: the highest stored)")
+    r.add_argument("--threads", type=int, default=2, help="I/O threads (default 2)")
+    r.add_argument(
+        "--json", action="store_true", help="print one JSON record: outputs and the run summary"
+    )
+    r.add_argument("-q", "--quiet", action="store_true", help="do not echo the prompt")
+    r.set_defaults(fn=_cmd_run)
 
     c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file to .emoe")
     c.add_argument("source", help="model folder (config.json + *.safetensors) or a .gguf file")

@@ -289,6 +289,7 @@ class EdgeModel:
             "expert_cache": int(p.expert_cache),
             "expert_slots": round(p.expert_slots, 1),
             "all_experts": int(p.all_experts),
+            "plan": p.as_dict(),
         }
 
     def summary_line(self) -> str:

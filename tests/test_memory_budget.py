@@ -1,0 +1,79 @@
+"""The budget is a hard limit: `edgemoe run` under a real memory cgroup equal to --mem.
+
+From "every expert fits" down to the smallest budget the planner accepts:
+never OOM-killed, peak inside the cap, more bytes read from flash as the
+budget shrinks, and the same tokens at every budget. The model file is
+evicted from the page cache before every run, so each starts cold.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from edgemoe.engine import DEMO
+from edgemoe.units import Bytes
+
+PROMPT = "The function returns a list of"
+RUN = [
+    sys.executable,
+    "-m",
+    "edgemoe.cli",
+    "run",
+    "-p",
+    PROMPT,
+    "-n",
+    "48",
+    "--ctx",
+    "256",
+    "--json",
+]
+# the floor is measured anew in every run; a little slack absorbs its jitter
+SLACK = Bytes.parse("3MiB")
+
+
+def _run(memory_cap, model, mem):
+    r = memory_cap(RUN + [str(model), "--mem", str(int(mem))], mem, evict=[model], timeout=600)
+    assert not r.oom_killed, f"OOM-killed under {mem}"
+    assert r.returncode == 0, r.stderr[-1500:]
+    rec = json.loads(r.stdout)
+    return r, rec["outputs"][0], rec["summary"]
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_capped_runs_from_all_experts_to_the_minimum(memory_cap):
+    path = DEMO  # 96 experts of ~300 KB: the cache slots, not the floor's jitter, decide what fits
+    _, ref_text, s = _run(memory_cap, path, Bytes.parse("8GiB"))
+    plan = s["plan"]
+    fixed = plan["minimum"] - plan["largest_expert"]
+    budgets = {
+        "all experts": Bytes(fixed + plan["all_experts"]) + SLACK,
+        "a third": Bytes(fixed + plan["all_experts"] // 3) + SLACK,
+        "minimum": Bytes(plan["minimum"]) + SLACK,
+    }
+    rows, reads = [], []
+    for name, mem in budgets.items():
+        r, text, s = _run(memory_cap, path, mem)
+        assert r.peak <= mem
+        assert text == ref_text, f"{name}: output differs"
+        reads.append(s["bytes_read"])
+        rows.append(
+            f"{name:>11}: budget {mem}, peak {r.peak}, floor {Bytes(s['floor'])}, "
+            f"decode {s['decode_tok_s']:.1f} tok/s, hits {100 * s['hit_rate']:.0f}%, "
+            f"read {Bytes(s['bytes_read'])}"
+        )
+    print("\n" + "\n".join(rows))
+    assert reads[0] <= reads[1] < reads[2], reads
+
+
+@pytest.mark.cgroup
+def test_budget_below_the_minimum_fails_before_loading(memory_cap):
+    r = memory_cap(RUN + ["--mem", "150MB"], "2GiB", timeout=300)
+    assert (
+        r.returncode == 2
+        and "smallest budget that works is" in r.stderr
+        and "Traceback" not in r.stderr
+    )
