@@ -121,7 +121,10 @@ class EdgeModel:
             )
         self.level = level or levels
         kv_dims = mod.Model.kv_dims(types.SimpleNamespace(args=args))
-        self.mem = None if mem is None else Bytes.parse(mem)
+        try:
+            self.mem = None if mem is None else Bytes.parse(mem)
+        except ValueError as e:
+            raise BadRequest(f"--mem: {e}", "pass --mem like 4GB, 512MiB or 0.5G") from None
         self.plan = budget.plan(
             r,
             self.mem,
