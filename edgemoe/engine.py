@@ -138,7 +138,7 @@ class EdgeModel:
             prefill_chunk=PREFILL_CHUNK,
             floor=floor,
         )
-        self.tokenizer = Tokenizer(r)
+        self._tokenizer: Tokenizer | None = None
         self.store = ExpertStore(r, threads=threads)
         if expert_cache is not None:
             self.plan = dataclasses.replace(self.plan, expert_cache=Bytes.parse(expert_cache))
@@ -163,6 +163,13 @@ class EdgeModel:
         self.model = build_model(r.family, r.config, self.weights, self.executor)
         self.weights.drop_page_cache()
         self.stats = RunStats()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The file's tokenizer (loaded on first use: token-id callers never need it)."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.reader)
+        return self._tokenizer
 
     # ---- prompts
     def _ids(self, prompt, chat: bool) -> list[int]:

@@ -19,4 +19,6 @@ def combine_into(
         y: [N, D] expert output.
         weights: [N] combine weights.
     """
-    out.index_add_(0, tokens, (y.float() * weights[:, None]).to(out.dtype))
+    # index_put_ with accumulate: index_add_ measured 20 ms per call on this CPU for a
+    # single row (its parallel path), index_put_ 13 us
+    out.index_put_((tokens,), (y.float() * weights[:, None]).to(out.dtype), accumulate=True)
