@@ -76,9 +76,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     import transformers
+    from factories import make_tiny_hf
 
     import edgemoe
-    from factories import make_tiny_hf
     from formats.convert import ConvertOptions, convert, open_source
 
     tdtype = torch.float32 if a.dtype == "f32" else torch.bfloat16
@@ -137,7 +137,7 @@ def main() -> None:
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rows.items()}
     ratio = {k: med["edgemoe"][k] / med["transformers"][k] for k in ("prefill", "decode")}
     cmd = "python tools/bench_transformers.py " + " ".join(sys.argv[1:])
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     shape = SHAPES[a.family]
     table = [
         f"### edgemoe vs transformers generate: {a.family}, {a.dtype}, every expert cached",

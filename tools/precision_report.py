@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     a = ap.parse_args()
     from factories import make_tiny_hf
+
     from formats.convert import ConvertOptions, convert, open_source
     from tests.models.harness import greedy_hf, load_ours
 
@@ -79,7 +80,7 @@ def main() -> None:
                 total += len(toks)
             table[(fam, name)] = (max(errs), agree / total)
             print(fam, name, f"{max(errs):.4f}", f"{agree / total:.2f}", flush=True)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"### Reduced precision against the f32 oracle (tiny random models, {a.new} teacher-forced tokens)",
         "",
