@@ -98,8 +98,6 @@ def resident_nbytes(reader: EmoeReader, dtype: torch.dtype, fused: bool = True) 
         total += prepared_nbytes(
             t.codec.name, t.shape, t.params, t.levels, dtype, fused and not dense
         )
-    if "lm_head.weight" not in reader.tensors:
-        pass  # tied: the lm_head reuses the embedding
     return Bytes(total)
 
 
