@@ -41,6 +41,14 @@ def from_dict(cls, cfg: dict):
     return cls(**{k: v for k, v in cfg.items() if k in names and v is not None})
 
 
+def finish_args(args, cfg: dict):
+    """Defaults the standard families share: rope_theta (either key), head_dim, KV heads."""
+    args.rope_theta = rope_theta(cfg, args.rope_theta)
+    args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+    args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
+    return args
+
+
 def rope_theta(cfg: dict, default: float = 10000.0) -> float:
     """rope_theta from either the classic key or transformers 5's rope_parameters."""
     if cfg.get("rope_theta") is not None:
@@ -202,6 +210,20 @@ class Attention:
             self.q_norm = w.tensor(f"{prefix}.q_norm.weight")
             self.k_norm = w.tensor(f"{prefix}.k_norm.weight")
 
+    @classmethod
+    def for_layer(cls, w: Weights, args, i: int, **kw) -> Attention:
+        """The standard families' attention of layer i, from their args."""
+        return cls(
+            w,
+            f"model.layers.{i}.self_attn",
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            args.head_dim,
+            args.rope_theta,
+            args.rms_norm_eps,
+            **kw,
+        )
+
     def __call__(self, x, positions, mask, cache: KVCache, layer: int) -> torch.Tensor:
         bsz, s, _ = x.shape
         q, k, v = self.q(x).to(x.dtype), self.k(x).to(x.dtype), self.v(x).to(x.dtype)
@@ -258,8 +280,8 @@ class CausalLM:
         raise NotImplementedError  # family
 
     def kv_dims(self) -> tuple[int, int, int]:
-        """(kv heads, key dim, value dim) of the cache."""
-        raise NotImplementedError  # family
+        """(kv heads, key dim, value dim) of the cache; MLA families override it."""
+        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         h, dk, dv = self.kv_dims()

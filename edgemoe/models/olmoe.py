@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from edgemoe.models.base import Attention, CausalLM, DecoderLayer, RoutedMoE, from_dict, rope_theta
+from edgemoe.models.base import Attention, CausalLM, DecoderLayer, RoutedMoE, finish_args, from_dict
 from edgemoe.moe.router import softmax_topk
 
 
@@ -30,30 +30,13 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelArgs:
-        args = from_dict(cls, cfg)
-        args.rope_theta = rope_theta(cfg, args.rope_theta)
-        args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
-        args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-        return args
+        return finish_args(from_dict(cls, cfg), cfg)
 
 
 class Model(CausalLM):
     def make_layer(self, i: int) -> DecoderLayer:
         a, w, p = self.args, self.weights, f"model.layers.{i}"
-        attn = Attention(
-            w,
-            f"{p}.self_attn",
-            a.num_attention_heads,
-            a.num_key_value_heads,
-            a.head_dim,
-            a.rope_theta,
-            a.rms_norm_eps,
-            qk_norm="full",
-            clip_qkv=a.clip_qkv,
-        )
+        attn = Attention.for_layer(w, a, i, qk_norm="full", clip_qkv=a.clip_qkv)
         route = partial(softmax_topk, k=a.num_experts_per_tok, normalize=a.norm_topk_prob)
         moe = RoutedMoE(w.tensor(f"{p}.mlp.gate.weight"), route, self.executor, i)
         return DecoderLayer(w, i, attn, moe, a.rms_norm_eps)
-
-    def kv_dims(self):
-        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim

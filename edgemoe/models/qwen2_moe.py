@@ -16,8 +16,8 @@ from edgemoe.models.base import (
     CausalLM,
     DecoderLayer,
     RoutedMoE,
+    finish_args,
     from_dict,
-    rope_theta,
 )
 from edgemoe.moe.router import softmax_topk
 
@@ -45,10 +45,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelArgs:
-        args = from_dict(cls, cfg)
-        args.rope_theta = rope_theta(cfg, args.rope_theta)
-        args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
-        return args
+        return finish_args(from_dict(cls, cfg), cfg)
 
     def is_sparse(self, i: int) -> bool:
         return (
@@ -61,15 +58,7 @@ class ModelArgs:
 class Model(CausalLM):
     def make_layer(self, i: int) -> DecoderLayer:
         a, w, p = self.args, self.weights, f"model.layers.{i}"
-        attn = Attention(
-            w,
-            f"{p}.self_attn",
-            a.num_attention_heads,
-            a.num_key_value_heads,
-            a.head_dim,
-            a.rope_theta,
-            a.rms_norm_eps,
-        )
+        attn = Attention.for_layer(w, a, i)
         if a.is_sparse(i):
             route = partial(softmax_topk, k=a.num_experts_per_tok, normalize=a.norm_topk_prob)
             shared = (
@@ -82,6 +71,3 @@ class Model(CausalLM):
         else:
             mlp = MLP(w, f"{p}.mlp")
         return DecoderLayer(w, i, attn, mlp, a.rms_norm_eps)
-
-    def kv_dims(self):
-        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim

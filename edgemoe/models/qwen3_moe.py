@@ -29,22 +29,10 @@ class ModelArgs(qwen2_moe.ModelArgs):
 class Model(CausalLM):
     def make_layer(self, i: int) -> DecoderLayer:
         a, w, p = self.args, self.weights, f"model.layers.{i}"
-        attn = Attention(
-            w,
-            f"{p}.self_attn",
-            a.num_attention_heads,
-            a.num_key_value_heads,
-            a.head_dim,
-            a.rope_theta,
-            a.rms_norm_eps,
-            qk_norm="head",
-        )
+        attn = Attention.for_layer(w, a, i, qk_norm="head")
         if a.is_sparse(i):
             route = partial(softmax_topk, k=a.num_experts_per_tok, normalize=a.norm_topk_prob)
             mlp = RoutedMoE(w.tensor(f"{p}.mlp.gate.weight"), route, self.executor, i)
         else:
             mlp = MLP(w, f"{p}.mlp")
         return DecoderLayer(w, i, attn, mlp, a.rms_norm_eps)
-
-    def kv_dims(self):
-        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
