@@ -29,7 +29,6 @@ from edgemoe.store import ExpertStore
 from edgemoe.tokenizer import Tokenizer
 from edgemoe.units import Bytes
 from edgemoe.weights import ResidentWeights
-from formats import constants as C
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
 
@@ -322,4 +321,4 @@ def load(path=None, mem=None, **kw) -> EdgeModel:
     return EdgeModel(path, mem, **kw)
 
 
-__all__ = ["C", "EdgeModel", "Sampling", "load"]
+__all__ = ["EdgeModel", "Sampling", "load"]

@@ -19,6 +19,7 @@ tests compare every kernel against.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,15 +46,15 @@ def _f16(buf, rows: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buf, dtype="<f2").astype(np.float32).reshape(rows, -1))
 
 
-class Linear:
+class Linear(ABC):
     """y = x @ W.T for x [..., K]; `nbytes` is the memory its weights hold."""
 
     out_features: int
     in_features: int
     nbytes: int
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # subclass
+    @abstractmethod
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class DenseLinear(Linear):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import torch
@@ -256,7 +257,7 @@ class MLP:
         return self.down(F.silu(self.gate(x)) * self.up(x)).to(x.dtype)
 
 
-class CausalLM:
+class CausalLM(ABC):
     """Embedding -> decoder layers -> norm -> lm_head; families supply the layers.
 
     Subclasses set `self.args` (with num_hidden_layers, rms_norm_eps,
@@ -276,8 +277,9 @@ class CausalLM:
         else:  # tied embeddings
             self.lm_head = DenseLinear(self.embed)
 
+    @abstractmethod
     def make_layer(self, i: int):
-        raise NotImplementedError  # family
+        """Decoder layer i: (x, positions, mask, cache, i) -> x."""
 
     def kv_dims(self) -> tuple[int, int, int]:
         """(kv heads, key dim, value dim) of the cache; MLA families override it."""

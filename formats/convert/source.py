@@ -10,6 +10,7 @@ the same .emoe.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ class TensorInfo:
     dtype: str
 
 
-class CheckpointSource:
+class CheckpointSource(ABC):
     """Base class: a model checkpoint presented with HF names.
 
     Subclasses set the attributes in __init__ and implement tensors/load/close.
@@ -43,24 +44,24 @@ class CheckpointSource:
     tokenizer_json: bytes | None = None  # HF tokenizers' tokenizer.json
     chat_template: str | None = None
 
+    @abstractmethod
     def tensors(self) -> dict[str, TensorInfo]:
         """All tensors by HF name, in a stable order."""
-        raise NotImplementedError  # subclass
 
+    @abstractmethod
     def load(self, name: str) -> np.ndarray:
         """One tensor as a C-contiguous float32 array of its HF shape.
 
         Raises:
             MissingTensor: the name is not in the checkpoint.
         """
-        raise NotImplementedError  # subclass
 
     def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a tensor as float32; sources that can slice lazily override this."""
         return self.load(name)[start:stop]
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (optional hook: sources with open files override it)
+        """Release files; a no-op for sources that hold none."""
 
     def __enter__(self):
         return self
