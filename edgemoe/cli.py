@@ -138,6 +138,7 @@ def _cmd_run(args) -> int:
         dtype=args.dtype,
         level=args.level,
         threads=args.threads,
+        device=args.device,
     )
     kw = dict(
         max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop or ()), chat=args.chat
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--level", type=int, help="expert precision level (default: the highest stored)")
     r.add_argument("--threads", type=int, default=2, help="I/O threads (default 2)")
+    r.add_argument(
+        "--device",
+        help="emulate a device profile: its memory as the budget, its flash and compute speed",
+    )
     r.add_argument(
         "--json", action="store_true", help="print one JSON record: outputs and the run summary"
     )

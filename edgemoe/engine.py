@@ -80,6 +80,9 @@ class EdgeModel:
         threads: I/O threads.
         expert_cache: fix the expert cache's size instead of planning it from `mem`
             (in-process studies and tests, where the process floor keeps growing).
+        device: emulate a device profile (devices/profiles/): its usable memory is the
+            default budget, expert reads are throttled to its flash bandwidth and
+            compute is slowed by its compute factor.
     Raises:
         EmoeError (and subclasses): a bad file, an unknown family, a budget too small.
     """
@@ -96,8 +99,18 @@ class EdgeModel:
         threads: int = 2,
         fused: bool = True,
         expert_cache=None,
+        device: str | None = None,
     ):
         floor = budget.process_floor()
+        self.device, throttle, self.slowdown = None, None, None
+        if device is not None:
+            from devices.emulate import ComputeSlowdown, TokenBucket
+            from devices.profile import load_profile
+
+            self.device = load_profile(device)
+            mem = self.device.usable_memory if mem is None else mem
+            throttle = TokenBucket(self.device.flash_rand_read).take
+            self.slowdown = ComputeSlowdown(self.device.compute_factor)
         self.path = Path(path) if path else DEMO
         self.reader = r = EmoeReader(self.path)
         mod = family_module(r.family)
@@ -138,7 +151,7 @@ class EdgeModel:
             floor=floor,
         )
         self._tokenizer: Tokenizer | None = None
-        self.store = ExpertStore(r, threads=threads)
+        self.store = ExpertStore(r, threads=threads, throttle=throttle)
         if expert_cache is not None:
             self.plan = dataclasses.replace(self.plan, expert_cache=Bytes.parse(expert_cache))
         self.cache = ExpertCache(self.plan.expert_cache)
@@ -180,6 +193,15 @@ class EdgeModel:
             return self.tokenizer.chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
+    def _forward(self, tokens, cache, valid=None):
+        """One forward pass; under device emulation its compute (not its I/O wait) is stretched."""
+        if self.slowdown is None:
+            return self.model.forward(tokens, cache, valid)
+        t0, io0 = time.perf_counter(), self.executor.io_wait_s
+        h = self.model.forward(tokens, cache, valid)
+        self.slowdown.after(time.perf_counter() - t0 - (self.executor.io_wait_s - io0))
+        return h
+
     # ---- generation
     def stream_batch(
         self,
@@ -215,7 +237,7 @@ class EdgeModel:
         t0 = time.perf_counter()
         with torch.inference_mode():
             for a in range(0, longest, PREFILL_CHUNK):
-                h = self.model.forward(
+                h = self._forward(
                     tokens[:, a : a + PREFILL_CHUNK], cache, valid[:, a : a + PREFILL_CHUNK]
                 )
             logits = self.model.logits(h[:, -1])
@@ -252,7 +274,7 @@ class EdgeModel:
                 yield pieces
                 if all(done) or step == max_tokens - 1:
                     break
-                h = self.model.forward(nxt[:, None], cache)
+                h = self._forward(nxt[:, None], cache)
                 logits = self.model.logits(h[:, -1])
             st.decode_s = time.perf_counter() - t1
 
@@ -298,6 +320,7 @@ class EdgeModel:
             "expert_cache": int(p.expert_cache),
             "expert_slots": round(p.expert_slots, 1),
             "all_experts": int(p.all_experts),
+            "device": self.device.name if self.device else None,
             "plan": p.as_dict(),
         }
 

@@ -10,6 +10,7 @@ cache: a prompt costs one read per touched expert, not one per token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -42,6 +43,7 @@ class LocalExecutor(ExpertExecutor):
         self.store, self.cache, self.prepare = store, cache, prepare
         self.level, self.expert_nbytes = level, expert_nbytes
         self.expert_reads = 0
+        self.io_wait_s = 0.0  # time blocked on reads: what device emulation must not slow down
         self.uncached = 0  # experts computed without a cache slot (the cache holds less than one)
 
     def run(self, layer, x, expert_ids, expert_weights):
@@ -64,7 +66,10 @@ class LocalExecutor(ExpertExecutor):
             futures = [self.store.fetch(layer, a.expert, key[2]) for a, key in wave]
             self.expert_reads += len(wave)
             for (a, key), fut in zip(wave, futures):
-                ew: ExpertWeights = self.prepare(layer, a.expert, fut.result())
+                t0 = time.perf_counter()
+                payloads = fut.result()
+                self.io_wait_s += time.perf_counter() - t0
+                ew: ExpertWeights = self.prepare(layer, a.expert, payloads)
                 if self.cache.put(key, ew, ew.nbytes):
                     self.cache.pin(key)
                 else:
