@@ -200,6 +200,43 @@ def profile(
     result["zstd_decode"] = zstd_decode_rate()
     steps.update()
     result.update(expert_times(model))
+    result["compute_factor"] = compute_factor(expert_times(None) if model is not None else result)
     steps.update()
     steps.close()
     return result
+
+
+REFERENCE = Path(__file__).parent / "reference_expert_ms.json"  # the devbox's expert_times(None)
+
+
+def compute_factor(times: dict) -> float:
+    """How many times slower than the devbox at the default expert kernels (geometric mean)."""
+    import json
+    import math
+
+    ref = json.loads(REFERENCE.read_text())
+    ratios = [times[k] / ref[k] for k in ref if k in times and ref[k] > 0]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 1.0
+
+
+def profile_text(result: dict, name: str) -> str:
+    """The profile file for a measurement: the required keys, then every figure as a comment."""
+    when = time.strftime("%Y-%m-%d")
+    reserve = max(Bytes.parse("512MiB"), Bytes(result["memory"] - result["available_memory"]))
+    lines = [
+        f"# Measured by `edgemoe profile` on {when} ({os.uname().nodename}).",
+        f"name = {name}  # measured on {when}",
+        f"memory = {int(result['memory'])}  # psutil.virtual_memory().total",
+        f"os_reserve = {int(reserve)}  # total - available at profiling time, at least 512 MiB",
+        f"memory_bandwidth = {int(result['memory_bandwidth'])}  # numpy copy of 256 MiB, read + write, best of 3",
+        f"flash_seq_read = {int(result['flash_seq_read'])}  # O_DIRECT 4 MiB sequential reads",
+        f"flash_rand_read = {int(result['flash_rand_read'])}  # O_DIRECT random aligned reads, slowest size",
+        f"cores = {result['cores']}  # os.cpu_count()",
+        f"compute_factor = {result['compute_factor']:.3f}  # expert kernels vs devbox (geometric mean)",
+        "",
+        "# Every measured figure (bytes/s for rates, milliseconds for expert_ms.*):",
+    ]
+    lines += [
+        f"# {k} = {v:.4g}" if isinstance(v, float) else f"# {k} = {v}" for k, v in result.items()
+    ]
+    return "\n".join(lines) + "\n"

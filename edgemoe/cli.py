@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from edgemoe.units import Bytes
@@ -195,6 +196,41 @@ def _echo(pieces):
         yield piece
 
 
+def _cmd_profile(args) -> int:
+    from devices.profile import PROFILE_DIR, parse_profile
+    from devices.profiler import profile, profile_text
+
+    out = Path(args.out) if args.out else PROFILE_DIR / f"{args.name}.profile"
+    if out.exists() and not args.force:
+        raise ValueError(
+            f"{out} already exists; pass --force to replace it, or another --name / --out"
+        )
+    result = profile(
+        Path(args.scratch), Bytes.parse(args.scratch_size), args.model, progress=not args.quiet
+    )
+    text = profile_text(result, args.name)
+    parse_profile(text, str(out))  # what we write must read back
+    out.write_text(text)
+    print(text, end="")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_devices(args) -> int:
+    from devices.profile import known_devices, load_profile
+
+    print(
+        f"{'device':<26} {'memory':>9} {'usable':>9} {'mem bw/s':>9} {'seq read/s':>10} {'rand read/s':>11} {'x slower':>8}"
+    )
+    for name in known_devices():
+        p = load_profile(name)
+        print(
+            f"{name:<26} {p.memory.human():>9} {p.usable_memory.human():>9} {p.memory_bandwidth.human():>9} "
+            f"{p.flash_seq_read.human():>10} {p.flash_rand_read.human():>11} {p.compute_factor:>8.2f}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe", description="Run MoE LLMs from flash inside a memory budget."
@@ -259,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_cmd_convert)
+
+    pr = sub.add_parser("profile", help="measure this machine and write a device profile")
+    pr.add_argument("--name", default="measured", help="profile name (default: measured)")
+    pr.add_argument("--out", help="file to write (default: devices/profiles/NAME.profile)")
+    pr.add_argument(
+        "--scratch", default=tempfile.gettempdir(), help="folder for the read test's scratch file"
+    )
+    pr.add_argument(
+        "--scratch-size", default="256MiB", help="size of the scratch file (default 256MiB)"
+    )
+    pr.add_argument(
+        "--model", help="time the expert kernels of this .emoe instead of a default set"
+    )
+    pr.add_argument("--force", action="store_true", help="replace an existing profile")
+    pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pr.set_defaults(fn=_cmd_profile)
+
+    dv = sub.add_parser("devices", help="list the shipped device profiles")
+    dv.set_defaults(fn=_cmd_devices)
 
     i = sub.add_parser(
         "inspect", help="show a .emoe file's config, tensors, codecs and expert table"

@@ -74,3 +74,21 @@ def tiny_emoe(tmp_path_factory):
         return files[key]
 
     return get
+
+
+@pytest.fixture
+def emulated_device():
+    """emulated_device("rpi5-8gb-sd") -> the profile and the arguments that emulate it.
+
+    Returns an object with .profile (DeviceProfile), .load_kwargs (for
+    edgemoe.load) and .cli_args (for `edgemoe run`), to use beside memory_cap.
+    """
+    from types import SimpleNamespace
+
+    from devices.profile import load_profile
+
+    def get(name: str):
+        p = load_profile(name)
+        return SimpleNamespace(profile=p, load_kwargs={"device": name}, cli_args=["--device", name])
+
+    return get

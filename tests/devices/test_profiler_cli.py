@@ -1,0 +1,135 @@
+"""`edgemoe profile`, `edgemoe devices` and `edgemoe run --device` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import edgemoe
+from devices.profile import known_devices, parse_profile
+
+CLI = [sys.executable, "-m", "edgemoe.cli"]
+
+
+def test_profile_writes_a_valid_profile_and_cleans_up(tmp_path):
+    out = tmp_path / "here.profile"
+    p = subprocess.run(
+        CLI
+        + [
+            "profile",
+            "--name",
+            "here",
+            "--out",
+            str(out),
+            "--scratch",
+            str(tmp_path),
+            "--scratch-size",
+            "64MiB",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    prof = parse_profile(out.read_text(), str(out))
+    assert (
+        prof.name == "here"
+        and prof.cores >= 1
+        and prof.flash_seq_read > 0
+        and prof.compute_factor > 0
+    )
+    assert "expert_ms.int8" in out.read_text()
+    assert sorted(os.listdir(tmp_path)) == ["here.profile"]  # the scratch file is gone
+
+
+def test_profile_ctrl_c_removes_the_scratch_file(tmp_path):
+    proc = subprocess.Popen(
+        CLI
+        + [
+            "profile",
+            "--out",
+            str(tmp_path / "x.profile"),
+            "--scratch",
+            str(tmp_path),
+            "--scratch-size",
+            "1GiB",
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for _ in range(200):  # wait until the scratch file exists
+        if any(n.startswith(".edgemoe-profile") for n in os.listdir(tmp_path)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["missing", "read-only", "too-small"])
+def test_profile_refuses_bad_scratch_before_writing(tmp_path, case):
+    scratch = tmp_path / "s"
+    args = ["--scratch-size", "64MiB"]
+    if case != "missing":
+        scratch.mkdir()
+    if case == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip(
+                "root writes to read-only folders; the check uses os.access, which root passes"
+            )
+        scratch.chmod(0o500)
+    if case == "too-small":
+        args = ["--scratch-size", "100TB"]
+    p = subprocess.run(
+        CLI
+        + ["profile", "--out", str(tmp_path / "x.profile"), "--scratch", str(scratch), *args, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "scratch folder" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.profile").exists()
+
+
+def test_devices_lists_every_profile():
+    p = subprocess.run(CLI + ["devices"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    for name in known_devices():
+        assert name in p.stdout
+
+
+def test_unknown_device_lists_the_known_ones():
+    p = subprocess.run(
+        CLI + ["run", "--device", "toaster", "-p", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "toaster" in p.stderr and "rpi5-8gb-sd" in p.stderr
+
+
+def test_emulated_device_throttles_reads_and_takes_its_memory(emulated_device):
+    dev = emulated_device("rpi5-8gb-sd")
+    m = edgemoe.load(ctx=128, **dev.load_kwargs)
+    assert m.mem == dev.profile.usable_memory
+    m.generate("The function returns", max_tokens=8)
+    s = m.summary()
+    assert s["device"] == dev.profile.name and s["bytes_read"] > 0
+    # every byte read waited for the SD card: at least bytes / bandwidth seconds in the bucket
+    assert m.store.throttle.__self__.waited_s >= 0.8 * s["bytes_read"] / dev.profile.flash_rand_read
+    p = subprocess.run(
+        CLI + ["run", *dev.cli_args, "-p", "The", "-n", "4", "--json", "--ctx", "128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert json.loads(p.stdout)["summary"]["device"] == dev.profile.name
