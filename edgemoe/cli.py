@@ -216,6 +216,31 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from devices.profile import load_profile
+    from edgemoe.planning import make_plan
+
+    dev = load_profile(args.device)
+    rep = make_plan(args.model, dev, args.mem, ctx=args.ctx, batch=args.batch)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    p = rep["plan"]
+    print(
+        f"{rep['model']} on {rep['device']}: budget {Bytes(p['budget'])}, ctx {rep['ctx']}, batch {rep['batch']}"
+    )
+    for key in ("floor", "resident", "kv_cache", "io_buffers", "workspace", "expert_cache"):
+        print(f"  {key.replace('_', ' '):<13} {Bytes(p[key])}")
+    slots = ", ".join(f"level {k}: {v}" for k, v in rep["slots_per_level"].items())
+    print(f"  expert slots  {slots} (of {Bytes(p['all_experts'])} for all experts)")
+    print(
+        f"decode bound {rep['bound_tok_s']:.1f} tok/s: {Bytes(int(rep['memory_bytes_per_token']))} from memory "
+        f"and {Bytes(int(rep['flash_bytes_per_token']))} from flash per token, expected hit rate "
+        f"{100 * rep['hit_rate']:.0f}% (no routing statistics in the file: uniform routing)"
+    )
+    return 0
+
+
 def _cmd_devices(args) -> int:
     from devices.profile import known_devices, load_profile
 
@@ -311,6 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", action="store_true", help="replace an existing profile")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)
+
+    pl = sub.add_parser("plan", help="what fits on a device and the decode-speed bound there")
+    pl.add_argument("model", nargs="?", help="the .emoe (default: the bundled demo model)")
+    pl.add_argument(
+        "--device",
+        required=True,
+        help="a device profile name (`edgemoe devices`) or a .profile path",
+    )
+    pl.add_argument("--mem", help="budget (default: the device's usable memory)")
+    pl.add_argument("--ctx", type=int, default=2048)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=_cmd_plan)
 
     dv = sub.add_parser("devices", help="list the shipped device profiles")
     dv.set_defaults(fn=_cmd_devices)

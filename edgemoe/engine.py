@@ -246,6 +246,7 @@ class EdgeModel:
             shown = [""] * b
             done = [False] * b
             t1 = time.perf_counter()
+            read0, hits0, miss0 = self.store.bytes_read, self.cache.hits, self.cache.misses
             for step in range(max_tokens):
                 nxt = sample(logits, s, gen)
                 if step == 0:
@@ -277,6 +278,13 @@ class EdgeModel:
                 h = self._forward(nxt[:, None], cache)
                 logits = self.model.logits(h[:, -1])
             st.decode_s = time.perf_counter() - t1
+            st.extra = {
+                "decode_read": int(self.store.bytes_read - read0),
+                "decode_hits": self.cache.hits - hits0,
+                "decode_misses": self.cache.misses - miss0,
+                "batch": b,
+                "ctx_used": cache.length,
+            }
 
     def stream(self, prompt, **kw) -> Iterator[str]:
         """New text of one prompt, piece by piece."""
@@ -321,14 +329,45 @@ class EdgeModel:
             "expert_slots": round(p.expert_slots, 1),
             "all_experts": int(p.all_experts),
             "device": self.device.name if self.device else None,
+            "bound_tok_s": self._bound(),
             "plan": p.as_dict(),
         }
+
+    def _bound(self) -> float | None:
+        """The decode bound for this run's measured misses, on the emulated device (None without one)."""
+        st, steps = self.stats, max(0, self.stats.new_tokens - 1)
+        if self.device is None or not steps or not st.extra:
+            return None
+        from edgemoe.bound import measured_bound
+        from edgemoe.planning import model_facts
+
+        facts = model_facts(self.reader)
+        b = st.extra["batch"]
+        steps = max(1, steps // b)
+        uses = st.extra["decode_hits"] + st.extra["decode_misses"]
+        h, dk, dv = facts["kv_dims"]
+        item = torch.empty((), dtype=self.dtype).element_size()
+        kv = facts["n_layers"] * b * st.extra["ctx_used"] * h * (dk + dv) * item
+        emb = self.reader.tensors["model.embed_tokens.weight"]
+        return measured_bound(
+            self.plan,
+            moe_layers=facts["moe_layers"],
+            top_k=facts["top_k"],
+            kv_bytes_per_token=kv,
+            hit_rate=st.extra["decode_hits"] / uses if uses else 1.0,
+            flash_bytes_per_step=st.extra["decode_read"] / steps,
+            memory_bandwidth=self.device.memory_bandwidth,
+            flash_rand_read=self.device.flash_rand_read,
+            batch=b,
+            lookup_only=emb.shape[0] * emb.shape[1] * item,
+        ).tokens_per_s
 
     def summary_line(self) -> str:
         s = self.summary()
         budget_s = "unlimited" if s["budget"] is None else str(Bytes(s["budget"]))
+        vs = f" (bound {s['bound_tok_s']:.0f} on {s['device']})" if s["bound_tok_s"] else ""
         return (
-            f"prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s | "
+            f"prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s{vs} | "
             f"TTFT {s['ttft_s']:.2f} s | expert hits {100 * s['hit_rate']:.0f}% | "
             f"read {Bytes(s['bytes_read'])} from flash | peak {Bytes(s['peak_rss'])} of {budget_s} "
             f"(floor {Bytes(s['floor'])}, expert cache {Bytes(s['expert_cache'])} = {s['expert_slots']} experts)"

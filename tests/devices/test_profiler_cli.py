@@ -133,3 +133,46 @@ def test_emulated_device_throttles_reads_and_takes_its_memory(emulated_device):
         timeout=300,
     )
     assert json.loads(p.stdout)["summary"]["device"] == dev.profile.name
+
+
+def _plan(device, mem):
+    p = subprocess.run(
+        CLI + ["plan", "--device", device, "--mem", str(mem), "--ctx", "256", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_plan_reports_the_fit_and_a_bound():
+    full = _plan("rpi5-8gb-sd", "8GiB")["plan"]
+    mem = (
+        full["minimum"] + full["all_experts"] // 3
+    )  # the floor differs between machines: plan relative to it
+    rep = _plan("rpi5-8gb-sd", mem)
+    assert rep["device"].startswith("Raspberry Pi 5") and rep["bound_tok_s"] > 0
+    assert (
+        rep["plan"]["expert_cache"] > 0
+        and 1 < rep["slots_per_level"]["1"] < 64
+        and rep["hit_rate"] < 1
+    )
+    nvme = _plan("rpi5-8gb-nvme", mem)  # a faster flash, all else equal, can only raise the bound
+    assert nvme["bound_tok_s"] > rep["bound_tok_s"]
+    p = subprocess.run(
+        CLI + ["plan", "--device", "rpi5-8gb-sd", "--mem", "50MB"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "smallest budget that works" in p.stderr
+
+
+def test_run_reports_achieved_against_the_bound(emulated_device):
+    dev = emulated_device("rpi5-8gb-nvme")
+    m = edgemoe.load(ctx=128, mem="8GiB", **dev.load_kwargs)
+    m.generate("The function returns", max_tokens=12)
+    s = m.summary()
+    assert s["bound_tok_s"] and s["decode_tok_s"] <= s["bound_tok_s"]
+    assert "bound" in m.summary_line()

@@ -1,0 +1,86 @@
+"""The decode-speed bound: bytes that must move per token over the bandwidths that move them.
+
+    t(token) = (resident + KV + cached expert bytes touched) / memory bandwidth
+             + missed expert bytes / flash random-read bandwidth
+    bound    = 1 / t(token)
+
+Before a run the expected misses come from the cache size: under routing
+with no locality (uniform over a layer's experts, the file carries no routing
+statistics yet) an LRU cache of C expert slots over N experts hits with
+probability C / N. After a run the measured bytes read replace the guess.
+Compute is not in the bound: it is the ceiling that I/O alone allows, and a
+measured speed above it means the bound is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgemoe.budget import Plan
+
+
+@dataclass(frozen=True)
+class Bound:
+    tokens_per_s: float
+    memory_bytes: float  # per token, from memory
+    flash_bytes: float  # per token, from flash
+    hit_rate: float
+
+    def as_dict(self) -> dict:
+        return {
+            "bound_tok_s": self.tokens_per_s,
+            "memory_bytes_per_token": self.memory_bytes,
+            "flash_bytes_per_token": self.flash_bytes,
+            "hit_rate": self.hit_rate,
+        }
+
+
+def expected_bound(
+    plan: Plan,
+    *,
+    moe_layers: int,
+    experts_per_layer: int,
+    top_k: int,
+    kv_bytes_per_token: float,
+    memory_bandwidth: float,
+    flash_rand_read: float,
+    batch: int = 1,
+    lookup_only: int = 0,
+) -> Bound:
+    """The bound for one decode step of `batch` sequences, before any run.
+
+    lookup_only: resident bytes a step does not read whole (the embedding table: one row per token).
+    """
+    n = moe_layers * experts_per_layer
+    hit = min(1.0, plan.expert_slots / n) if n else 1.0
+    touched = moe_layers * min(experts_per_layer, top_k * batch)  # distinct experts a step needs
+    expert = plan.largest_expert
+    mem = plan.resident - lookup_only + kv_bytes_per_token + touched * hit * expert
+    flash = touched * (1 - hit) * expert
+    return _bound(mem, flash, memory_bandwidth, flash_rand_read, hit, batch)
+
+
+def measured_bound(
+    plan: Plan,
+    *,
+    moe_layers: int,
+    top_k: int,
+    kv_bytes_per_token: float,
+    hit_rate: float,
+    flash_bytes_per_step: float,
+    memory_bandwidth: float,
+    flash_rand_read: float,
+    batch: int = 1,
+    lookup_only: int = 0,
+) -> Bound:
+    """The bound for a finished run: its measured hit rate and bytes read per decode step."""
+    touched = moe_layers * top_k * batch
+    mem = (
+        plan.resident - lookup_only + kv_bytes_per_token + touched * hit_rate * plan.largest_expert
+    )
+    return _bound(mem, flash_bytes_per_step, memory_bandwidth, flash_rand_read, hit_rate, batch)
+
+
+def _bound(mem, flash, mem_bw, flash_bw, hit, batch) -> Bound:
+    t = mem / mem_bw + flash / flash_bw
+    return Bound(batch / t if t > 0 else float("inf"), mem, flash, hit)
