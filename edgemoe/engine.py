@@ -341,25 +341,21 @@ class EdgeModel:
         from edgemoe.bound import measured_bound
         from edgemoe.planning import model_facts
 
-        facts = model_facts(self.reader)
         b = st.extra["batch"]
+        facts = model_facts(self.reader, self.dtype, b, st.extra["ctx_used"])
         steps = max(1, steps // b)
         uses = st.extra["decode_hits"] + st.extra["decode_misses"]
-        h, dk, dv = facts["kv_dims"]
-        item = torch.empty((), dtype=self.dtype).element_size()
-        kv = facts["n_layers"] * b * st.extra["ctx_used"] * h * (dk + dv) * item
-        emb = self.reader.tensors["model.embed_tokens.weight"]
         return measured_bound(
             self.plan,
             moe_layers=facts["moe_layers"],
             top_k=facts["top_k"],
-            kv_bytes_per_token=kv,
+            kv_bytes_per_token=facts["kv_bytes_per_token"],
             hit_rate=st.extra["decode_hits"] / uses if uses else 1.0,
             flash_bytes_per_step=st.extra["decode_read"] / steps,
             memory_bandwidth=self.device.memory_bandwidth,
             flash_rand_read=self.device.flash_rand_read,
             batch=b,
-            lookup_only=emb.shape[0] * emb.shape[1] * item,
+            lookup_only=facts["lookup_only"],
         ).tokens_per_s
 
     def summary_line(self) -> str:

@@ -13,18 +13,23 @@ from edgemoe.units import Bytes
 from formats.reader import EmoeReader
 
 
-def model_facts(reader: EmoeReader) -> dict:
-    """MoE layer count, experts per layer, top-k, KV dims and the embedding bytes of a file."""
+def model_facts(reader: EmoeReader, dtype: torch.dtype, batch: int, ctx: int) -> dict:
+    """What the bound needs of a file: MoE shape, KV dims, and the per-step bytes the
+    bound counts for the KV cache (`ctx` positions read each step) and leaves out for
+    the embedding table (a lookup reads one row, not the table)."""
     mod = family_module(reader.family)
     args = mod.ModelArgs.from_dict(reader.config)
     layers = sorted({e.layer for e in reader.experts.values()})
-    per_layer = len(reader.experts) // max(1, len(layers))
+    h, dk, dv = mod.Model.kv_dims(types.SimpleNamespace(args=args))
+    item = torch.empty((), dtype=dtype).element_size()
+    emb = reader.tensors["model.embed_tokens.weight"]
     return {
         "moe_layers": len(layers),
-        "experts_per_layer": per_layer,
+        "experts_per_layer": len(reader.experts) // max(1, len(layers)),
         "top_k": reader.config["num_experts_per_tok"],
-        "kv_dims": mod.Model.kv_dims(types.SimpleNamespace(args=args)),
-        "n_layers": args.num_hidden_layers,
+        "kv_dims": (h, dk, dv),
+        "kv_bytes_per_token": args.num_hidden_layers * batch * ctx * h * (dk + dv) * item,
+        "lookup_only": emb.shape[0] * emb.shape[1] * item,
     }
 
 
@@ -35,28 +40,21 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
     path = path or DEMO
     r = EmoeReader(path)
     try:
-        facts = model_facts(r)
         dt = _dtype(dtype, r)
         ctx = min(ctx, r.config.get("max_position_embeddings", ctx))
+        facts = model_facts(r, dt, batch, ctx)
         mem = Bytes.parse(mem) if mem is not None else device.usable_memory
         p = budget.plan(r, mem, ctx=ctx, batch=batch, dtype=dt, kv_dims=facts["kv_dims"])
-        item = torch.empty((), dtype=dt).element_size()
-        h, dk, dv = facts["kv_dims"]
-        kv_per_token = (
-            facts["n_layers"] * batch * ctx * h * (dk + dv) * item
-        )  # a full context is read each step
-        emb = r.tensors["model.embed_tokens.weight"]
-        lookup = emb.shape[0] * emb.shape[1] * item
         b = expected_bound(
             p,
             moe_layers=facts["moe_layers"],
             experts_per_layer=facts["experts_per_layer"],
             top_k=facts["top_k"],
-            kv_bytes_per_token=kv_per_token,
+            kv_bytes_per_token=facts["kv_bytes_per_token"],
             memory_bandwidth=device.memory_bandwidth,
             flash_rand_read=device.flash_rand_read,
             batch=batch,
-            lookup_only=lookup,
+            lookup_only=facts["lookup_only"],
         )
         levels = max((len(e.levels) for e in r.experts.values()), default=1)
         e0 = next(iter(r.experts.values()))
