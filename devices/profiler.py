@@ -37,8 +37,12 @@ def check_scratch(folder: Path, size: int) -> None:
     """Refuse before writing anything: missing, read-only or too small."""
     if not folder.is_dir():
         raise ScratchError(f"scratch folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ScratchError(f"scratch folder {folder} is read-only")
+    probe = folder / f".edgemoe-probe-{os.getpid()}"  # os.access lies for root and read-only mounts
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise ScratchError(f"scratch folder {folder} is read-only ({e.strerror})") from None
     free = shutil.disk_usage(folder).free
     if free < size + (64 << 20):
         raise ScratchError(

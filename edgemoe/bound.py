@@ -4,12 +4,13 @@
              + missed expert bytes / flash random-read bandwidth
     bound    = 1 / t(token)
 
-Before a run the expected misses come from the cache size: under routing
-with no locality (uniform over a layer's experts, the file carries no routing
-statistics yet) an LRU cache of C expert slots over N experts hits with
-probability C / N. After a run the measured bytes read replace the guess.
-Compute is not in the bound: it is the ceiling that I/O alone allows, and a
-measured speed above it means the bound is wrong.
+Before a run the expected hits and misses per step come from the cache size
+and the file's routing trace, replayed through the runtime's cache protocol
+(edgemoe/routing.py). A file with no trace falls back to routing with no
+locality: uniform over a layer's experts, where an LRU cache of C expert
+slots over N experts hits with probability C / N. After a run the measured
+bytes read replace the guess. Compute is not in the bound: it is the ceiling
+that I/O alone allows, and a measured speed above it means the bound is wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgemoe.budget import Plan
+from edgemoe.routing import Expected
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,24 @@ def expected_bound(
     flash_rand_read: float,
     batch: int = 1,
     lookup_only: int = 0,
+    uses: Expected | None = None,
 ) -> Bound:
     """The bound for one decode step of `batch` sequences, before any run.
 
     lookup_only: resident bytes a step does not read whole (the embedding table: one row per token).
+    uses: expert hits and misses per step from the file's routing trace (uniform routing if None).
     """
-    n = moe_layers * experts_per_layer
-    hit = min(1.0, plan.expert_slots / n) if n else 1.0
-    touched = moe_layers * min(experts_per_layer, top_k * batch)  # distinct experts a step needs
+    if uses is None:
+        n = moe_layers * experts_per_layer
+        hit = min(1.0, plan.expert_slots / n) if n else 1.0
+        touched = moe_layers * min(
+            experts_per_layer, top_k * batch
+        )  # distinct experts a step needs
+        uses = Expected(touched * hit, touched * (1 - hit), 0, 0)
     expert = plan.largest_expert
-    mem = plan.resident - lookup_only + kv_bytes_per_token + touched * hit * expert
-    flash = touched * (1 - hit) * expert
-    return _bound(mem, flash, memory_bandwidth, flash_rand_read, hit, batch)
+    mem = plan.resident - lookup_only + kv_bytes_per_token + uses.hits * expert
+    flash = uses.misses * expert
+    return _bound(mem, flash, memory_bandwidth, flash_rand_read, uses.hit_rate, batch)
 
 
 def measured_bound(

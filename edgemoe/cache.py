@@ -2,13 +2,15 @@
 
 Keys are (layer, expert, level). Entries in use by the layer being computed
 are pinned and never evicted. The policy decides only which unpinned key
-goes first; LRU over whole experts is the default, and the scheduling issue
-will bring others (EdgeMoE's layer-distance score, Belady for studies).
+goes first; LRU over whole experts is the default, Belady (which needs the
+future) bounds what any policy could do on a recorded trace, and the
+scheduling issue will bring others (EdgeMoE's layer-distance score).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 from typing import Protocol
 
 from edgemoe.units import Bytes
@@ -40,6 +42,39 @@ class LRU:
 
     def victim(self, pinned):
         return next((k for k in self._order if k not in pinned), None)
+
+
+class Belady:
+    """Evicts the key whose next use is furthest away: the fewest misses any policy can have.
+
+    It needs the future, so it serves studies and bounds (replaying a recorded trace),
+    never a live run. `future` lists the keys of each step in order; the caller sets
+    `now` to the index of the step being served.
+    """
+
+    def __init__(self, future: list[set[Key]]):
+        self._uses: dict[Key, deque[int]] = {}
+        for i, keys in enumerate(future):
+            for k in keys:
+                self._uses.setdefault(k, deque()).append(i)
+        self._held: set[Key] = set()
+        self.now = 0
+
+    def _next_use(self, key: Key) -> float:
+        uses = self._uses.get(key)
+        while uses and uses[0] <= self.now:  # the current step counts as used, not as next
+            uses.popleft()
+        return uses[0] if uses else math.inf
+
+    def touch(self, key):
+        self._held.add(key)
+
+    def remove(self, key):
+        self._held.discard(key)
+
+    def victim(self, pinned):
+        free = [k for k in self._held if k not in pinned]
+        return max(free, key=self._next_use, default=None)
 
 
 class ExpertCache:

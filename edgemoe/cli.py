@@ -62,6 +62,15 @@ def _cmd_inspect(args) -> int:
     print(
         f"{s['tensors']} tensors, resident (dense) {Bytes(s['dense_bytes'])}, {s['experts']} routed experts"
     )
+    rs = s["routing_stats"]
+    if isinstance(rs, dict) and isinstance(rs.get("shape"), list) and len(rs["shape"]) == 4:
+        print(
+            f"routing statistics: {rs['shape'][0]} x {rs['shape'][1]} tokens of {rs.get('source')}"
+        )
+    else:
+        print(
+            "routing statistics: none (`edgemoe calibrate` stores them; `edgemoe plan` uses them)"
+        )
     print(
         "\ncodec               tensors      params  bits/level         bytes per level (cumulative)"
     )
@@ -233,10 +242,48 @@ def _cmd_plan(args) -> int:
         print(f"  {key.replace('_', ' '):<13} {Bytes(p[key])}")
     slots = ", ".join(f"level {k}: {v}" for k, v in rep["slots_per_level"].items())
     print(f"  expert slots  {slots} (of {Bytes(p['all_experts'])} for all experts)")
+    per = f"per step of {rep['batch']}" if rep["batch"] > 1 else "per token"
     print(
         f"decode bound {rep['bound_tok_s']:.1f} tok/s: {Bytes(int(rep['memory_bytes_per_token']))} from memory "
-        f"and {Bytes(int(rep['flash_bytes_per_token']))} from flash per token, expected hit rate "
-        f"{100 * rep['hit_rate']:.0f}% (no routing statistics in the file: uniform routing)"
+        f"and {Bytes(int(rep['flash_bytes_per_token']))} from flash {per}, hit rate {100 * rep['hit_rate']:.0f}%"
+    )
+    rt = rep["routing"]
+    if rt == "uniform":
+        print(
+            "  misses assume uniform routing: the file has no routing statistics "
+            "(store them with `edgemoe calibrate MODEL --text FILE`)"
+        )
+        return 0
+    print(
+        f"  misses: the fewest any cache policy could have on the file's routing trace "
+        f"({rt['segments']} sequences, {rt['decode_tokens']} decode steps of {rt['source']}): "
+        f"{rt['fewest_misses_per_step']:.1f} of {rt['uses_per_step']:.1f} expert uses {per}"
+    )
+    print(
+        f"expected {rep['expected_tok_s']:.1f} tok/s with the runtime's LRU cache: "
+        f"{rt['misses_per_step']:.1f} misses {per}, hit rate {100 * rep['expected_hit_rate']:.0f}%"
+    )
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    import numpy as np
+    import psutil
+
+    from edgemoe.routing import calibrate, locality
+
+    mem = args.mem or Bytes(int(psutil.virtual_memory().available * 0.8))
+    t = calibrate(
+        args.model, args.text, segments=args.segments, tokens=args.tokens, mem=mem, dtype=args.dtype
+    )
+    s, n, layers, k = t.ids.shape
+    experts = int(t.ids.max()) + 1
+    busiest = np.sort(t.counts(experts), axis=1)[:, ::-1]  # [L, E] descending
+    top = busiest[:, : max(1, experts // 4)].sum(axis=1) / busiest.sum(axis=1)
+    print(
+        f"stored the routing of {s} x {n} tokens in {args.model}: the busiest quarter of a layer's "
+        f"experts takes {100 * top.min():.0f}-{100 * top.max():.0f}% of its tokens; "
+        f"{100 * locality(t):.0f}% of a token's experts were the previous token's too"
     )
     return 0
 
@@ -349,6 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=_cmd_plan)
+
+    cb = sub.add_parser(
+        "calibrate", help="record which experts the model routes text to, and store it in the file"
+    )
+    cb.add_argument("model", help="the .emoe (rewritten in place, atomically)")
+    cb.add_argument(
+        "--text", nargs="+", required=True, help="text files (plain or .gz) to run the model on"
+    )
+    cb.add_argument("--segments", type=int, default=8, help="sequences to record (default 8)")
+    cb.add_argument("--tokens", type=int, default=256, help="tokens per sequence (default 256)")
+    cb.add_argument("--mem", help="memory budget (default: 80%% of available memory)")
+    cb.add_argument("--dtype", default="auto", help="auto, f32 or bf16")
+    cb.set_defaults(fn=_cmd_calibrate)
 
     dv = sub.add_parser("devices", help="list the shipped device profiles")
     dv.set_defaults(fn=_cmd_devices)

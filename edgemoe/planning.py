@@ -9,6 +9,7 @@ import torch
 from edgemoe import budget
 from edgemoe.bound import expected_bound
 from edgemoe.models import family_module
+from edgemoe.routing import RoutingTrace, expected_uses
 from edgemoe.units import Bytes
 from formats.reader import EmoeReader
 
@@ -45,8 +46,8 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
         facts = model_facts(r, dt, batch, ctx)
         mem = Bytes.parse(mem) if mem is not None else device.usable_memory
         p = budget.plan(r, mem, ctx=ctx, batch=batch, dtype=dt, kv_dims=facts["kv_dims"])
-        b = expected_bound(
-            p,
+        trace = RoutingTrace.load(r)
+        kw = dict(
             moe_layers=facts["moe_layers"],
             experts_per_layer=facts["experts_per_layer"],
             top_k=facts["top_k"],
@@ -56,6 +57,22 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
             batch=batch,
             lookup_only=facts["lookup_only"],
         )
+        if trace is None:  # uniform routing: the bound and the expectation are one guess
+            b = lru = expected_bound(p, **kw)
+            routing = "uniform"
+        else:
+            fewest = expected_uses(trace, p.expert_slots, batch, belady=True)
+            likely = expected_uses(trace, p.expert_slots, batch)
+            b = expected_bound(p, **kw, uses=fewest)
+            lru = expected_bound(p, **kw, uses=likely)
+            routing = {
+                "source": trace.source,
+                "segments": likely.segments,
+                "decode_tokens": likely.tokens,
+                "misses_per_step": likely.misses,
+                "fewest_misses_per_step": fewest.misses,
+                "uses_per_step": likely.hits + likely.misses,
+            }
         levels = max((len(e.levels) for e in r.experts.values()), default=1)
         e0 = next(iter(r.experts.values()))
         slots = {
@@ -71,6 +88,9 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
             "batch": batch,
             "plan": p.as_dict(),
             "slots_per_level": slots,
+            "routing": routing,
+            "expected_tok_s": lru.tokens_per_s,
+            "expected_hit_rate": lru.hit_rate,
             **b.as_dict(),
         }
     finally:

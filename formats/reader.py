@@ -169,6 +169,7 @@ class EmoeReader:
                 f"{self.path}: header is not valid msgpack ({type(e).__name__}: {e})"
             ) from None
         self.data_offset = data_offset
+        self.header_length = hlen
         self._parse(header)
 
     def _parse(self, h) -> None:
@@ -484,6 +485,10 @@ class EmoeReader:
                 yield c, None
             except EmoeError as e:
                 yield c, e
+
+    def fileno(self) -> int:
+        """The open file's descriptor (EmoeWriter.adopt copies chunks from it)."""
+        return self._fd
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -83,4 +83,5 @@ def summarize(r: EmoeReader) -> dict:
         "expert_layers": [layers[k] for k in sorted(layers)],
         "blobs": {name: r.chunks[ci].raw_length for name, ci in r.blobs.items()},
         "chat_template": r.chat_template is not None,
+        "routing_stats": r.metadata.get(C.M_ROUTING_STATS),
     }

@@ -6,15 +6,17 @@ header goes in front at the end: the writer reserves room for it up front
 (the caller's estimate) and, if the header outgrows that room, moves the
 data region once with copy_file_range. Everything goes to a temporary file
 beside the destination that is renamed into place only after fsync, so an
-interrupted write leaves no .emoe behind.
+interrupted write leaves no .emoe behind. adopt() copies the chunks of an
+existing file byte for byte, which is how formats.amend edits one.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
@@ -22,9 +24,49 @@ import zstandard
 
 from formats import constants as C
 from formats.codecs import get_codec
-from formats.errors import EmoeError
+from formats.errors import EmoeError, TruncatedFile
+
+if TYPE_CHECKING:
+    from formats.reader import Chunk, EmoeReader, TensorEntry
 
 DEFAULT_HEADER_RESERVE = 64 * 1024
+_COPY_BLOCK = 16 * 1024 * 1024  # buffer of the pread/pwrite fallback of _copy_range
+
+
+def _copy_range(src_fd: int, dst_fd: int, length: int, src_off: int, dst_off: int) -> int:
+    """Copy bytes between two files at given offsets; returns the count (short only at EOF).
+
+    copy_file_range keeps the bytes in the kernel (or shares extents where the
+    filesystem can); where it is refused (EXDEV, ENOSYS...) the rest goes
+    through a buffer.
+    """
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                return done
+            done += n
+    except OSError:
+        while done < length:
+            data = os.pread(src_fd, min(length - done, _COPY_BLOCK), src_off + done)
+            if not data:
+                return done
+            done += os.pwrite(dst_fd, data, dst_off + done)  # a short write is re-read
+    return done
+
+
+def _tensor_record(t: TensorEntry, remap: Mapping[int, int]) -> dict:
+    """A reader's tensor as the header record _entry writes, its chunks renumbered."""
+    record = {
+        C.T_CODEC: int(t.codec.id),
+        C.T_SHAPE: list(t.shape),
+        C.T_PARAMS: dict(t.params),
+        C.T_PARTS: [[remap[ci], off, length] for ci, off, length in t.parts],
+    }
+    if t.src_dtype:
+        record[C.T_SRC_DTYPE] = t.src_dtype
+    return record
 
 
 class EmoeWriter:
@@ -195,9 +237,78 @@ class EmoeWriter:
             }
         )
 
+    def adopt(self, reader: EmoeReader, *, drop_blobs: Iterable[str] = ()) -> None:
+        """Copy every chunk, tensor, expert and blob of an open file into this one.
+
+        Stored bytes are copied as they are (compressed chunks stay compressed,
+        chunk rows keep their lengths and CRCs), in the source's file order so
+        an expert's level chunks stay back to back. Metadata is not copied:
+        the caller sets this writer's.
+
+        Args:
+            reader: the source file, open (and so validated).
+            drop_blobs: blobs to leave out, e.g. the ones the caller replaces;
+                names the reader lacks are ignored. A chunk only they use is
+                not copied (the reader refuses unreferenced chunks).
+        Raises:
+            ValueError: a tensor, expert or blob of reader is already written here.
+            TruncatedFile: the source file shrank during the copy.
+        """
+        drop = set(drop_blobs)
+        blobs = {name: ci for name, ci in reader.blobs.items() if name not in drop}
+        clash = (
+            [f"tensor {n!r}" for n in reader.tensors if n in self._tensors]
+            + [f"expert {k}" for k in reader.experts if k in self._expert_keys]
+            + [f"blob {n!r}" for n in blobs if n in self._blobs]
+        )
+        if clash:
+            raise ValueError(f"{clash[0]} written twice (adopted from {reader.path})")
+        used = set(blobs.values())  # expert level chunks are tensor parts too
+        used.update(ci for t in reader.tensors.values() for ci, _, _ in t.parts)
+        self._f.flush()  # the copies write through the descriptor, past the buffer
+        remap = {
+            c.index: self._copy_chunk(reader, c)
+            for c in sorted(reader.chunks, key=lambda ch: ch.offset)
+            if c.index in used
+        }
+        for name, t in reader.tensors.items():
+            self._tensors[name] = _tensor_record(t, remap)
+        for key, e in reader.experts.items():
+            self._expert_keys.add(key)
+            self._experts.append(
+                {
+                    C.E_LAYER: e.layer,
+                    C.E_EXPERT: e.expert,
+                    C.E_LEVELS: [remap[ci] for ci in e.levels],
+                    C.E_TENSORS: {r: e.tensors[r] for r in C.EXPERT_ROLES},
+                }
+            )
+        for name, ci in blobs.items():
+            self._blobs[name] = remap[ci]
+
+    def _copy_chunk(self, reader: EmoeReader, c: Chunk) -> int:
+        """Copy one stored chunk to the next aligned offset, as _write_chunk places it."""
+        offset = C.align_up(self._end)
+        got = _copy_range(
+            reader.fileno(),
+            self._f.fileno(),
+            c.length,
+            reader.data_offset + c.offset,
+            self._data_offset + offset,
+        )
+        if got != c.length:
+            raise TruncatedFile(
+                f"{reader.path}: {reader.owner(c.index)} (chunk {c.index}) was cut short while copied"
+            )
+        self._end = offset + c.length
+        self._chunks.append([offset, c.length, c.raw_length, c.compression, c.crc32])
+        return len(self._chunks) - 1
+
     def add_blob(self, name: str, data: bytes) -> None:
         if name in self._blobs:
             raise ValueError(f"blob {name!r} written twice")
+        if not len(data):  # the format has no empty chunks; a reader would refuse the file
+            raise ValueError(f"blob {name!r} is empty")
         self._blobs[name] = self._write_chunk(bytes(data))
 
     def set_metadata(self, key: str, value) -> None:
@@ -214,12 +325,23 @@ class EmoeWriter:
         return msgpack.packb(header, use_bin_type=True)
 
     def close(self) -> Path:
-        """Write the header, sync and rename into place. Returns the final path."""
+        """Write the header, sync and rename into place. Returns the final path.
+
+        If any step fails (metadata msgpack cannot pack, a full disk...) the
+        temporary file is removed and any file at `path` is left as it was.
+        """
         if self._done:
             return self.path
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def _finish(self) -> None:
         header = self.header_bytes()
         if len(header) > C.MAX_HEADER_SIZE:
-            self.abort()
             raise EmoeError(
                 f"header of {len(header)} bytes exceeds the {C.MAX_HEADER_SIZE}-byte limit",
                 "store fewer, larger tensors (or raise MAX_HEADER_SIZE in a new format version)",
@@ -245,7 +367,6 @@ class EmoeWriter:
         self._f.close()
         os.replace(self.tmp_path, self.path)
         self._done = True
-        return self.path
 
     def _relocate(self, new_offset: int) -> None:
         """Move the data region to new_offset (header outgrew its reserve)."""
@@ -254,15 +375,7 @@ class EmoeWriter:
         moved = self.tmp_path.with_suffix(".move")
         with open(moved, "wb") as dst:
             dst.truncate(new_offset)
-            src_fd, dst_fd = self._f.fileno(), dst.fileno()
-            done = 0
-            while done < size:
-                n = os.copy_file_range(
-                    src_fd, dst_fd, size - done, self._data_offset + done, new_offset + done
-                )
-                if n == 0:
-                    break
-                done += n
+            _copy_range(self._f.fileno(), dst.fileno(), size, self._data_offset, new_offset)
         self._f.close()
         os.replace(moved, self.tmp_path)
         self._f = open(self.tmp_path, "rb+")
@@ -277,6 +390,7 @@ class EmoeWriter:
             self._f.close()
         finally:
             self.tmp_path.unlink(missing_ok=True)
+            self.tmp_path.with_suffix(".move").unlink(missing_ok=True)  # a failed _relocate's
 
     def __enter__(self):
         return self

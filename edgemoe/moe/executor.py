@@ -10,6 +10,7 @@ nothing of files, caches or threads.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -19,7 +20,23 @@ from edgemoe.moe.experts import ExpertWeights, expert_forward
 
 
 class ExpertExecutor(ABC):
-    """Computes routed experts for one layer at a time."""
+    """Computes routed experts for one layer at a time.
+
+    Observers (`observe`) are told every routing decision before it is served:
+    `edgemoe calibrate` records them, and a prefetch predictor will learn from them.
+    """
+
+    _observers: tuple[Callable[[int, torch.Tensor], None], ...] = ()
+
+    def observe(self, fn: Callable[[int, torch.Tensor], None]) -> Callable[[], None]:
+        """Call fn(layer, expert_ids [T, K]) on every run; returns the function that stops it."""
+        self._observers = (*self._observers, fn)
+        return lambda: setattr(self, "_observers", tuple(f for f in self._observers if f is not fn))
+
+    def routed(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Implementations call this first in run()."""
+        for fn in self._observers:
+            fn(layer, expert_ids)
 
     @abstractmethod
     def run(
@@ -44,6 +61,7 @@ class ResidentExecutor(ExpertExecutor):
         self.experts = experts
 
     def run(self, layer, x, expert_ids, expert_weights):
+        self.routed(layer, expert_ids)
         out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
         for a in dispatch(expert_ids, expert_weights):
             y = expert_forward(x[a.tokens], self.experts[(layer, a.expert)])  # [N, D]

@@ -23,6 +23,15 @@ from edgemoe.moe.experts import ExpertWeights, expert_forward
 from edgemoe.store import ExpertStore
 
 
+def wave_size(cache: ExpertCache, waiting: int, size: int) -> int:
+    """Evict for the next wave of `waiting` missed experts of `size` bytes; how many to read now.
+
+    At least one: an expert bigger than the free room is computed without a cache slot.
+    """
+    cache.make_room(min(size * waiting, cache.capacity))
+    return max(1, min(waiting, cache.free // size))
+
+
 class LocalExecutor(ExpertExecutor):
     """Args:
     store: reads expert slices.
@@ -47,6 +56,7 @@ class LocalExecutor(ExpertExecutor):
         self.uncached = 0  # experts computed without a cache slot (the cache holds less than one)
 
     def run(self, layer, x, expert_ids, expert_weights):
+        self.routed(layer, expert_ids)
         out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
         todo = []
         for a in dispatch(expert_ids, expert_weights):
@@ -60,8 +70,7 @@ class LocalExecutor(ExpertExecutor):
         self.cache.unpin_all()
         size = max(1, self.expert_nbytes(layer))
         while todo:
-            self.cache.make_room(min(size * len(todo), self.cache.capacity))
-            n = max(1, min(len(todo), self.cache.free // size))
+            n = wave_size(self.cache, len(todo), size)
             wave, todo = todo[:n], todo[n:]
             futures = [self.store.fetch(layer, a.expert, key[2]) for a, key in wave]
             self.expert_reads += len(wave)

@@ -76,17 +76,20 @@ def test_profile_ctrl_c_removes_the_scratch_file(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "read-only", "too-small"])
-def test_profile_refuses_bad_scratch_before_writing(tmp_path, case):
+def test_profile_refuses_bad_scratch_before_writing(tmp_path, case, request):
     scratch = tmp_path / "s"
     args = ["--scratch-size", "64MiB"]
     if case != "missing":
         scratch.mkdir()
     if case == "read-only":
-        if os.geteuid() == 0:
-            pytest.skip(
-                "root writes to read-only folders; the check uses os.access, which root passes"
-            )
-        scratch.chmod(0o500)
+        if os.geteuid() == 0:  # root writes through mode bits: use a read-only mount instead
+            if subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(scratch)]
+            ).returncode:
+                pytest.skip("root without a read-only mount to test against")
+            request.addfinalizer(lambda: subprocess.run(["umount", str(scratch)]))
+        else:
+            scratch.chmod(0o500)
     if case == "too-small":
         args = ["--scratch-size", "100TB"]
     p = subprocess.run(
@@ -97,7 +100,9 @@ def test_profile_refuses_bad_scratch_before_writing(tmp_path, case):
         timeout=120,
     )
     assert p.returncode == 2 and "scratch folder" in p.stderr and "Traceback" not in p.stderr
+    assert case != "read-only" or "read-only" in p.stderr
     assert not (tmp_path / "x.profile").exists()
+    assert not scratch.exists() or os.listdir(scratch) == []
 
 
 def test_devices_lists_every_profile():
