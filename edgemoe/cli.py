@@ -41,6 +41,8 @@ def _cmd_convert(args) -> int:
             print(f"edgemoe: warning: {warning}", file=sys.stderr)
         path = convert(src, out, opts)
     print(f"wrote {path} ({Bytes(path.stat().st_size)})")
+    if args.calibrate:
+        _calibrate(path, args.calibrate)
     return 0
 
 
@@ -267,25 +269,29 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    _calibrate(args.model, args.text, args.segments, args.tokens, args.mem, args.dtype)
+    return 0
+
+
+def _calibrate(model, text, segments=8, tokens=256, mem=None, dtype="auto") -> None:
     import numpy as np
     import psutil
 
     from edgemoe.routing import calibrate, locality
+    from formats.reader import EmoeReader
 
-    mem = args.mem or Bytes(int(psutil.virtual_memory().available * 0.8))
-    t = calibrate(
-        args.model, args.text, segments=args.segments, tokens=args.tokens, mem=mem, dtype=args.dtype
-    )
-    s, n, layers, k = t.ids.shape
-    experts = int(t.ids.max()) + 1
+    mem = mem or Bytes(int(psutil.virtual_memory().available * 0.8))
+    t = calibrate(model, text, segments=segments, tokens=tokens, mem=mem, dtype=dtype)
+    s, n, _, _ = t.ids.shape
+    with EmoeReader(model) as r:
+        experts = len(r.experts) // len(t.layers)
     busiest = np.sort(t.counts(experts), axis=1)[:, ::-1]  # [L, E] descending
     top = busiest[:, : max(1, experts // 4)].sum(axis=1) / busiest.sum(axis=1)
     print(
-        f"stored the routing of {s} x {n} tokens in {args.model}: the busiest quarter of a layer's "
+        f"stored the routing of {s} x {n} tokens in {model}: the busiest quarter of a layer's "
         f"experts takes {100 * top.min():.0f}-{100 * top.max():.0f}% of its tokens; "
         f"{100 * locality(t):.0f}% of a token's experts were the previous token's too"
     )
-    return 0
 
 
 def _cmd_devices(args) -> int:
@@ -364,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         "mwq:5,6,7,8, bitplane:2,4,8, int4@128, int8, bf16, f32",
     )
     c.add_argument("--no-compress", action="store_true", help="never zstd chunks")
+    c.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="TEXT",
+        help="then store routing statistics from these text files (as `edgemoe calibrate`)",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_cmd_convert)

@@ -249,3 +249,21 @@ def test_calibrate_refuses_bad_text_and_leaves_the_file(tmp_path, tiny_emoe, cas
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(
         ["m.emoe"] + ["t.txt"] * (case == "short")
     )
+
+
+def test_convert_can_calibrate_in_one_go(tmp_path):
+    from pathlib import Path
+
+    from factories import make_tiny_hf
+
+    from tests.formats.gguf_fixtures import train_tiny_bpe_tokenizer
+
+    train_tiny_bpe_tokenizer(tmp_path, 384)
+    make_tiny_hf("olmoe", tmp_path, vocab_size=384)
+    text = Path(__file__).parents[1] / "formats" / "SPEC.md"
+    out = tmp_path / "o.emoe"
+    p = _cli("convert", tmp_path, out, "--experts", "int8", "-q", "--calibrate", text)
+    assert p.returncode == 0, p.stderr
+    assert "stored the routing of 8 x 256 tokens" in p.stdout
+    with EmoeReader(out) as r:
+        assert RoutingTrace.load(r).ids.shape == (8, 256, 3, 2)
