@@ -64,6 +64,8 @@ def test_profile_ctrl_c_removes_the_scratch_file(tmp_path):
         ],
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job ignores SIGINT, and children inherit that: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for _ in range(200):  # wait until the scratch file exists
         if any(n.startswith(".edgemoe-profile") for n in os.listdir(tmp_path)):
