@@ -142,9 +142,9 @@ def test_emulated_device_throttles_reads_and_takes_its_memory(emulated_device):
     assert json.loads(p.stdout)["summary"]["device"] == dev.profile.name
 
 
-def _plan(device, mem):
+def _plan(device, mem, *more):
     p = subprocess.run(
-        CLI + ["plan", "--device", device, "--mem", str(mem), "--ctx", "256", "--json"],
+        CLI + ["plan", "--device", device, "--mem", str(mem), "--ctx", "256", "--json", *more],
         capture_output=True,
         text=True,
         timeout=120,
@@ -183,3 +183,25 @@ def test_run_reports_achieved_against_the_bound(emulated_device):
     s = m.summary()
     assert s["bound_tok_s"] and s["decode_tok_s"] <= s["bound_tok_s"]
     assert "bound" in m.summary_line()
+
+
+def test_a_run_does_not_beat_the_plan_bound(emulated_device):
+    """The check of the bound table, once: emulated rpi5 microSD with a third of the experts
+    cached, greedy decoding (more locality than the calibration text), under plan's bound."""
+    full = _plan("rpi5-8gb-sd", "8GiB", "--batch", "3")["plan"]
+    mem = full["minimum"] + full["all_experts"] // 3 + (512 << 10)  # margin: the floor moves
+    rep = _plan("rpi5-8gb-sd", mem, "--batch", "3")
+    assert rep["routing"] != "uniform" and rep["expected_tok_s"] <= rep["bound_tok_s"]
+    dev = emulated_device("rpi5-8gb-sd")
+    prompts = ["-p", "The function returns", "-p", "In the beginning", "-p", "The database server"]
+    p = subprocess.run(
+        CLI
+        + ["run", *dev.cli_args, "--mem", str(mem), "--ctx", "256", "-n", "32", "--json"]
+        + prompts,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)["summary"]
+    assert 0 < s["decode_tok_s"] <= min(rep["bound_tok_s"], s["bound_tok_s"])
