@@ -93,8 +93,9 @@ def resident_nbytes(reader: EmoeReader, dtype: torch.dtype, fused: bool = True) 
     for name, t in reader.tensors.items():
         if name in expert_names:
             continue
-        # embeddings are looked up, not multiplied: always dense in the compute dtype
-        dense = name.endswith("embed_tokens.weight")
+        # embeddings are looked up, not multiplied, and MLA's kv_b is split and absorbed
+        # into the query and output (models/deepseek_v2.py): both dense in the compute dtype
+        dense = name.endswith(("embed_tokens.weight", "kv_b_proj.weight"))
         total += prepared_nbytes(
             t.codec.name, t.shape, t.params, t.levels, dtype, fused and not dense
         )

@@ -4,8 +4,11 @@ MLA compresses keys and values into one kv_lora_rank latent per token
 (kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj gives per-head k_nope and
 v) plus one rope key shared by all heads; queries come from q_proj, or from
 the q LoRA q_a_proj -> q_a_layernorm -> q_b_proj. Only the qk_rope_head_dim
-part of q and k is rotated. The cache holds the expanded per-head keys
-(k_nope + k_rope) and values, as the shared KVCache stores every family's.
+part of q and k is rotated. The cache holds what MLA was made for: per
+token the normalised latent and the rotated rope key (kv_lora_rank +
+qk_rope_head_dim numbers shared by all heads, 576 for V2/V3 against 40960
+for V3's expanded keys and values), with kv_b_proj absorbed into the query
+and the output instead of expanding every cached token at every step.
 
 Layers before first_k_dense_replace are dense MLPs (model.layers.N.mlp.*);
 the rest route to model.layers.N.mlp.experts.E.* with the router mlp.gate
@@ -29,7 +32,6 @@ from edgemoe.models.base import (
     RoutedMoE,
     Weights,
     apply_rope,
-    attend,
     from_dict,
     rms_norm,
     rope_cos_sin,
@@ -212,7 +214,15 @@ class MLARope:
 
 
 class MLAttention:
-    """Multi-head latent attention, expanded to per-head keys and values for the cache."""
+    """Multi-head latent attention over a cache of latents.
+
+    kv_b_proj maps a latent c to each head's key part W_UK c and value W_UV c.
+    Both are absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, so scores are
+    taken against the cached latents directly, and sum_l p_l W_UV c_l =
+    W_UV (sum_l p_l c_l), so values are mixed as latents and expanded once
+    per query. Shape legend: B batch, S new tokens, L cached tokens, H heads,
+    C kv_lora_rank, R qk_rope_head_dim, N qk_nope_head_dim, Dv v_head_dim.
+    """
 
     def __init__(self, w: Weights, prefix: str, args: ModelArgs, rope: MLARope):
         def proj(n):  # biases wherever the checkpoint has them (attention_bias)
@@ -224,7 +234,14 @@ class MLAttention:
         else:
             self.q_a, self.q_b = proj("q_a_proj"), proj("q_b_proj")
             self.q_norm = w.tensor(f"{prefix}.q_a_layernorm.weight")
-        self.kv_a, self.kv_b = proj("kv_a_proj_with_mqa"), proj("kv_b_proj")
+        self.kv_a = proj("kv_a_proj_with_mqa")
+        h, n, dv = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim
+        kv_b = w.tensor(f"{prefix}.kv_b_proj.weight").view(h, n + dv, args.kv_lora_rank)
+        self.w_uk, self.w_uv = kv_b[:, :n], kv_b[:, n:]  # [H, N, C], [H, Dv, C]
+        # a key bias shifts every score of a query alike (softmax ignores it); a value bias
+        # adds to every output, as the weights sum to one
+        bias = f"{prefix}.kv_b_proj.bias"
+        self.v_bias = w.tensor(bias).view(h, n + dv)[:, None, n:] if w.has(bias) else None
         self.kv_norm = w.tensor(f"{prefix}.kv_a_layernorm.weight")
         self.o = proj("o_proj")
         self.args, self.rope = args, rope
@@ -236,20 +253,26 @@ class MLAttention:
         return self.q_b(c).to(x.dtype)
 
     def __call__(self, x, positions, mask, cache: KVCache, layer: int) -> torch.Tensor:
-        """x [B, S, D] -> [B, S, D]; stores this step's keys and values in the cache."""
+        """x [B, S, D] -> [B, S, D]; stores this step's latents and rope keys in the cache."""
         a, (bsz, s, _) = self.args, x.shape
-        h, nope, r, dv = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
-        q = self.project_q(x).view(bsz, s, h, nope + r).transpose(1, 2)  # [B, H, S, Dqk]
-        latent, k_rope = self.kv_a(x).to(x.dtype).split([a.kv_lora_rank, r], dim=-1)
+        h, n, r, c = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+        q = self.project_q(x).view(bsz, s, h, n + r).transpose(1, 2)  # [B, H, S, N + R]
+        latent, k_rope = self.kv_a(x).to(x.dtype).split([c, r], dim=-1)
         latent = rms_norm(latent, self.kv_norm, LATENT_NORM_EPS)  # [B, S, C]
-        kv = self.kv_b(latent).to(x.dtype).view(bsz, s, h, nope + dv).transpose(1, 2)
-        k_nope, v = kv.split([nope, dv], dim=-1)  # [B, H, S, nope], [B, H, S, Dv]
-        q = torch.cat((q[..., :nope], self.rope(q[..., nope:], positions)), dim=-1)
         k_rope = self.rope(k_rope[:, None], positions)  # [B, 1, S, R], one rope key for all heads
-        k = torch.cat((k_nope, k_rope.expand(-1, h, -1, -1)), dim=-1)  # [B, H, S, Dqk]
-        k_all, v_all = cache.update(layer, k, v)
-        o = attend(q, k_all, v_all, mask, self.rope.softmax_scale)  # [B, S, H * Dv]
-        return self.o(o).to(x.dtype)
+        q_lat = torch.einsum("bhsn,hnc->bhsc", q[..., :n], self.w_uk)  # [B, H, S, C]
+        q = torch.cat((q_lat, self.rope(q[..., n:], positions)), dim=-1)  # [B, H, S, C + R]
+        new = torch.cat((latent[:, None], k_rope), dim=-1)  # [B, 1, S, C + R]
+        kv, _ = cache.update(layer, new, new[..., :0])
+        kv = kv[:, 0]  # [B, L, C + R]: every head reads the same latents, no copy per head
+        scores = torch.bmm(q.reshape(bsz, h * s, c + r), kv.transpose(1, 2))  # [B, H*S, L]
+        scores = scores.view(bsz, h, s, -1).float() * self.rope.softmax_scale
+        p = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(x.dtype)  # [B, H, S, L]
+        o = torch.bmm(p.view(bsz, h * s, -1), kv[..., :c]).view(bsz, h, s, c)  # [B, H, S, C]
+        o = torch.einsum("bhsc,hvc->bhsv", o, self.w_uv)  # [B, H, S, Dv]
+        if self.v_bias is not None:
+            o = o + self.v_bias.to(x.dtype)  # [H, 1, Dv]
+        return self.o(o.transpose(1, 2).reshape(bsz, s, -1)).to(x.dtype)
 
 
 class Model(CausalLM):
@@ -291,5 +314,6 @@ class Model(CausalLM):
         return DecoderLayer(w, i, attn, mlp, a.rms_norm_eps)
 
     def kv_dims(self):
+        """One shared "head" of latent + rope key per token, no separate values."""
         a = self.args
-        return a.num_attention_heads, a.qk_head_dim, a.v_head_dim
+        return 1, a.kv_lora_rank + a.qk_rope_head_dim, 0

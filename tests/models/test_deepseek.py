@@ -235,3 +235,25 @@ def test_variant_greedy_equals_transformers(tmp_path, variant):
         assert got[0] == want, f"{variant}: tokens diverge"
         err = max((a[0] - b).abs().max().item() for a, b in zip(got_logits, want_logits))
         assert err < 1e-4, f"{variant}: max logit error {err:.2e}"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_cache_holds_latents_not_per_head_keys(tiny_emoe, family):
+    """MLA's point: a token costs kv_lora_rank + rope dims in the cache, whatever the heads,
+    and the planner counts the same bytes."""
+    import types
+
+    from edgemoe import budget
+    from formats.reader import EmoeReader
+
+    model = load_ours(tiny_emoe(family))
+    a = model.args
+    cache = model.new_cache(2, 16)
+    assert cache.k[1].shape == (2, 1, 16, a.kv_lora_rank + a.qk_rope_head_dim)
+    assert cache.v[1].shape[-1] == 0
+    expanded = a.num_attention_heads * (a.qk_head_dim + a.v_head_dim)
+    assert a.kv_lora_rank + a.qk_rope_head_dim < expanded
+    with EmoeReader(tiny_emoe(family)) as r:
+        dims = type(model).kv_dims(types.SimpleNamespace(args=a))
+        p = budget.plan(r, None, ctx=16, batch=2, dtype=torch.float32, kv_dims=dims)
+    assert p.kv_cache == sum(t.numel() * t.element_size() for t in cache.k + cache.v)
