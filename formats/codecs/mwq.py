@@ -177,18 +177,26 @@ def add_plane(w_prev: np.ndarray, signs: np.ndarray, s: np.ndarray) -> np.ndarra
     return w_prev + s[..., None] * b
 
 
-def _group_weights(h: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray:
-    """Column weights reshaped to [1, G, g] (or 1 where absent or summing to 0)."""
+def _group_weights(h: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """Column weights reshaped to [1, G, g] (1 where a group's sum to 0); None: uniform."""
     _, groups, g = shape
     if h is None:
-        return np.ones((1, groups, g), dtype=np.float64)
+        return None
     hg = h.reshape(1, groups, g).astype(np.float64)
     dead = hg.sum(axis=2, keepdims=True) <= 0
     return np.where(dead, 1.0, hg)
 
 
+def _weighted_sum(x: np.ndarray, hg: np.ndarray | None) -> np.ndarray:
+    """Per-group sum of x * h in float64 [N, G]. Uniform weights (None, the common case with
+    no calibration data) skip the float64 product: the same numbers, about twice as fast."""
+    if hg is None:
+        return x.sum(axis=2, dtype=np.float64)
+    return (x * hg).sum(axis=2)
+
+
 def sign_plane(
-    wg: np.ndarray, approx: np.ndarray, hg: np.ndarray
+    wg: np.ndarray, approx: np.ndarray, hg: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One sign level on top of approx: (signs uint8 [N, G, g], s [N, G], new approx).
 
@@ -197,20 +205,20 @@ def sign_plane(
     r = wg - approx
     signs = (r >= 0).astype(np.uint8)  # 0 -> +1
     with np.errstate(over="ignore"):
-        s = _f16((np.abs(r) * hg).sum(axis=2) / hg.sum(axis=2))
+        s = _f16(_weighted_sum(np.abs(r), hg) / (r.shape[2] if hg is None else hg.sum(axis=2)))
     if not np.isfinite(s).all():
         raise CodecError("mwq: weights exceed the float16 range of the scales")
     return signs, s, add_plane(approx, signs, s)
 
 
 def fit_base(
-    wg: np.ndarray, hg: np.ndarray, bits: int, levels: int = 1
+    wg: np.ndarray, hg: np.ndarray | None, bits: int, levels: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-group s, z (float16 values in float32) by a search over clipping ratios.
 
     Args:
         wg: weights [N, G, g] float32.
-        hg: column weights [1, G, g] (broadcast over rows).
+        hg: column weights [1, G, g] (broadcast over rows), None for uniform.
         bits: code width.
         levels: 1 picks the ratio with the lowest base-level error; L > 1
             (joint_clip) the lowest sum over levels 1..L of each level's error
@@ -233,10 +241,10 @@ def fit_base(
             approx = dequantize(_quantize(wg, s, z, maxq), s, z)
         if not np.isfinite(s).all():  # ratio 1.0 comes first and has the largest scales
             raise CodecError("mwq: weights exceed the float16 range of the scales")
-        errs = [((approx - wg) ** 2 * hg).sum(axis=2)]
+        errs = [_weighted_sum((approx - wg) ** 2, hg)]
         for _ in range(levels - 1):
             approx = sign_plane(wg, approx, hg)[2]
-            errs.append(((approx - wg) ** 2 * hg).sum(axis=2))
+            errs.append(_weighted_sum((approx - wg) ** 2, hg))
         if norm is None:
             norm = [max(float(e.sum()), np.finfo(np.float64).tiny) for e in errs]
         err = errs[0] if levels == 1 else sum(e / n for e, n in zip(errs, norm, strict=True))
