@@ -35,6 +35,7 @@ def _cmd_convert(args) -> int:
         experts=args.experts,
         compress=not args.no_compress,
         progress=not args.quiet,
+        jobs=args.jobs,
     )
     with open_source(args.source) as src:
         for warning in filter(None, [getattr(src, "tokenizer_warning", None)]):
@@ -370,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "mwq:5,6,7,8, bitplane:2,4,8, int4@128, int8, bf16, f32",
     )
     c.add_argument("--no-compress", action="store_true", help="never zstd chunks")
+    c.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes encoding experts (default 1: the least memory; each holds a few "
+        "experts as float32)",
+    )
     c.add_argument(
         "--calibrate",
         nargs="+",

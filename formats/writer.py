@@ -24,7 +24,7 @@ import zstandard
 
 from formats import constants as C
 from formats.codecs import get_codec
-from formats.errors import EmoeError, TruncatedFile
+from formats.errors import CodecError, EmoeError, TruncatedFile
 
 if TYPE_CHECKING:
     from formats.reader import Chunk, EmoeReader, TensorEntry
@@ -67,6 +67,38 @@ def _tensor_record(t: TensorEntry, remap: Mapping[int, int]) -> dict:
     if t.src_dtype:
         record[C.T_SRC_DTYPE] = t.src_dtype
     return record
+
+
+def encode_tensor(name, w, codec_id, params, calib=None) -> list[bytes]:
+    """One tensor's level segments, checked against the codec's size table."""
+    codec = get_codec(codec_id, name)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    codec.check_params(w.shape, params)
+    try:
+        segments = codec.encode(w, params, calib=calib)
+    except CodecError as e:
+        raise CodecError(f"{name}: {e.what}", e.fix_hint) from None
+    expected = codec.level_nbytes(w.shape, params)
+    if [len(s) for s in segments] != expected:
+        raise EmoeError(
+            f"codec {codec.name} produced wrong segment sizes for {name}", "report this bug"
+        )
+    return segments
+
+
+def encode_expert(
+    tensors: Mapping[str, tuple], calib: Mapping[str, np.ndarray] | None = None
+) -> dict[str, tuple]:
+    """The CPU-heavy half of EmoeWriter.add_expert, a plain function so a converter can run it
+    in worker processes: role -> (name, shape, codec_id, params, src_dtype, segments)."""
+    if set(tensors) != set(C.EXPERT_ROLES):
+        raise ValueError(f"an expert needs roles {C.EXPERT_ROLES}, got {sorted(tensors)}")
+    encoded = {}
+    for role in C.EXPERT_ROLES:
+        name, w, codec_id, params, src_dtype = tensors[role]
+        segs = encode_tensor(name, w, codec_id, dict(params), (calib or {}).get(role))
+        encoded[role] = (name, tuple(w.shape), codec_id, dict(params), src_dtype, segs)
+    return encoded
 
 
 class EmoeWriter:
@@ -125,18 +157,6 @@ class EmoeWriter:
         self._chunks.append([offset, len(stored), len(raw), int(comp), zlib.crc32(stored)])
         return len(self._chunks) - 1
 
-    def _encode(self, name, w, codec_id, params, calib) -> list[bytes]:
-        codec = get_codec(codec_id, name)
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        codec.check_params(w.shape, params)
-        segments = codec.encode(w, params, calib=calib)
-        expected = codec.level_nbytes(w.shape, params)
-        if [len(s) for s in segments] != expected:
-            raise EmoeError(
-                f"codec {codec.name} produced wrong segment sizes for {name}", "report this bug"
-            )
-        return segments
-
     def _entry(self, name, shape, codec_id, params, src_dtype) -> dict:
         if name in self._tensors:
             raise ValueError(f"tensor {name!r} written twice")
@@ -164,7 +184,7 @@ class EmoeWriter:
     ) -> None:
         """Add a dense tensor; each level becomes a chunk of its own."""
         params = dict(params or {})
-        segments = self._encode(name, w, codec_id, params, calib)
+        segments = encode_tensor(name, w, codec_id, params, calib)
         self.add_encoded(name, w.shape, codec_id, params, segments, src_dtype=src_dtype)
 
     def add_encoded(
@@ -203,16 +223,20 @@ class EmoeWriter:
             tensors: role ("gate", "up", "down") -> (name, weight, codec_id, params, src_dtype).
             calib: optional role -> calibration activations for fitted codecs.
         """
+        self._check_new_expert(layer, expert)
+        self.add_encoded_expert(layer, expert, encode_expert(tensors, calib))
+
+    def _check_new_expert(self, layer: int, expert: int) -> tuple[int, int]:
         key = (int(layer), int(expert))
         if key in self._expert_keys:
             raise ValueError(f"expert {key} written twice")
-        if set(tensors) != set(C.EXPERT_ROLES):
-            raise ValueError(f"expert {key} needs roles {C.EXPERT_ROLES}, got {sorted(tensors)}")
-        encoded = {}
-        for role in C.EXPERT_ROLES:
-            name, w, codec_id, params, src_dtype = tensors[role]
-            segs = self._encode(name, w, codec_id, dict(params), (calib or {}).get(role))
-            encoded[role] = (name, w.shape, codec_id, dict(params), src_dtype, segs)
+        return key
+
+    def add_encoded_expert(self, layer: int, expert: int, encoded: Mapping[str, tuple]) -> None:
+        """Add one routed expert from encode_expert's output (possibly made in another process)."""
+        key = self._check_new_expert(layer, expert)
+        if set(encoded) != set(C.EXPERT_ROLES):
+            raise ValueError(f"expert {key} needs roles {C.EXPERT_ROLES}, got {sorted(encoded)}")
         n_levels = {len(v[5]) for v in encoded.values()}
         if len(n_levels) != 1:
             raise ValueError(f"expert {key}: roles have different level counts {n_levels}")

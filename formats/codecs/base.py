@@ -163,6 +163,27 @@ def pick_group(in_features: int, preferred: int) -> int:
     )
 
 
+def finite(cls: type[Codec], w: np.ndarray) -> np.ndarray:
+    """w as float32, refusing NaN and infinity (a scale computed from them poisons a group)."""
+    w = np.asarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise CodecError(f"{cls.name}: the weight contains NaN or infinity")
+    return w
+
+
+def fp16_scales(cls: type[Codec], x: np.ndarray) -> np.ndarray:
+    """Scales or offsets rounded to the float16 they are stored as (float32 values); refuses
+    weights so large that they overflow it."""
+    with np.errstate(over="ignore"):
+        h = np.asarray(x).astype(np.float16).astype(np.float32)
+    if not np.isfinite(h).all():
+        raise CodecError(
+            f"{cls.name}: weights exceed the float16 range of the scales",
+            "store this tensor with f32 or bf16",
+        )
+    return h
+
+
 def check_matrix(cls: type[Codec], shape: Sequence[int], params: dict) -> tuple[int, int, int]:
     """Common check for group-quantized 2-D weights; returns (rows, cols, group)."""
     if len(shape) != 2:

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from formats.codecs.base import Codec, check_matrix, pick_group, register
+from formats.codecs.base import Codec, check_matrix, finite, fp16_scales, pick_group, register
 from formats.constants import CodecId
 
 DEFAULT_INT4_GROUP = 128
-
-
-def _f16(x: np.ndarray) -> np.ndarray:
-    """Round to float16 and back, keeping float32: decode sees exactly these values."""
-    return x.astype(np.float16).astype(np.float32)
 
 
 @register
@@ -54,8 +49,8 @@ class Int8(Codec):
     @classmethod
     def encode(cls, w, params, calib=None):
         rows, cols, g = check_matrix(cls, w.shape, params)
-        wg = w.reshape(rows, cols // g, g).astype(np.float32)
-        s = _f16(np.abs(wg).max(axis=2) / 127.0)  # [N, G]
+        wg = finite(cls, w).reshape(rows, cols // g, g)
+        s = fp16_scales(cls, np.abs(wg).max(axis=2) / 127.0)  # [N, G]
         safe = np.where(s > 0, s, 1.0)
         q = np.clip(np.rint(wg / safe[..., None]), -127, 127).astype(np.int8)
         return [q.tobytes() + s.astype("<f2").tobytes()]
@@ -97,10 +92,10 @@ class Int4(Codec):
     @classmethod
     def encode(cls, w, params, calib=None):
         rows, cols, g = check_matrix(cls, w.shape, params)
-        wg = w.reshape(rows, cols // g, g).astype(np.float32)
+        wg = finite(cls, w).reshape(rows, cols // g, g)
         lo, hi = wg.min(axis=2), wg.max(axis=2)
-        s = _f16((hi - lo) / 15.0)
-        m = _f16(lo)
+        s = fp16_scales(cls, (hi - lo) / 15.0)
+        m = fp16_scales(cls, lo)
         safe = np.where(s > 0, s, 1.0)
         q = np.clip(np.rint((wg - m[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
         q = q.reshape(rows, cols)

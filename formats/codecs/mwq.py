@@ -80,7 +80,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from formats.codecs.base import Codec, check_matrix, pick_group, register
+from formats.codecs.base import Codec, check_matrix, finite, pick_group, register
 from formats.constants import CodecId
 from formats.errors import CodecError
 
@@ -154,10 +154,7 @@ def check_weight(cls: type[Codec], w: np.ndarray, params: dict) -> tuple[np.ndar
     w = np.asarray(w)
     cls.check_params(w.shape, params)
     rows, cols, g = check_matrix(cls, w.shape, params)
-    w = w.astype(np.float32)
-    if not np.isfinite(w).all():
-        raise CodecError(f"{cls.name}: the weight contains NaN or infinity")
-    return w, rows, cols, g
+    return finite(cls, w), rows, cols, g
 
 
 def _quantize(wg: np.ndarray, s: np.ndarray, z: np.ndarray, maxq: int) -> np.ndarray:

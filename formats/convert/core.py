@@ -9,8 +9,11 @@ behind on failure.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from formats.codecs.base import encode_blocked
 from formats.convert.families import Family, cfg_int, family_of, is_router
 from formats.convert.source import CheckpointSource
 from formats.errors import CheckpointError, CodecError, EmoeError, MissingTensor, ShapeMismatch
-from formats.writer import EmoeWriter
+from formats.writer import EmoeWriter, encode_expert
 
 WRITER_NAME = "edgemoe 0.1.0"
 
@@ -84,6 +87,7 @@ class ConvertOptions:
     experts: str = "mwq:2,3,4"
     compress: bool = True
     progress: bool = True
+    jobs: int = 1  # processes encoding experts; each holds a few experts as float32
 
 
 F32 = CodecChoice("f32")
@@ -219,7 +223,8 @@ def convert(
             w.add_encoded(name, shape, choice.codec_id, params, segments, src_dtype=info.dtype)
             del segments
             bar.update(numel(shape) * 4)
-        for (layer, e), roles in plan.items():
+
+        def inputs(roles: dict[str, str]) -> dict[str, tuple]:
             tensors = {}
             for role, name in roles.items():
                 arr = source.load(name)
@@ -231,9 +236,39 @@ def convert(
                     ) from None
                 tensors[role] = (name, arr, expert_choice.codec_id, params, infos[name].dtype)
                 bar.update(arr.size * 4)
-            w.add_expert(layer, e, tensors)
+            return tensors
+
+        if options.jobs <= 1:
+            for (layer, e), roles in plan.items():
+                w.add_expert(layer, e, inputs(roles))
+        else:
+            _encode_in_parallel(w, plan, inputs, options.jobs)
     bar.close()
     return Path(out_path)
+
+
+def _encode_in_parallel(w: EmoeWriter, plan: dict, inputs, jobs: int) -> None:
+    """Experts encoded by `jobs` worker processes, written in plan order as they finish.
+
+    This process loads each expert and ships it to a worker; at most 2 x jobs experts are
+    in flight, so memory grows with jobs, not with the model. Spawned workers: a fork would
+    copy whatever the parent holds (and torch's thread pools, if it is loaded).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    pending: deque = deque()
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        try:
+            for key, roles in plan.items():
+                pending.append((key, pool.submit(encode_expert, inputs(roles))))
+                while len(pending) > 2 * jobs or (pending and pending[0][1].done()):
+                    (layer, e), fut = pending.popleft()
+                    w.add_encoded_expert(layer, e, fut.result())
+            while pending:
+                (layer, e), fut = pending.popleft()
+                w.add_encoded_expert(layer, e, fut.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 class _NoBar:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from formats.codecs import codec_by_name, registered
 from formats.codecs.bitplane import Bitplane
+from formats.codecs.intq import Int4, Int8
 from formats.codecs.mwq import MWQ
 from formats.errors import CodecError
 
@@ -326,7 +327,7 @@ def test_special_groups():
         np.testing.assert_allclose(out[2, :32], -3.0, rtol=0.01)
 
 
-@pytest.mark.parametrize("codec", [MWQ, Bitplane])
+@pytest.mark.parametrize("codec", [MWQ, Bitplane, Int8, Int4])
 def test_encode_refuses_bad_weights(codec):
     shape = (8, 64)
     params = codec.default_params(shape, group=32)
