@@ -240,18 +240,25 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
     """BPE merges for a SentencePiece vocabulary, ranked by the merged piece's score.
 
     Every split of a normal piece into two pieces of the vocabulary is a merge;
-    higher-scoring results merge first, ties broken by the ids of the two halves
-    (what HF's SentencePiece extractor does).
+    higher-scoring results merge first. SentencePiece (and llama.cpp) break a
+    tie in score by merging the leftmost pair, which a merge list cannot say;
+    ranking the longer result first reproduces it on runs of one character, the
+    tie Llama's tokenizer.model has (its whitespace-only pieces all score -1e9).
+    Where every score is equal (llama.cpp's converter writes -1000 for all when
+    it had no tokenizer.model), the ids, SentencePiece's merge order, rank
+    instead. Remaining ties go by the ids of the result and its two halves.
     """
     ids = {}
     for i, tok in enumerate(tokens):
         if types[i] in (TT.NORMAL, TT.USER_DEFINED):
             ids.setdefault(tok, i)
+    ranked = len({scores[i] for i in ids.values()}) > 1
     found = []
     for tok, i in ids.items():
         for cut in range(1, len(tok)):
             left, right = tok[:cut], tok[cut:]
             if left in ids and right in ids:
-                found.append((-scores[i], i, ids[left], ids[right], left, right))
-    found.sort(key=lambda m: m[:4])
+                longer = -len(tok) if ranked else 0
+                found.append((-scores[i], longer, i, ids[left], ids[right], left, right))
+    found.sort(key=lambda m: m[:5])
     return [[left, right] for *_, left, right in found]

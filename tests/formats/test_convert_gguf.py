@@ -429,8 +429,8 @@ def test_unknown_gguf_tensor_is_refused(tiny, tmp_path):
 # -- llama.cpp's own converter (opt-in) ---------------------------------------------------
 
 # Runs convert_hf_to_gguf.py unchanged but for two functions: the tiny tokenizer has
-# no known pre-tokenizer hash, so the family's pre name is given; sentencepiece is
-# not installed, and the folders have no tokenizer.model, so that path is skipped.
+# no known pre-tokenizer hash, so the family's pre name is given; the folders have no
+# tokenizer.model, so the SentencePiece path is skipped (test_gguf_spm_tokenizer.py covers it).
 RUNNER = """
 import os, runpy, sys
 script, pre = sys.argv[1], sys.argv[2]
