@@ -12,6 +12,7 @@ existing file byte for byte, which is how formats.amend edits one.
 
 from __future__ import annotations
 
+import glob
 import os
 import zlib
 from collections.abc import Iterable, Mapping
@@ -101,6 +102,22 @@ def encode_expert(
     return encoded
 
 
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of earlier writes of `path` whose process is gone (SIGKILL and the
+    OOM killer leave no chance to clean up); a live writer's file is left alone."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -4]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            tmp.with_suffix(".move").unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class EmoeWriter:
     """Write one .emoe file chunk by chunk.
 
@@ -138,6 +155,7 @@ class EmoeWriter:
         self._data_offset = C.align_up(C.PREAMBLE_SIZE + max(header_reserve, 1024))
         self._end = 0  # end of the last chunk, relative to the data region
         self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        _remove_stale_temps(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.tmp_path, "wb+")
         self._done = False

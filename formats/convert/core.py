@@ -250,17 +250,19 @@ def convert(
 def _encode_in_parallel(w: EmoeWriter, plan: dict, inputs, jobs: int) -> None:
     """Experts encoded by `jobs` worker processes, written in plan order as they finish.
 
-    This process loads each expert and ships it to a worker; at most 2 x jobs experts are
-    in flight, so memory grows with jobs, not with the model. Spawned workers: a fork would
+    This process loads each expert and ships it to a worker; at most jobs + 1 experts are
+    in flight, so memory grows with jobs (each worker is ~100 MB here), not with the model. Spawned workers: a fork would
     copy whatever the parent holds (and torch's thread pools, if it is loaded).
     """
     ctx = multiprocessing.get_context("spawn")
     pending: deque = deque()
-    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         try:
             for key, roles in plan.items():
                 pending.append((key, pool.submit(encode_expert, inputs(roles))))
-                while len(pending) > 2 * jobs or (pending and pending[0][1].done()):
+                while len(pending) > jobs or (pending and pending[0][1].done()):
                     (layer, e), fut = pending.popleft()
                     w.add_encoded_expert(layer, e, fut.result())
             while pending:
@@ -269,6 +271,21 @@ def _encode_in_parallel(w: EmoeWriter, plan: dict, inputs, jobs: int) -> None:
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
+
+
+def _die_with_parent(parent: int) -> None:
+    """Workers exit when the converter dies (an OOM kill, a SIGKILL): otherwise they block
+    forever writing a result nobody reads. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before this worker got here
+        os._exit(1)
 
 
 class _NoBar:

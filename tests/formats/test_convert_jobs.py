@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from formats.convert import ConvertOptions, convert, open_source
@@ -40,3 +42,80 @@ def test_a_worker_error_names_the_tensor_and_leaves_nothing(tiny_hf, tmp_path):
         convert(src, out, ConvertOptions(experts="int8", progress=False, jobs=2))
     assert "experts.3" in str(e.value) or "NaN" in str(e.value)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    import os
+
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid -= 1
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tiny_hf, tmp_path):
+    import subprocess
+
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = tmp_path / f".m.emoe.{_dead_pid()}.tmp"
+        busy = tmp_path / f".m.emoe.{live.pid}.tmp"
+        other = tmp_path / f".n.emoe.{_dead_pid()}.tmp"
+        for f in (stale, busy, other):
+            f.write_bytes(b"x")
+        with open_source(tiny_hf("olmoe")) as src:
+            convert(src, tmp_path / "m.emoe", ConvertOptions(experts="int8", progress=False))
+        assert not stale.exists() and busy.exists() and other.exists()
+    finally:
+        live.kill()
+
+
+def test_workers_die_with_a_killed_converter(tmp_path):
+    """An OOM kill of the converter must not leave its workers blocked forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+    from make_checkpoint import mixtral_config, write_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    cfg = mixtral_config(hidden=256, intermediate=512, layers=4, experts=8, vocab=512)
+    write_checkpoint(ckpt, cfg, shard_bytes=64 << 20)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgemoe.cli",
+            "convert",
+            str(ckpt),
+            str(tmp_path / "o.emoe"),
+            "--jobs",
+            "2",
+            "-q",
+            "--experts",
+            "mwq:2,3,4",
+        ]
+    )
+    workers: list = []
+    for _ in range(300):
+        workers = psutil.Process(p.pid).children()
+        if len([w for w in workers if "spawn_main" in " ".join(w.cmdline())]) == 2:
+            break
+        time.sleep(0.05)
+    assert workers, "the converter started no workers"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    _, alive = psutil.wait_procs(
+        [w for w in workers if "spawn_main" in " ".join(w.cmdline())], timeout=10
+    )
+    assert not alive
