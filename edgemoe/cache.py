@@ -9,6 +9,7 @@ scheduling issue will bring others (EdgeMoE's layer-distance score).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import OrderedDict, deque
 from typing import Protocol
@@ -49,7 +50,9 @@ class Belady:
 
     It needs the future, so it serves studies and bounds (replaying a recorded trace),
     never a live run. `future` lists the keys of each step in order; the caller sets
-    `now` to the index of the step being served.
+    `now` to the index of the step being served. A max-heap on next use keeps a victim
+    O(log n) (a scan was O(slots) per miss: minutes for a large model's plan); entries
+    made stale by a later touch or a removal are dropped when they surface.
     """
 
     def __init__(self, future: list[set[Key]]):
@@ -57,24 +60,39 @@ class Belady:
         for i, keys in enumerate(future):
             for k in keys:
                 self._uses.setdefault(k, deque()).append(i)
-        self._held: set[Key] = set()
+        self._next: dict[Key, float] = {}  # held key -> its next use after the step it was touched
+        self._heap: list[tuple[float, int, Key]] = []  # (-next use, tie-break, key)
+        self._tick = 0
         self.now = 0
 
-    def _next_use(self, key: Key) -> float:
+    def touch(self, key):
         uses = self._uses.get(key)
         while uses and uses[0] <= self.now:  # the current step counts as used, not as next
             uses.popleft()
-        return uses[0] if uses else math.inf
-
-    def touch(self, key):
-        self._held.add(key)
+        nxt = uses[0] if uses else math.inf
+        self._next[key] = nxt
+        self._tick += 1
+        heapq.heappush(self._heap, (-nxt, self._tick, key))
 
     def remove(self, key):
-        self._held.discard(key)
+        self._next.pop(key, None)
 
     def victim(self, pinned):
-        free = [k for k in self._held if k not in pinned]
-        return max(free, key=self._next_use, default=None)
+        held_back, found = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            key = entry[2]
+            if self._next.get(key) != -entry[0]:
+                continue  # stale: removed, or touched again since
+            if key in pinned:
+                held_back.append(entry)
+                continue
+            found = key
+            held_back.append(entry)  # still held until the cache calls remove()
+            break
+        for entry in held_back:
+            heapq.heappush(self._heap, entry)
+        return found
 
 
 class ExpertCache:
