@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bound_table:start -->", "<!-- bound_table:end -->"
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_doc import write_section  # noqa: E402
+
 PROMPTS = ["The function returns a list of", "In the beginning God created", "The database server"]
 # budgets relative to the planner's minimum, which moves with the machine's floor:
 # every expert, a third of them, one expert
@@ -61,7 +63,6 @@ def main() -> None:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     rt = rows[0][3]["routing"]
     lines = [
-        START,
         "### The decode bound against measured speed (demo model, batch of 3, 64 tokens)",
         "",
         f"`python tools/bound_table.py --runs {runs}`, {when}, on the 2-core devbox (median of "
@@ -85,16 +86,7 @@ def main() -> None:
             f"| {dev} | {mem} | {dec} | {pb:.0f} | {p['expected_tok_s']:.0f} | {rb:.0f} | "
             f"{got:.1f} | {got / pb:.2f} | {got / rb:.2f} | {100 * s['hit_rate']:.0f}% |"
         )
-    lines.append(END)
-    table = "\n".join(lines)
-    print(table)
-    text = BENCH.read_text()
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + table + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
-    BENCH.write_text(text)
+    write_section("bound_table", lines)
     above = [
         r for r in rows if r[4]["decode_tok_s"] > min(r[3]["bound_tok_s"], r[4]["bound_tok_s"])
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from pathlib import Path
 
 from edgemoe.engine import DEMO
@@ -16,8 +17,10 @@ from edgemoe.routing import RoutingTrace, expected_uses, locality
 from formats.reader import EmoeReader
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "docs" / "BENCHMARKS.md"
-START, END = "<!-- cache_study:start -->", "<!-- cache_study:end -->"
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_doc import write_section  # noqa: E402
+
 MULTIPLES = (0.5, 1, 1.5, 2, 3, 4, 6)
 
 
@@ -43,7 +46,6 @@ def main() -> None:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     name = Path(args.model).name
     lines = [
-        START,
         f"### LRU against Belady on the routing trace ({name}, batch {args.batch})",
         "",
         f"`python tools/cache_study.py`, {when}. The file's trace: {s} sequences of {t} tokens of "
@@ -60,16 +62,7 @@ def main() -> None:
         lines.append(
             f"| {m:g}x | {slots} | {100 * lru:.0f}% | {100 * opt:.0f}% | {lru / opt:.2f} |"
         )
-    lines.append(END)
-    table = "\n".join(lines)
-    print(table)
-    text = BENCH.read_text()
-    if START in text:
-        head, rest = text.split(START, 1)
-        text = head + table + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
-    BENCH.write_text(text)
+    write_section("cache_study", lines)
 
 
 if __name__ == "__main__":
