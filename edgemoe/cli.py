@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--all", action="store_true", help="list every bad chunk, not just the first")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(fn=_cmd_verify)
+    from edgemoe.bench.cli import add_parser as add_bench  # `edgemoe bench` (issue 14)
+
+    add_bench(sub)
     return p
 
 

@@ -1,0 +1,311 @@
+"""`edgemoe bench`: edgemoe against llama.cpp under memory caps.
+
+Converts what it needs (cached by content), runs each system in a fresh
+process inside a memory cgroup equal to the cap after evicting every file,
+pairs the systems cap by cap with alternating order, and reports medians
+over repeats: a table, a plot and a section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from edgemoe import memcap
+from edgemoe.bench import report
+from edgemoe.bench.models import SHAPES, make_model
+from edgemoe.bench.prepare import CACHE, BenchInputError, find_llama_bench, prepare
+from edgemoe.bench.report import Run
+from edgemoe.bench.runners import (
+    LLAMA_CPP,
+    SYSTEMS,
+    Settings,
+    edgemoe_run_flags,
+    prompts_of,
+    run_edgemoe,
+    run_llamacpp,
+)
+from edgemoe.units import Bytes
+
+REPO = Path(__file__).resolve().parents[2]
+CPU_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_bf16",
+    "neon",
+    "asimd",
+)
+
+
+def add_parser(sub) -> None:
+    """Add `bench` to the `edgemoe` subcommands."""
+    b = sub.add_parser(
+        "bench",
+        help="edgemoe vs llama.cpp under memory caps (table, plot, docs/BENCHMARKS.md)",
+        description=__doc__,
+    )
+    b.add_argument(
+        "model", nargs="?", help="a Hugging Face folder, a .gguf, or a .emoe (with --gguf)"
+    )
+    b.add_argument(
+        "--make",
+        choices=sorted(SHAPES),
+        help="make this seeded random-weight bench model and bench it",
+    )
+    b.add_argument(
+        "--caps",
+        default="none,100,75,50,25",
+        help="none, percents of the reference file, or sizes (default none,100,75,50,25)",
+    )
+    b.add_argument(
+        "--baseline", default=LLAMA_CPP, choices=(LLAMA_CPP, "none"), help="(default llama.cpp)"
+    )
+    b.add_argument(
+        "--systems",
+        default="edgemoe-naive,edgemoe",
+        help="edgemoe systems (default edgemoe-naive,edgemoe; naive runs where `edgemoe run` offers --engine)",
+    )
+    b.add_argument(
+        "--batch", default="1", help="batch sizes, e.g. 1,8 (llama-bench runs batch 1 only)"
+    )
+    b.add_argument(
+        "--repeats", type=int, default=3, help="runs of each system at each cap (default 3)"
+    )
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--timeout", type=float, default=1800, help="seconds per run (default 1800)")
+    b.add_argument(
+        "--gguf", help="the GGUF llama.cpp runs (default: made by llama.cpp's converter)"
+    )
+    b.add_argument(
+        "--experts",
+        default="int8",
+        help="codec of routed experts in the .emoe made here (default int8)",
+    )
+    b.add_argument(
+        "--dense",
+        default="bf16",
+        help="codec of dense weights in the .emoe made here (default bf16)",
+    )
+    b.add_argument("--outtype", default="q8_0", help="llama.cpp converter --outtype (default q8_0)")
+    b.add_argument("--llama-bench", help="llama-bench binary (default: PATH or the build cache)")
+    b.add_argument("--llama-convert", help="llama.cpp's convert_hf_to_gguf.py")
+    b.add_argument("--json", help="write every raw run here")
+    b.add_argument("--plot", help="write the plot here (default with the doc: docs/bench-NAME.png)")
+    b.add_argument("--no-doc", action="store_true", help="do not write docs/BENCHMARKS.md")
+    b.add_argument(
+        "--no-drop-caches",
+        action="store_true",
+        help="evict only the model files, not the whole page cache",
+    )
+    b.set_defaults(fn=cmd_bench)
+
+
+def _validate(a) -> tuple[list, list[int], list[str]]:
+    caps = report.parse_caps(a.caps)
+    batches = report.parse_ints(a.batch, "--batch")
+    if a.repeats < 1:
+        raise ValueError(f"--repeats {a.repeats}: must be at least 1")
+    if a.prompt_tokens < 1 or a.new_tokens < 2:
+        raise ValueError("--prompt-tokens must be at least 1 and --new-tokens at least 2")
+    if (a.model is None) == (a.make is None):
+        raise BenchInputError("give a MODEL or --make NAME (one of them)")
+    names = [s.strip() for s in a.systems.split(",") if s.strip()]
+    for s in names:
+        if s not in SYSTEMS or SYSTEMS[s].kind != "edgemoe":
+            ours = ", ".join(k for k, v in SYSTEMS.items() if v.kind == "edgemoe")
+            raise ValueError(f"--systems: no edgemoe system {s!r}; choose from {ours}")
+    if not names:
+        raise ValueError("--systems is empty")
+    return caps, batches, names
+
+
+def machine() -> str:
+    """CPU model, cores, SIMD flags, memory, torch version."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+        platform.processor(),
+    )
+    flags = set(
+        next(
+            (
+                ln.split(":", 1)[1].split()
+                for ln in info.splitlines()
+                if ln.startswith(("flags", "Features"))
+            ),
+            [],
+        )
+    )
+    simd = [f for f in CPU_FLAGS if f in flags] or ["none of avx2/avx512"]
+    mem = Bytes(
+        int(
+            next(
+                ln.split()[1]
+                for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")
+            )
+        )
+        * 1024
+    )
+    import os
+
+    return f"{model}, {os.cpu_count()} cores ({' '.join(simd)}), {mem.human()} RAM, torch {torch.__version__}"
+
+
+def _git_head() -> str:
+    p = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return p.stdout.strip() or "unknown"
+
+
+def cmd_bench(a) -> int:
+    caps, batches, wanted = _validate(a)
+    if (why := memcap.available()) is not None:
+        raise OSError(f"edgemoe bench runs every system inside a memory cgroup, and here is {why}")
+    baseline = None if a.baseline == "none" else LLAMA_CPP
+    bench_bin = find_llama_bench(a.llama_bench) if baseline else None
+    help_text = edgemoe_run_flags()
+    skipped = [s for s in wanted if SYSTEMS[s].needs and SYSTEMS[s].needs not in help_text]
+    systems = ([baseline] if baseline else []) + [s for s in wanted if s not in skipped]
+    for s in skipped:
+        print(f"bench: skipping {s}: `edgemoe run` has no {SYSTEMS[s].needs} yet", file=sys.stderr)
+
+    model = a.model or make_model(a.make, CACHE / "bench" / "models" / a.make)
+    prep = prepare(
+        model,
+        baseline=baseline is not None,
+        gguf=a.gguf,
+        experts=a.experts,
+        dense=a.dense,
+        outtype=a.outtype,
+        converter=a.llama_convert,
+    )
+    ref = prep.gguf or prep.emoe
+    base = ref.stat().st_size
+    settings = Settings(a.prompt_tokens, a.new_tokens, a.threads, a.timeout, not a.no_drop_caches)
+    prompts = {b: prompts_of(prep.emoe, a.prompt_tokens, b) for b in batches}
+    runs: list[Run] = []
+    plan = report.schedule(systems, caps, batches, a.repeats)
+    for i, (rep, cap, b, order) in enumerate(plan):
+        limit = cap.bytes(base)
+        for pos, name in enumerate(order):
+            if name == LLAMA_CPP:
+                run = run_llamacpp(bench_bin, prep.gguf, cap.label, limit, rep, b, settings)
+            else:
+                run = run_edgemoe(
+                    SYSTEMS[name], prep.emoe, prompts[b], cap.label, limit, rep, settings
+                )
+            run.position = pos
+            runs.append(run)
+            rate = f"{run.decode_tok_s:.2f} tok/s" if run.decode_tok_s else run.note
+            print(
+                f"bench: [{i + 1}/{len(plan)}] cap {cap.label} batch {b} repeat {rep + 1}: {name} {rate}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if a.json:
+                _dump(a.json, prep, systems, caps, base, runs)
+    lines = report.table(runs, systems, baseline, caps, batches)
+    print("\n".join(lines))
+    plot_path = a.plot or (None if a.no_doc else str(REPO / "docs" / f"bench-{prep.name}.png"))
+    plot_note = None
+    if plot_path:
+        plot_note = report.plot(runs, systems, caps, base, plot_path)
+        print(
+            f"bench: {plot_note}" if plot_note else f"bench: plot -> {plot_path}", file=sys.stderr
+        )
+    if not a.no_doc:
+        _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note)
+    return 0
+
+
+def _dump(path, prep, systems, caps, base, runs) -> None:
+    record = {
+        "model": prep.name,
+        "emoe": str(prep.emoe),
+        "gguf": str(prep.gguf) if prep.gguf else None,
+        "cap_base": base,
+        "caps": {c.label: c.bytes(base) for c in caps},
+        "systems": systems,
+        "runs": [r.to_dict() for r in runs],
+    }
+    Path(path).write_text(json.dumps(record, indent=1))
+
+
+def _section_writer():
+    path = REPO / "tools" / "bench_doc.py"
+    if not path.is_file():
+        raise OSError(f"{path} is missing: write the doc from a source checkout, or pass --no-doc")
+    spec = importlib.util.spec_from_file_location("bench_doc", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.write_section
+
+
+def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note) -> None:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    argv = " ".join(shlex.quote(x) for x in ["edgemoe", "bench", *sys.argv[2:]])
+    llama = next(
+        (r.extra for r in runs if r.system == LLAMA_CPP and r.extra.get("build_commit")), {}
+    )
+    ref = "the Q8_0 GGUF" if prep.gguf else "the .emoe"
+    emoe_size = Bytes(prep.emoe.stat().st_size)
+    gguf_size = (
+        f"GGUF ({a.outtype}) {Bytes(prep.gguf.stat().st_size).human()}, " if prep.gguf else ""
+    )
+    out = [
+        f"### edgemoe bench: {prep.name} under memory caps",
+        "",
+        f"`{argv}` on {machine()}, edgemoe {_git_head()}"
+        + (
+            f", llama.cpp {llama.get('build_commit')} (llama-cpp-python 0.3.36 sdist, GGML_NATIVE)"
+            if llama
+            else ""
+        )
+        + f", {now}.",
+        f"Model: {prep.about}; {gguf_size}.emoe ({a.experts} experts, {a.dense} dense) {emoe_size.human()}.",
+        f"Caps are percents of {ref} ({Bytes(base).human()}). Each run is a fresh process inside a memory "
+        "cgroup whose limit is the cap (page cache included; `none`: no limit, peak still measured), "
+        "after the model files were evicted from the page cache"
+        + (" and the whole page cache dropped" if not a.no_drop_caches else "")
+        + f"; edgemoe gets `--mem` equal to the cap. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new, greedy, "
+        f"{a.threads} threads. llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 --mmap 1`, "
+        "its decode (tg) runs at depth 0 after its own warm-up; edgemoe decodes after its prompt. "
+        f"Medians over {a.repeats} repeat(s); within a repeat the systems run back to back at each cap, "
+        "their order alternating; the ratio is the median of the paired ratios. Disk read / token: the "
+        "process tree's block reads over every token it forwarded (warm-ups included). Peak: the cgroup's.",
+        "",
+        *lines,
+    ]
+    if skipped:
+        out += [
+            "",
+            f"Not run: {', '.join(skipped)} (`edgemoe run` has no {SYSTEMS[skipped[0]].needs} flag yet).",
+        ]
+    if plot_path and not plot_note:
+        rel = Path(plot_path).resolve()
+        try:
+            rel = rel.relative_to(REPO / "docs")
+        except ValueError:
+            pass
+        out += ["", f"![decode tok/s, disk read per token and hit rate against the cap]({rel})"]
+    elif plot_note:
+        out += ["", f"No plot: {plot_note}."]
+    _section_writer()(f"bench-{prep.name}", out)

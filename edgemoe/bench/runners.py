@@ -1,0 +1,256 @@
+"""Run one system once, inside a memory cgroup, from a cold page cache.
+
+Systems are data: a name and how to run it. `edgemoe` is the engine as
+shipped; `edgemoe-naive` is the same command plus the argv that selects
+today's (pre-cache-policy) behaviour, run only when `edgemoe run` offers it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgemoe import memcap
+from edgemoe.bench.report import FAILED, NA, OK, OOM, REFUSED, TIMEOUT, Run
+from edgemoe.units import Bytes
+
+LLAMA_CPP = "llama.cpp"
+
+
+@dataclass(frozen=True)
+class System:
+    """One contender. `argv` is appended to `edgemoe run` (edgemoe systems only);
+    `needs` is the `edgemoe run` flag that must exist for the system to run."""
+
+    name: str
+    kind: str  # "llama.cpp" or "edgemoe"
+    argv: tuple[str, ...] = ()
+    needs: str | None = None
+    about: str = ""
+
+
+SYSTEMS = {
+    s.name: s
+    for s in (
+        System(LLAMA_CPP, LLAMA_CPP, about="llama-bench, Q8_0 GGUF, mmap"),
+        System(
+            "edgemoe-naive",
+            "edgemoe",
+            ("--engine", "naive"),
+            "--engine",
+            "edgemoe, today's paging kept selectable",
+        ),
+        System("edgemoe", "edgemoe", about="edgemoe as shipped"),
+    )
+}
+
+
+def edgemoe_run_flags() -> str:
+    """`edgemoe run --help`, to tell which systems this edgemoe can run."""
+    p = subprocess.run(
+        [sys.executable, "-m", "edgemoe.cli", "run", "--help"], capture_output=True, text=True
+    )
+    return p.stdout
+
+
+def _mem_total() -> Bytes:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return Bytes(int(line.split()[1]) * 1024)
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def evict(files: list[Path]) -> bool:
+    """Drop the model files from the page cache, and every clean page if root may.
+
+    Returns:
+        True when the whole page cache was dropped too (/proc/sys/vm/drop_caches).
+    """
+    for f in files:
+        memcap.evict_page_cache(f)
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Settings:
+    """What every run shares."""
+
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    threads: int = 2
+    timeout: float = 1800
+    drop_caches: bool = True
+    env: dict = field(default_factory=dict)
+
+    def environ(self) -> dict:
+        return dict(
+            os.environ,
+            OMP_WAIT_POLICY="PASSIVE",
+            OMP_NUM_THREADS=str(self.threads),
+            **self.env,
+        )
+
+
+def _capped(cmd: list[str], limit: Bytes | None, files: list[Path], s: Settings):
+    """(CapResult or None on timeout, whether the page cache was dropped)."""
+    dropped = evict(files) if s.drop_caches else False
+    if not s.drop_caches:
+        for f in files:
+            memcap.evict_page_cache(f)
+    try:
+        res = memcap.run_capped(cmd, limit or _mem_total(), timeout=s.timeout, env=s.environ())
+    except subprocess.TimeoutExpired:
+        return None, dropped
+    return res, dropped
+
+
+def run_llamacpp(
+    bench: Path, gguf: Path, cap: str, limit: Bytes | None, repeat: int, batch: int, s: Settings
+) -> Run:
+    """llama-bench once: prefill of prompt_tokens (pp) and decode of new_tokens (tg),
+    each after llama-bench's own warm-up, with mmap (its default) and -r 1."""
+    run = Run(LLAMA_CPP, cap, repeat, batch, limit=limit)
+    if batch != 1:
+        run.status, run.note = NA, "n/a (llama-bench decodes one sequence)"
+        return run
+    cmd = [str(bench), "-m", str(gguf), "-p", str(s.prompt_tokens), "-n", str(s.new_tokens)]
+    cmd += ["-r", "1", "-t", str(s.threads), "--mmap", "1", "-o", "json"]
+    res, dropped = _capped(cmd, limit, [gguf], s)
+    run.extra["dropped_caches"] = dropped
+    if res is None:
+        run.status, run.note = TIMEOUT, f"timeout ({s.timeout:.0f} s)"
+        return run
+    run.peak, run.bytes_read, run.wall_s = int(res.peak), int(res.bytes_read), res.wall_s
+    if res.oom_killed:
+        run.status, run.note = OOM, "OOM-killed"
+        return run
+    try:
+        tests = json.loads(res.stdout)
+    except ValueError:
+        tests = None
+    if res.returncode != 0 or not tests:
+        run.status, run.note = FAILED, f"failed (exit {res.returncode})"
+        run.extra["stderr"] = res.stderr[-2000:]
+        return run
+    for t in tests:
+        if t.get("n_gen", 0) > 0:
+            run.decode_tok_s, run.new_tokens = float(t["avg_ts"]), int(t["n_gen"])
+        elif t.get("n_prompt", 0) > 0:
+            run.prefill_tok_s, run.prompt_tokens = float(t["avg_ts"]), int(t["n_prompt"])
+    # llama-bench warms up with the whole prompt and with one generated token.
+    run.tokens = 2 * (run.prompt_tokens or 0) + (run.new_tokens or 0) + 1
+    first = tests[0]
+    run.extra.update(
+        {
+            k: first.get(k)
+            for k in (
+                "build_commit",
+                "build_number",
+                "cpu_info",
+                "model_type",
+                "model_size",
+                "n_threads",
+            )
+        }
+    )
+    return run
+
+
+_NEEDS = re.compile(r"smallest budget that works is ([0-9.]+ ?[KMGT]?i?B)")
+
+
+def prompts_of(emoe: Path, n_tokens: int, batch: int) -> list[str]:
+    """`batch` different texts of n_tokens tokens each under the file's tokenizer
+    (or as near below as whole words allow; the run records the real count)."""
+    from edgemoe.tokenizer import Tokenizer
+    from formats.reader import EmoeReader
+
+    words = (
+        "the memory budget holds every dense weight and a cache of experts while the rest "
+        "stay on flash and each token reads the few it routes to so a model larger than "
+        "memory still runs at a speed set by how often the cache misses and how fast the "
+        "disk answers a read of one expert in one request"
+    ).split()
+    with EmoeReader(emoe) as r:
+        tok = Tokenizer(r)
+        out = []
+        for b in range(batch):
+            text, k = "", 0
+            while True:
+                nxt = (text + " " if text else "") + words[(7 * b + k) % len(words)]
+                if len(tok.encode(nxt)) > n_tokens:
+                    break
+                text, k = nxt, k + 1
+            out.append(text)
+    return out
+
+
+def run_edgemoe(
+    system: System,
+    emoe: Path,
+    prompts: list[str],
+    cap: str,
+    limit: Bytes | None,
+    repeat: int,
+    s: Settings,
+) -> Run:
+    """`edgemoe run --json` once, with --mem equal to the cgroup's cap."""
+    batch = len(prompts)
+    run = Run(system.name, cap, repeat, batch, limit=limit)
+    cmd = [sys.executable, "-m", "edgemoe.cli", "run", str(emoe), "--json", "-q"]
+    cmd += [
+        "-n",
+        str(s.new_tokens),
+        "--temperature",
+        "0",
+        "--ctx",
+        str(s.prompt_tokens + s.new_tokens),
+    ]
+    for p in prompts:
+        cmd += ["-p", p]
+    if limit is not None:
+        cmd += ["--mem", str(int(limit))]
+    cmd += list(system.argv)
+    res, dropped = _capped(cmd, limit, [emoe], s)
+    run.extra["dropped_caches"] = dropped
+    if res is None:
+        run.status, run.note = TIMEOUT, f"timeout ({s.timeout:.0f} s)"
+        return run
+    run.peak, run.bytes_read, run.wall_s = int(res.peak), int(res.bytes_read), res.wall_s
+    if res.oom_killed:
+        run.status, run.note = OOM, "OOM-killed"
+        return run
+    if res.returncode != 0:
+        m = _NEEDS.search(res.stderr)
+        if m:
+            run.status, run.note = REFUSED, f"refused (needs {m.group(1)})"
+        else:
+            run.status, run.note = FAILED, f"failed (exit {res.returncode})"
+        run.extra["stderr"] = res.stderr[-2000:]
+        return run
+    summary = json.loads(res.stdout)["summary"]
+    run.decode_tok_s = summary.get("decode_tok_s")
+    run.prefill_tok_s = summary.get("prefill_tok_s")
+    run.prompt_tokens = summary.get("prompt_tokens")
+    run.new_tokens = summary.get("new_tokens")
+    run.hit_rate = summary.get("hit_rate")
+    run.expert_bytes = summary.get("bytes_read")
+    run.tokens = ((run.prompt_tokens or 0) + (run.new_tokens or 0)) * (1 if batch == 1 else 1)
+    run.extra.update(
+        {
+            k: summary.get(k)
+            for k in ("peak_rss", "floor", "expert_cache", "expert_slots", "o_direct")
+        }
+    )
+    run.status = OK
+    return run
