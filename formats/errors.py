@@ -74,3 +74,40 @@ class CheckpointError(EmoeError):
     """A checkpoint folder or GGUF file cannot be read as a model."""
 
     fix = "point `edgemoe convert` at a Hugging Face model folder (config.json + *.safetensors) or a .gguf file"
+
+
+class NotARegularFile(EmoeError):
+    """The path is a folder, a FIFO, a device or a socket: reading it could block or never end."""
+
+    fix = "give the path of a .emoe file (a regular file)"
+
+
+class BadConfig(EmoeError):
+    """A config value the runtime reads is missing, of the wrong type, out of range, or
+    contradicts another value."""
+
+    fix = "the model's config is inconsistent; re-convert it from the model's own config.json with `edgemoe convert`"
+
+
+class ExpertTableMismatch(EmoeError):
+    """The routed experts stored do not match the config's MoE layers x experts."""
+
+    fix = "the file's config and its experts disagree; re-convert it with `edgemoe convert`"
+
+
+class BadTokenizer(EmoeError):
+    """The tokenizer.json that travels with a model does not parse or does not fit the model."""
+
+    fix = "re-convert from a checkpoint whose tokenizer.json loads with Hugging Face tokenizers"
+
+
+class BadChatTemplate(EmoeError):
+    """The chat template does not compile, or raises while rendering."""
+
+    fix = "fix the chat template (chat_template.jinja or tokenizer_config.json) and re-convert, or run without --chat"
+
+
+class ChatTemplateLimit(BadChatTemplate):
+    """Rendering the chat template ran past the sandbox's time, output or loop limits."""
+
+    fix = "the chat template loops without end or builds huge text; fix it and re-convert, or run without --chat"

@@ -11,6 +11,7 @@ read is checked against its CRC.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import zlib
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from formats.errors import (
     HeaderCorrupt,
     HeaderTooLarge,
     MissingTensor,
+    NotARegularFile,
     OffsetOutOfRange,
     OverlappingChunks,
     TruncatedFile,
@@ -84,6 +86,23 @@ class ExpertEntry:
         return f"expert {self.expert} of layer {self.layer}"
 
 
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    """Refuse what is not a regular file: reading a FIFO or /dev/zero blocks or never ends."""
+    if stat.S_ISREG(mode):
+        return
+    kind = next((k for test, k in _NOT_REGULAR if test(mode)), "not a regular file")
+    raise NotARegularFile(f"{path} is {kind}, not a .emoe file")
+
+
 def _schema(cond: bool, what: str) -> None:
     if not cond:
         raise HeaderCorrupt(f"header schema: {what}")
@@ -98,28 +117,40 @@ class EmoeReader:
 
     Args:
         path: the file.
+        check_model: also check the model inside (formats.validate.check_file): config
+            values and their types, config against tensor shapes and the expert table.
+            The runtime opens files with it; tools that read any container do not.
     Raises:
+        NotARegularFile: a folder, FIFO, device or socket (refused before any open that
+            could block).
         BadMagic, UnsupportedVersion, HeaderTooLarge, HeaderCorrupt, TruncatedFile,
         OffsetOutOfRange, OverlappingChunks, UnknownCodec: the file is not valid;
         the message names what and where.
+        BadConfig, ExpertTableMismatch, MissingTensor, ShapeMismatch: with check_model,
+            the model's config and tensors disagree.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, check_model: bool = False):
         self.path = Path(path)
         self._fd = -1
-        if self.path.is_dir():
-            raise EmoeError(
-                f"{self.path} is a folder, not a .emoe file", "give the path of a .emoe file"
-            )
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            _require_regular(self.path, os.stat(self.path).st_mode)
+            # O_NONBLOCK: should the path turn into a FIFO after the stat, open returns at
+            # once and the fstat below refuses it
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             raise EmoeError(
                 f"{self.path}: no such file",
                 "check the path, or convert a model with `edgemoe convert`",
             ) from None
         try:
+            _require_regular(self.path, os.fstat(self._fd).st_mode)
+            os.set_blocking(self._fd, True)
             self._open()
+            if check_model:
+                from formats.validate import check_file
+
+                check_file(self)
         except BaseException:
             self.close()  # sets _fd to -1 so __del__ cannot close a reused descriptor
             raise
