@@ -1,17 +1,29 @@
-"""The tokenizer and chat template that travel inside a .emoe."""
+"""The tokenizer and chat template that travel inside a .emoe.
+
+Both are checked on first use, not at open (reading the tokenizer blob is the
+only chunk read it costs): the tokenizer must parse and fit the model's
+vocabulary (formats.validate.check_tokenizer), the chat template must compile
+and renders in a bounded sandbox (formats.chat_template), so a hostile or
+broken template fails with a named error within about a second.
+"""
 
 from __future__ import annotations
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer as HFTokenizer
-
 from formats import constants as C
+from formats.chat_template import compile_template, render
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
+from formats.validate import check_tokenizer
 
 
 class Tokenizer:
+    """Encode, decode and render chats with the tokenizer a file carries.
+
+    Raises:
+        EmoeError: the file carries no tokenizer.
+        BadTokenizer: its tokenizer.json does not load, or has ids the model has no row for.
+    """
+
     def __init__(self, reader: EmoeReader):
         ci = reader.blobs.get(C.BLOB_TOKENIZER)
         if ci is None:
@@ -19,12 +31,18 @@ class Tokenizer:
                 f"{reader.path} carries no tokenizer.json",
                 "re-convert from a checkpoint folder that has tokenizer.json",
             )
-        self.tok = HFTokenizer.from_str(bytes(reader.read_chunk(ci)).decode("utf-8"))
-        self.template = reader.chat_template
-        gen = reader.metadata.get(C.M_GENERATION_CONFIG) or {}
         cfg = reader.config
+        vocab = cfg.get("vocab_size")
+        vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
+        self.tok = check_tokenizer(reader.read_chunk(ci), vocab, str(reader.path))
+        source = reader.chat_template
+        self.template = source if isinstance(source, str) else None
+        self._compiled = None
+        gen = reader.metadata.get(C.M_GENERATION_CONFIG)
+        gen = gen if isinstance(gen, dict) else {}
         eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {t for t in eos if isinstance(t, int) and not isinstance(t, bool)}
         for special in ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"):
             tid = self.tok.token_to_id(special)
             if tid is not None and self.template and special in self.template:
@@ -37,14 +55,23 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the file's chat template, ready for the reply."""
+    def render_chat(self, messages: list[dict]) -> str:
+        """A conversation rendered with the file's chat template, ready for the reply.
+
+        Raises:
+            EmoeError: the model has no chat template.
+            BadChatTemplate: the template does not compile or raises.
+            ChatTemplateLimit: rendering ran past the sandbox's time, output or loop limits.
+        """
         if not self.template:
             raise EmoeError("this model has no chat template", "use --prompt without --chat")
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined
+        if self._compiled is None:
+            self._compiled = compile_template(self.template, "the file's chat template")
+        return render(
+            self._compiled,
+            {"messages": messages, "add_generation_prompt": True, "bos_token": "", "eos_token": ""},
         )
-        text = env.from_string(self.template).render(
-            messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
-        )
-        return self.encode(text)
+
+    def chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the file's chat template (see render_chat)."""
+        return self.encode(self.render_chat(messages))

@@ -24,7 +24,15 @@ from formats.codecs import codec_by_name, numel
 from formats.codecs.base import encode_blocked
 from formats.convert.families import Family, cfg_int, family_of, is_router
 from formats.convert.source import CheckpointSource
-from formats.errors import CheckpointError, CodecError, EmoeError, MissingTensor, ShapeMismatch
+from formats.errors import (
+    CheckpointError,
+    CodecError,
+    EmoeError,
+    MissingTensor,
+    NotARegularFile,
+    ShapeMismatch,
+)
+from formats.validate import check_checkpoint
 from formats.writer import EmoeWriter, encode_expert
 
 WRITER_NAME = "edgemoe 0.1.0"
@@ -157,7 +165,8 @@ def convert(
     Returns:
         The path written.
     Raises:
-        UnsupportedArchitecture, MissingTensor, ShapeMismatch, CheckpointError, CodecError.
+        UnsupportedArchitecture, MissingTensor, ShapeMismatch, CheckpointError, CodecError,
+        BadConfig, ExpertTableMismatch, BadTokenizer, BadChatTemplate (formats.validate).
     """
     options = options or ConvertOptions()
     cfg = dict(source.config)
@@ -169,6 +178,9 @@ def convert(
         if name not in infos:
             raise MissingTensor(f"tensor {name!r} is missing from the checkpoint")
     plan = plan_experts(source, fam)
+    # everything the runtime will read, checked before a byte is written: a checkpoint
+    # that converts is one that runs
+    check_checkpoint(source, plan)
     expert_names = {n for roles in plan.values() for n in roles.values()}
     dense_names = [n for n in infos if n not in expert_names]
 
@@ -328,6 +340,11 @@ def open_source(path: str | os.PathLike) -> CheckpointSource:
             return GGUFSource(p)
         raise CheckpointError(
             f"{p}: neither a model folder nor a GGUF file (starts with {magic!r})"
+        )
+    if p.exists():  # a FIFO or a device: opening or reading it could block
+        raise NotARegularFile(
+            f"{p} is neither a model folder nor a regular file",
+            "point `edgemoe convert` at a model folder or a .gguf file",
         )
     raise CheckpointError(f"{p}: no such file or folder")
 
