@@ -9,6 +9,7 @@ K/M/G/T are powers of 1024 (a phone's "8 GB" of RAM is 8 GiB).
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {
     "": 1,
@@ -27,6 +28,8 @@ _UNITS = {
     "TB": 1000**4,
 }
 _RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# An exabyte: past any device's memory or disk; a bigger number is a typo, not a size.
+MAX_BYTES = 2**60
 
 
 class Bytes(int):
@@ -43,17 +46,29 @@ class Bytes(int):
         """Parse "4GB", "512MiB", "0.5G", "1048576".
 
         Raises:
-            ValueError: the text is not a size; the message shows valid forms.
+            ValueError: the text is not a size (the message shows valid forms), or it is
+                over MAX_BYTES.
         """
         if isinstance(text, int):
+            if text > MAX_BYTES:
+                raise ValueError(
+                    f"{text} bytes is too large a size (the limit is 1 EiB, 2**60 bytes)"
+                )
             return cls(text)
         m = _RE.match(str(text))
         unit = m.group(2).upper() if m else None
         if not m or unit not in _UNITS:
             raise ValueError(
-                f"cannot read {text!r} as a size; write it like 4GB, 512MiB, 0.5G or 1048576"
+                f"cannot read {str(text)[:40]!r} as a size; write it like 4GB, 512MiB, 0.5G or 1048576"
             )
-        return cls(float(m.group(1)) * _UNITS[unit])
+        whole, _, frac = m.group(1).partition(".")
+        if len(whole.lstrip("0")) > 19:  # 2**60 has 19 digits: never parse a 400-digit number
+            raise ValueError(f"{str(text)[:40]!r}... is too large a size (the limit is 1 EiB)")
+        # exact, no float rounding; digits past a billionth of a unit change nothing
+        value = int(Fraction(f"{whole or 0}.{frac[:18] or 0}") * _UNITS[unit])
+        if value > MAX_BYTES:
+            raise ValueError(f"{text!r} is too large a size (the limit is 1 EiB, 2**60 bytes)")
+        return cls(value)
 
     def __add__(self, other):
         return Bytes(int(self) + int(other))

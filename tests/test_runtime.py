@@ -141,7 +141,7 @@ def test_budget_too_small_names_the_minimum(tiny_emoe):
 def test_sampling_rules():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(1)
-    assert sample(logits, Sampling(), None).tolist() == [1, 0]
+    assert sample(logits, Sampling.greedy(), None).tolist() == [1, 0]
     assert sample(logits, Sampling(temperature=1.0, top_k=1), g).tolist() == [1, 0]
     assert sample(logits, Sampling(temperature=1.0, top_p=0.01), g).tolist() == [1, 0]
     draws = [
@@ -160,16 +160,17 @@ def test_batch_stop_strings_and_stream(tiny_emoe):
         "Hello",
         "A much longer prompt about nothing in particular, to pad the batch",
     ]
-    batched = m.generate(prompts, max_tokens=16)
-    alone = [m.generate(p, max_tokens=16) for p in prompts]
+    greedy = Sampling.greedy()
+    batched = m.generate(prompts, max_tokens=16, sampling=greedy)
+    alone = [m.generate(p, max_tokens=16, sampling=greedy) for p in prompts]
     assert batched == alone
-    assert "".join(m.stream(prompts[0], max_tokens=16)) == alone[0]
+    assert "".join(m.stream(prompts[0], max_tokens=16, sampling=greedy)) == alone[0]
     first = alone[0]
     # a stop string made of complete characters from the middle of the greedy output
     starts = [i for i in range(1, len(first)) if first[i].isalnum()]
     assert starts, f"no usable stop string in {first!r}"
     stop = first[starts[0]]
-    cut = m.generate(prompts[0], max_tokens=16, stop=[stop])
+    cut = m.generate(prompts[0], max_tokens=16, stop=[stop], sampling=greedy)
     assert cut == first[: first.find(stop)]
     s = m.summary()
     assert s["new_tokens"] > 0 and s["prefill_tok_s"] > 0 and 0 <= s["hit_rate"] <= 1

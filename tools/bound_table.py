@@ -25,7 +25,7 @@ PROMPTS = ["The function returns a list of", "In the beginning God created", "Th
 # every expert, a third of them, one expert
 SHARES = {"all experts": 1.0, "a third": 1 / 3, "one expert": 0.0}
 CASES = [("devbox", s) for s in SHARES] + [("rpi5-8gb-sd", "a third"), ("rpi5-8gb-nvme", "a third")]
-DECODING = {"greedy": [], "sampled": ["--temperature", "0.8", "--seed", "1"]}
+DECODING = {"greedy": ["--temperature", "0"], "sampled": ["--temperature", "0.8", "--seed", "1"]}
 
 
 def cli(*args) -> dict:
