@@ -13,12 +13,13 @@ smallest budget that works.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import psutil
 import torch
 
-from edgemoe.kernels import prepared_nbytes
+from edgemoe.kernels import kernel_for
 from edgemoe.models.base import KVCache
 from edgemoe.units import Bytes
 from formats.errors import EmoeError
@@ -75,15 +76,8 @@ def expert_nbytes(
 ) -> int:
     e = reader.expert(layer, expert)
     return sum(
-        prepared_nbytes(
-            reader.tensors[n].codec.name,
-            reader.tensors[n].shape,
-            reader.tensors[n].params,
-            level,
-            dtype,
-            fused,
-        )
-        for n in e.tensors.values()
+        kernel_for(t.codec).nbytes(t.shape, t.params, level, dtype, fused)
+        for t in (reader.tensors[n] for n in e.tensors.values())
     )
 
 
@@ -96,9 +90,12 @@ def resident_nbytes(reader: EmoeReader, dtype: torch.dtype, fused: bool = True) 
         # embeddings are looked up, not multiplied, and MLA's kv_b is split and absorbed
         # into the query and output (models/deepseek_v2.py): both dense in the compute dtype
         dense = name.endswith(("embed_tokens.weight", "kv_b_proj.weight"))
-        total += prepared_nbytes(
-            t.codec.name, t.shape, t.params, t.levels, dtype, fused and not dense
-        )
+        if len(t.shape) == 2:
+            kernel = kernel_for(t.codec)
+            total += kernel.nbytes(t.shape, t.params, t.levels, dtype, fused and not dense)
+        else:  # decoded whole (ResidentWeights.tensor): 1-D norms and biases in float32
+            item = 4 if len(t.shape) == 1 else torch.empty((), dtype=dtype).element_size()
+            total += item * math.prod(int(d) for d in t.shape)
     return Bytes(total)
 
 

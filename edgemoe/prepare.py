@@ -1,33 +1,66 @@
 """Turn a routed expert's raw level chunks into compute-ready ExpertWeights.
 
 The store hands over chunk payloads (checksummed, decompressed); this module
-slices them into each role's level segments and builds the kernels. It is
-the one place that knows the per-expert chunk layout of SPEC.md §3.2.
+slices them into each role's level segments and builds the kernels, or raises
+an expert already built to a higher level in place. It is the one place that
+knows the per-expert chunk layout of SPEC.md §3.2.
 """
 
 from __future__ import annotations
 
 import torch
 
-from edgemoe.kernels import make_linear
+from edgemoe.kernels import NotUpgradable, kernel_for
 from edgemoe.moe.experts import ExpertWeights
 from formats import constants as C
 from formats.reader import EmoeReader, ExpertEntry
+
+
+def _segments(t, payloads: list, first: int) -> list[memoryview]:
+    """Tensor t's segments of levels first+1 .. first+len(payloads), cut from those chunks."""
+    parts = t.parts[first : first + len(payloads)]
+    return [memoryview(p)[off : off + n] for p, (_, off, n) in zip(payloads, parts, strict=True)]
 
 
 def prepare_expert(
     reader: EmoeReader, e: ExpertEntry, payloads: list, dtype: torch.dtype, fused: bool = True
 ) -> ExpertWeights:
     """ExpertWeights at level len(payloads) from the expert's first level chunks' raw bytes."""
-    level = len(payloads)
     linears = {}
     for role in C.EXPERT_ROLES:
         t = reader.tensors[e.tensors[role]]
-        segs = [
-            memoryview(payloads[k])[off : off + n] for k, (_, off, n) in enumerate(t.parts[:level])
-        ]
-        linears[role] = make_linear(int(t.codec.id), t.shape, t.params, segs, dtype, fused)
-    return ExpertWeights(linears["gate"], linears["up"], linears["down"], level)
+        linears[role] = kernel_for(t.codec).build(
+            t.shape, t.params, _segments(t, payloads, 0), dtype, fused
+        )
+    return ExpertWeights(linears["gate"], linears["up"], linears["down"], len(payloads))
+
+
+def upgrade_expert(
+    reader: EmoeReader, e: ExpertEntry, ew: ExpertWeights, payloads: list, dtype: torch.dtype
+) -> ExpertWeights:
+    """Raise ew from level k to k + len(payloads) in place, from the next level chunks' bytes.
+
+    Args:
+        reader, e: the file and the expert ew was prepared from.
+        ew: the prepared expert, at level k; its nbytes grows by what the new levels add.
+        payloads: raw bytes of the expert's level chunks k+1 .. k+j.
+        dtype: the compute dtype ew was prepared with.
+    Returns:
+        ew itself, computing exactly what prepare_expert at level k + j computes.
+    Raises:
+        NotUpgradable: a codec with one level, or levels past the expert's last.
+    """
+    if ew.level + len(payloads) > len(e.levels):  # refused before any role changes
+        raise NotUpgradable(
+            f"expert {e.expert} of layer {e.layer}: level {ew.level} + {len(payloads)} new "
+            f"levels runs past its last level ({len(e.levels)})"
+        )
+    for role in C.EXPERT_ROLES:
+        t = reader.tensors[e.tensors[role]]
+        segs = _segments(t, payloads, ew.level)
+        kernel_for(t.codec).upgrade(getattr(ew, role), t.shape, t.params, segs, dtype)
+    ew.level += len(payloads)
+    return ew
 
 
 def load_all_experts(

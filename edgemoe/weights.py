@@ -1,7 +1,7 @@
 """Resident weights: the non-expert tensors of a .emoe, prepared for compute.
 
 Embeddings, attention, norms, routers and shared experts are decoded once at
-load time into the form the kernels use (edgemoe.kernels.make_linear), and
+load time into the form the kernels use (edgemoe.kernels.kernel_for), and
 held for the whole run. Routed experts never come through here: they are the
 executor's business.
 """
@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from edgemoe.kernels import BiasLinear, DenseLinear, Linear, make_linear
-from formats.convert.families import is_router
+from edgemoe.kernels import BiasLinear, DenseLinear, Linear, kernel_for
 from formats.errors import MissingTensor
+from formats.names import is_router
 from formats.reader import EmoeReader
 
 
@@ -64,9 +64,8 @@ class ResidentWeights:
         if name in self._dense:  # shared with an embedding (tied weights)
             lin: Linear = DenseLinear(self._dense[name])
         else:
-            lin = make_linear(
-                int(t.codec.id), t.shape, t.params, self._segments(name), self.dtype, self.fused
-            )
+            kernel = kernel_for(t.codec)
+            lin = kernel.build(t.shape, t.params, self._segments(name), self.dtype, self.fused)
             self.nbytes += lin.nbytes
         if bias is not None:
             lin = BiasLinear(lin, self.tensor(bias))

@@ -1,4 +1,5 @@
-"""Every fused kernel against the codec's own decoder + F.linear (the reference)."""
+"""Every kernel against the codec's own decoder + F.linear (the reference); its byte count
+against what it builds; in-place upgrades against building at the higher level."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from edgemoe.kernels import DenseLinear, Int4Linear, Int8Linear, make_linear, reference_linear
-from formats.codecs import codec_by_name
+from edgemoe.kernels import (
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    NotUpgradable,
+    kernel_for,
+    reference_linear,
+)
+from formats.codecs import codec_by_name, registered
+from formats.constants import CodecId
+from formats.errors import UnknownCodec
 
 CASES = [
     ("int8", {}, Int8Linear),
@@ -15,25 +25,48 @@ CASES = [
     ("int4", {}, Int4Linear),
     ("mwq", {}, Int4Linear),
     ("mwq", {"group": 32}, Int4Linear),
-    ("bitplane", {}, DenseLinear),
+    ("bitplane", {}, Int4Linear),
+    ("bitplane", {"bits": [4, 8]}, Int4Linear),
+    ("bitplane", {"bits": [1, 2, 3, 4, 5, 6, 7, 8]}, DenseLinear),  # 8 int4 parts: dense
     ("bf16", None, DenseLinear),
     ("f32", None, DenseLinear),
     ("mwq", {"bits": [5, 6, 7, 8]}, DenseLinear),
 ]
+# Shape classes: fused int4 (rows % 16, cols % 64), cols too narrow for int4 (the tiny test
+# models' down projections), rows not a multiple of 16.
+SHAPES = [(64, 128), (96, 256), (64, 32), (40, 64)]
+# Every codec with its params, for the byte-count and upgrade tests.
+SPECS = [
+    ("f32", None),
+    ("f16", None),
+    ("bf16", None),
+    ("int8", {}),
+    ("int8", {"group": 16}),
+    ("int4", {}),
+    ("mwq", {}),
+    ("mwq", {"bits": [5, 6, 7, 8]}),
+    ("bitplane", {}),
+    ("bitplane", {"bits": [6, 8]}),
+    ("bitplane", {"bits": [1, 2, 3, 4, 5, 6, 7, 8]}),
+]
+
+
+def _encode(name, options, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    codec = codec_by_name(name)
+    params = codec.default_params(shape, **options) if options is not None else {}
+    return codec, params, codec.encode(w, params)
 
 
 @pytest.mark.parametrize("name,options,kind", CASES)
 @pytest.mark.parametrize("shape", [(64, 128), (96, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_reference(name, options, kind, shape, dtype):
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
-    codec = codec_by_name(name)
-    params = codec.default_params(shape, **options) if options is not None else {}
-    segs = codec.encode(w, params)
+    codec, params, segs = _encode(name, options, shape)
     x = torch.randn(5, shape[1], dtype=dtype)
     for level in range(1, len(segs) + 1):
-        fused = make_linear(codec.id, shape, params, segs[:level], dtype)
+        fused = kernel_for(codec.id).build(shape, params, segs[:level], dtype)
         assert isinstance(fused, kind), type(fused)
         ref = reference_linear(codec.id, shape, params, segs[:level], torch.float32)
         want = ref(x.float())
@@ -44,4 +77,103 @@ def test_kernel_matches_reference(name, options, kind, shape, dtype):
             level,
             (got - want).abs().max(),
         )
-        assert fused.nbytes > 0 and fused.out_features == shape[0]
+        assert fused.nbytes > 0 and fused.out_features == shape[0] and fused.level == level
+
+
+@pytest.mark.parametrize("name,options", SPECS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_nbytes_is_what_build_holds(name, options, shape, dtype, fused):
+    codec, params, segs = _encode(name, options, shape)
+    kernel = kernel_for(codec)
+    for level in range(1, len(segs) + 1):
+        built = kernel.build(shape, params, segs[:level], dtype, fused)
+        assert kernel.nbytes(shape, params, level, dtype, fused) == built.nbytes, (level, built)
+
+
+@pytest.mark.parametrize("name,options", [s for s in SPECS if codec_by_name(s[0]).nested])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_upgrade_in_place_equals_build_bit_for_bit(name, options, shape, dtype, fused):
+    codec, params, segs = _encode(name, options, shape, seed=1)
+    kernel, top = kernel_for(codec), len(segs)
+    x = torch.randn(7, shape[1], dtype=dtype)
+    for start in range(1, top):
+        for stop in range(start + 1, top + 1):
+            lin = kernel.build(shape, params, segs[:start], dtype, fused)
+            same = kernel.upgrade(lin, shape, params, segs[start:stop], dtype)
+            want = kernel.build(shape, params, segs[:stop], dtype, fused)
+            assert same is lin and lin.level == stop and type(lin) is type(want)
+            assert lin.nbytes == want.nbytes == kernel.nbytes(shape, params, stop, dtype, fused)
+            assert torch.equal(lin(x), want(x)), (start, stop)
+
+
+def test_upgrade_one_level_at_a_time_equals_build():
+    codec, params, segs = _encode("mwq", {}, (64, 128))
+    kernel, x = kernel_for(codec), torch.randn(3, 128, dtype=torch.bfloat16)
+    lin = kernel.build((64, 128), params, segs[:1], torch.bfloat16)
+    for k in range(1, len(segs)):
+        kernel.upgrade(lin, (64, 128), params, segs[k : k + 1], torch.bfloat16)
+    assert torch.equal(lin(x), kernel.build((64, 128), params, segs, torch.bfloat16)(x))
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "f32", "bf16"])
+def test_one_level_codecs_refuse_to_upgrade_naming_the_codec(name):
+    codec, params, segs = _encode(name, {} if name.startswith("int") else None, (64, 128))
+    kernel = kernel_for(codec)
+    lin = kernel.build((64, 128), params, segs, torch.float32)
+    with pytest.raises(NotUpgradable, match=name):
+        kernel.upgrade(lin, (64, 128), params, segs, torch.float32)
+
+
+def test_upgrade_refuses_levels_past_the_last_and_bad_sizes_without_changing_anything():
+    codec, params, segs = _encode("bitplane", {}, (64, 128))
+    kernel = kernel_for(codec)
+    lin = kernel.build((64, 128), params, segs[:2], torch.float32)
+    before = (lin.level, lin.nbytes, len(lin.parts))
+    with pytest.raises(NotUpgradable, match="past the last level"):
+        kernel.upgrade(lin, (64, 128), params, segs[1:], torch.float32)
+    with pytest.raises(NotUpgradable, match="level 3 segment has"):
+        kernel.upgrade(lin, (64, 128), params, [segs[2][:-1]], torch.float32)
+    assert (lin.level, lin.nbytes, len(lin.parts)) == before
+    top = kernel.build((64, 128), params, segs, torch.float32, fused=False)
+    with pytest.raises(NotUpgradable):
+        kernel.upgrade(top, (64, 128), params, segs[:1], torch.float32)
+
+
+def test_every_codec_has_one_kernel_by_id_or_class():
+    for cid, codec in registered().items():
+        k = kernel_for(cid)
+        assert k is kernel_for(codec) is kernel_for(CodecId(cid)) and k.codec is codec
+    assert kernel_for(CodecId.F16) is not kernel_for(CodecId.BF16)
+    with pytest.raises(UnknownCodec):
+        kernel_for(99)
+
+
+def test_a_linear_needs_a_2d_weight():
+    codec, params, segs = _encode("f32", None, (8,))
+    with pytest.raises(ValueError, match="2-D"):
+        kernel_for(codec).build((8,), params, segs, torch.float32)
+    with pytest.raises(ValueError, match="2-D"):
+        kernel_for(codec).nbytes((8,), params, 1, torch.float32)
+
+
+@pytest.mark.parametrize("experts", ["mwq:2,3,4", "bitplane:2,4,8"])
+def test_upgrade_expert_equals_prepare_at_the_higher_level(tiny_emoe, experts):
+    from edgemoe.moe.experts import expert_forward
+    from edgemoe.prepare import prepare_expert, upgrade_expert
+    from formats.reader import EmoeReader
+
+    with EmoeReader(tiny_emoe("qwen2_moe", experts=experts)) as r:
+        e = next(iter(r.experts.values()))
+        chunks = [r.read_chunk(ci) for ci in e.levels]
+        x = torch.randn(4, r.config["hidden_size"], dtype=torch.bfloat16)
+        ew = prepare_expert(r, e, chunks[:1], torch.bfloat16)
+        assert upgrade_expert(r, e, ew, chunks[1:], torch.bfloat16) is ew and ew.level == 3
+        want = prepare_expert(r, e, chunks, torch.bfloat16)
+        assert ew.nbytes == want.nbytes
+        assert torch.equal(expert_forward(x, ew), expert_forward(x, want))
+        with pytest.raises(NotUpgradable, match="past its last level"):
+            upgrade_expert(r, e, ew, chunks[:1], torch.bfloat16)

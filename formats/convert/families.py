@@ -12,6 +12,10 @@ import re
 from dataclasses import dataclass
 
 from formats.errors import CheckpointError, UnsupportedArchitecture
+from formats.names import is_router
+
+# is_router lives in formats.names (the runtime applies it too); the converter imports it here.
+__all__ = ["FAMILIES", "Family", "cfg_int", "family_of", "is_router"]
 
 _PER_EXPERT = re.compile(
     r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
@@ -27,8 +31,6 @@ _ROLE = {
     "w3": "up",
     "w2": "down",
 }
-# Small tensors that steer routing stay f32 whatever the dense codec is.
-_ROUTER = re.compile(r"(\.gate\.weight|shared_expert_gate\.weight|e_score_correction_bias)$")
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,3 @@ def family_of(cfg: dict) -> Family:
             f"model_type {mt!r} (architectures {arch!r}) is not a supported MoE family"
         )
     return fam
-
-
-def is_router(name: str) -> bool:
-    return bool(_ROUTER.search(name))
