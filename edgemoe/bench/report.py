@@ -308,8 +308,11 @@ def plot(runs: list[Run], systems: list[str], caps: list[Cap], base: int, out) -
             )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+        ax.set_ylim(0, 1.02 if attr == "hit_rate" else None)
+        if any(c.bytes(base) is None for c in caps):
+            ax.axvline(top / 2**20, color="grey", linestyle=":", linewidth=1)
         ax.set_title(title)
-        ax.set_xlabel("memory cap (MiB; rightmost: none)")
+        ax.set_xlabel("memory cap (MiB; dotted line: no cap)")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()

@@ -195,6 +195,21 @@ def prompts_of(emoe: Path, n_tokens: int, batch: int) -> list[str]:
     return out
 
 
+def _planner_needs(cmd: list[str], s: Settings) -> str | None:
+    """The budget the planner names when it refuses cmd's --mem, asked outside any
+    cgroup with 2 new tokens; None when it accepts (then the cap itself was too small)."""
+    short = list(cmd)
+    short[short.index("-n") + 1] = "2"
+    try:
+        p = subprocess.run(
+            short, capture_output=True, text=True, timeout=s.timeout, env=s.environ()
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    m = _NEEDS.search(p.stderr) if p.returncode != 0 else None
+    return m.group(1) if m else None
+
+
 def run_edgemoe(
     system: System,
     emoe: Path,
@@ -229,6 +244,11 @@ def run_edgemoe(
     run.peak, run.bytes_read, run.wall_s = int(res.peak), int(res.bytes_read), res.wall_s
     if res.oom_killed:
         run.status, run.note = OOM, "OOM-killed"
+        if limit is not None and (needs := _planner_needs(cmd, s)):
+            # Killed before the planner could answer (a cap below torch's imports):
+            # it would have refused; say what it needs, as a refusal does.
+            run.status, run.note = REFUSED, f"refused (needs {needs})"
+            run.extra["oom_before_plan"] = True
         return run
     if res.returncode != 0:
         m = _NEEDS.search(res.stderr)
@@ -245,7 +265,7 @@ def run_edgemoe(
     run.new_tokens = summary.get("new_tokens")
     run.hit_rate = summary.get("hit_rate")
     run.expert_bytes = summary.get("bytes_read")
-    run.tokens = ((run.prompt_tokens or 0) + (run.new_tokens or 0)) * (1 if batch == 1 else 1)
+    run.tokens = (run.prompt_tokens or 0) + (run.new_tokens or 0)  # totals over the batch
     run.extra.update(
         {
             k: summary.get(k)
