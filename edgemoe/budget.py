@@ -20,7 +20,6 @@ import psutil
 import torch
 
 from edgemoe.kernels import kernel_for
-from edgemoe.models.base import KVCache
 from edgemoe.units import Bytes
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
@@ -30,7 +29,8 @@ MARGIN = Bytes.parse("24MiB")
 
 
 class BudgetTooSmall(EmoeError):
-    fix = "raise --mem"
+    fix = "raise mem"
+    param = "mem"
 
 
 @dataclass(frozen=True)
@@ -99,42 +99,37 @@ def resident_nbytes(reader: EmoeReader, dtype: torch.dtype, fused: bool = True) 
     return Bytes(total)
 
 
+def as_flag_value(n: Bytes | int) -> str:
+    """n rounded up to a whole MiB, as one shell word that parses back to at least n."""
+    mib = 1024 * 1024
+    return f"{-(-int(n) // mib)}MiB"
+
+
 def plan(
-    reader: EmoeReader,
+    facts,
     mem: Bytes | None,
     *,
     ctx: int,
     batch: int,
-    dtype: torch.dtype,
-    kv_dims: tuple[int, int, int],
     level: int | None = None,
     threads: int = 2,
-    fused: bool = True,
     prefill_chunk: int = 512,
     floor: Bytes | None = None,
 ) -> Plan:
-    """Split `mem` (None: unlimited, every expert cached).
+    """Split `mem` (None: unlimited, every expert cached) for one file's ModelFacts.
 
     Raises:
-        BudgetTooSmall: naming the smallest budget that works.
+        BudgetTooSmall: naming the smallest budget that works (rounded up, so it does).
     """
-    cfg = reader.config
-    n_layers = cfg["num_hidden_layers"]
+    cfg, r = facts.reader.config, facts.reader
     floor = floor if floor is not None else process_floor()
-    resident = resident_nbytes(reader, dtype, fused)
-    heads, dk, dv = kv_dims
-    kv = Bytes(KVCache.nbytes_for(n_layers, batch, ctx, heads, dk, dv, dtype))
-    sizes = [
-        expert_nbytes(reader, e.layer, e.expert, level or len(e.levels), dtype, fused)
-        for e in reader.experts.values()
-    ]
+    resident = Bytes(facts.resident_bytes)
+    kv = Bytes(facts.kv_bytes(batch, ctx))
+    sizes = [facts.expert_nbytes(e.layer, level or len(e.levels)) for e in r.experts.values()]
     largest = Bytes(max(sizes, default=0))
-    spans = [
-        reader.expert_span(e.layer, e.expert, len(e.levels))[1] for e in reader.experts.values()
-    ]
-    io = Bytes(
-        threads * (max(spans, default=0) + 4096) * 2
-    )  # aligned buffer + the copied-out payloads
+    # per reader thread: its aligned read buffer and the payloads copied out of it (the expert
+    # prepared from them fills a reserved cache slot, counted in the expert cache)
+    io = Bytes(threads * (facts.largest_span() + 4096) * 2)
     d, vocab = cfg["hidden_size"], cfg["vocab_size"]
     n_heads = cfg.get("num_attention_heads", 1)
     width = max(cfg.get("intermediate_size", 0) or 0, cfg.get("moe_intermediate_size", 0) or 0)
@@ -151,13 +146,13 @@ def plan(
     else:
         cache = Bytes(max(0, int(mem) - int(fixed)))
         if cache < largest:
-            need = fixed + largest
+            need = as_flag_value(fixed + largest)
             raise BudgetTooSmall(
                 f"a budget of {mem} cannot run this model: the process floor {floor}, resident weights "
                 f"{resident}, KV cache {kv} ({batch} x {ctx} tokens), I/O buffers {io} and workspace "
                 f"{workspace + MARGIN} need {fixed}, plus {largest} for one expert; the smallest budget "
                 f"that works is {need}",
-                f"pass --mem {need} or more, or a shorter --ctx / smaller --batch",
+                f"pass mem={need} or more, or a shorter ctx or smaller batch",
             )
         cache = Bytes(min(cache, all_experts))
     return Plan(mem, floor, resident, kv, io, workspace, cache, largest, all_experts)

@@ -1,7 +1,7 @@
 """ExpertCache: prepared expert slices against a byte budget, eviction behind one interface.
 
-Keys are (layer, expert, level). Entries in use by the layer being computed
-are pinned and never evicted. The policy decides only which unpinned key
+Keys are (layer, expert, level). Entries in use (held by the layer being
+computed, or reserved for a read in flight) are never evicted. The policy decides only which unpinned key
 goes first; LRU over whole experts is the default, Belady (which needs the
 future) bounds what any policy could do on a recorded trace, and the
 scheduling issue will bring others (EdgeMoE's layer-distance score).
@@ -12,6 +12,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Protocol
 
 from edgemoe.units import Bytes
@@ -95,13 +97,33 @@ class Belady:
         return found
 
 
+@dataclass
+class Entry:
+    """One cached expert slice: a value (or the future of one while its read is in flight),
+    its bytes, and how many users hold it. An entry with pins is never evicted."""
+
+    value: object
+    nbytes: int
+    pins: int = 0
+
+    @property
+    def in_flight(self) -> bool:
+        return isinstance(self.value, Future)
+
+
 class ExpertCache:
-    """Holds values with known sizes under `capacity` bytes."""
+    """Holds values with known sizes under `capacity` bytes.
+
+    Reservations: `reserve` takes room for a value not read yet (held, in flight), `fill`
+    gives it its value, `release` drops a hold. A prefetched expert is reserved by the
+    prefetch and held until the layer that wanted it acquires it, so the layers in
+    between cannot evict it. Every call comes from the thread that computes.
+    """
 
     def __init__(self, capacity: Bytes | int, policy: EvictionPolicy | None = None):
         self.capacity = Bytes(capacity)
         self.policy = policy or LRU()
-        self._items: dict[Key, tuple[object, int]] = {}
+        self._items: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
         self.used = Bytes(0)
         self.hits = self.misses = self.evictions = 0
@@ -112,18 +134,72 @@ class ExpertCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def keys(self) -> list[Key]:
+        return list(self._items)
+
+    def peek(self, key: Key) -> Entry | None:
+        """The entry without counting, holding or touching it."""
+        return self._items.get(key)
+
     def get(self, key: Key):
-        """The value, or None (counted as a hit or a miss)."""
-        item = self._items.get(key)
-        if item is None:
+        """The value, or None (counted as a hit or a miss); no hold is taken."""
+        entry = self.acquire(key)
+        if entry is None:
+            return None
+        self.release(key)
+        return entry.value
+
+    def acquire(self, key: Key) -> Entry | None:
+        """The entry, held (counted as a hit), or None (counted as a miss)."""
+        entry = self._items.get(key)
+        if entry is None:
             self.misses += 1
             return None
         self.hits += 1
         self.policy.touch(key)
-        return item[0]
+        self._hold(key, entry)
+        return entry
+
+    def reserve(self, key: Key, nbytes: int, evict: bool = True) -> Entry | None:
+        """Room for a value about to be read, held by the caller; None if it cannot fit
+        (larger than the cache, or the room is held; evict=False: only free room)."""
+        if key in self._items:
+            raise KeyError(f"{key} is already cached")
+        if nbytes > self.capacity:
+            return None
+        if not evict and self.used + nbytes > self.capacity:
+            return None
+        if not self.make_room(nbytes):
+            return None
+        entry = Entry(None, nbytes)
+        self._items[key] = entry
+        self.used = self.used + nbytes
+        self.policy.touch(key)
+        self._hold(key, entry)
+        return entry
+
+    def fill(self, key: Key, value, nbytes: int | None = None) -> None:
+        """Give a reserved entry its value (and its true size, if it differs)."""
+        entry = self._items[key]
+        if nbytes is not None and nbytes != entry.nbytes:
+            self.used = self.used + nbytes - entry.nbytes
+            entry.nbytes = nbytes
+        entry.value = value
+
+    def release(self, key: Key) -> None:
+        entry = self._items.get(key)
+        if entry is None or entry.pins == 0:
+            return
+        entry.pins -= 1
+        if entry.pins == 0:
+            self._pinned.discard(key)
+
+    def _hold(self, key: Key, entry: Entry) -> None:
+        entry.pins += 1
+        self._pinned.add(key)
 
     def make_room(self, nbytes: int) -> bool:
-        """Evict unpinned entries until nbytes fit; False if pins prevent it."""
+        """Evict unheld entries until nbytes fit; False if holds prevent it."""
         while self.used + nbytes > self.capacity:
             key = self.policy.victim(self._pinned)
             if key is None:
@@ -132,29 +208,28 @@ class ExpertCache:
         return True
 
     def put(self, key: Key, value, nbytes: int) -> bool:
-        """Insert (evicting as needed); False, and nothing stored, if it cannot fit."""
+        """Insert (evicting as needed), not held; False, and nothing stored, if it cannot fit."""
         if key in self._items:
             self.evict(key)
-        if nbytes > self.capacity or not self.make_room(nbytes):
+        if self.reserve(key, nbytes) is None:
             return False
-        self._items[key] = (value, nbytes)
-        self.used = self.used + nbytes
-        self.policy.touch(key)
+        self.fill(key, value)
+        self.release(key)
         return True
 
     def evict(self, key: Key) -> None:
-        _, n = self._items.pop(key)
-        self.used = self.used - n
+        entry = self._items.pop(key)
+        self.used = self.used - entry.nbytes
         self.policy.remove(key)
         self._pinned.discard(key)
+        if entry.in_flight:
+            entry.value.cancel()  # a prefetch nobody came for: stop it if it has not started
         self.evictions += 1
 
-    def pin(self, key: Key) -> None:
-        if key in self._items:
-            self._pinned.add(key)
-
-    def unpin_all(self) -> None:
-        self._pinned.clear()
+    @property
+    def held(self) -> int:
+        """Entries held now (in use or in flight)."""
+        return len(self._pinned)
 
     @property
     def free(self) -> Bytes:

@@ -137,7 +137,7 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from edgemoe.engine import load
+    from edgemoe.engine import RunStats, load
     from edgemoe.sampling import Sampling
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -159,22 +159,23 @@ def _cmd_run(args) -> int:
     try:
         if not prompts:
             return _interactive(m, kw, args)
+        st = RunStats()
         if args.json:
-            texts = m.generate(prompts, **kw)
+            texts = m.generate(prompts, **kw, stats=st)
             print(
-                json.dumps({"prompts": prompts, "outputs": texts, "summary": m.summary()}, indent=1)
+                json.dumps({"prompts": prompts, "outputs": texts, "summary": m.summary(st)}, indent=1)
             )
             return 0
         if len(prompts) == 1:
             if not args.quiet:
                 print(prompts[0], end="", flush=True)
-            for piece in m.stream(prompts[0], **kw):
+            for piece in m.stream(prompts[0], **kw, stats=st):
                 print(piece, end="", flush=True)
             print()
         else:
-            for p, text in zip(prompts, m.generate(prompts, **kw)):
+            for p, text in zip(prompts, m.generate(prompts, **kw, stats=st)):
                 print(f"--- {p}\n{text}")
-        print(m.summary_line(), file=sys.stderr)
+        print(m.summary_line(st), file=sys.stderr)
         return 0
     finally:
         m.close()
@@ -182,6 +183,8 @@ def _cmd_run(args) -> int:
 
 def _interactive(m, kw, args) -> int:
     """A prompt loop on stdin; with --chat the conversation is kept."""
+    from edgemoe.engine import RunStats
+
     history: list[dict] = []
     print("edgemoe: type a prompt, Ctrl-D to quit", file=sys.stderr)
     while True:
@@ -192,14 +195,15 @@ def _interactive(m, kw, args) -> int:
             return 0
         if not line.strip():
             continue
+        st = RunStats()
         if args.chat:
             history.append({"role": "user", "content": line})
-            reply = "".join(_echo(m.stream(list(history), **{**kw, "chat": False})))
+            reply = "".join(_echo(m.stream(list(history), **{**kw, "chat": False}, stats=st)))
             history.append({"role": "assistant", "content": reply})
         else:
-            "".join(_echo(m.stream(line, **kw)))
+            "".join(_echo(m.stream(line, **kw, stats=st)))
         print()
-        print(m.summary_line(), file=sys.stderr)
+        print(m.summary_line(st), file=sys.stderr)
 
 
 def _echo(pieces):
@@ -278,7 +282,8 @@ def _calibrate(model, text, segments=8, tokens=256, mem=None, dtype="auto") -> N
     import numpy as np
     import psutil
 
-    from edgemoe.routing import calibrate, locality
+    from edgemoe.calibrate import calibrate
+    from edgemoe.routing import locality
     from formats.reader import EmoeReader
 
     mem = mem or Bytes(int(psutil.virtual_memory().available * 0.8))

@@ -4,27 +4,35 @@ m = edgemoe.load("model.emoe", mem="4GB")
 print(m.generate("The capital of France is", max_tokens=32))
 for piece in m.stream("Once upon a time"):
     print(piece, end="", flush=True)
-print(m.summary())
+c = m.complete([[1, 2, 3]], max_tokens=8, logprobs=2)[0]   # token ids in, ids and logprobs out
+print(c.token_ids, c.logprobs, c.finish_reason, m.summary_line(c.stats))
+
+An EdgeModel is the loaded model (weights, plan, executor, KV slots); a
+generation's numbers live in the records and stats it returns (generate.py),
+never on the model, so generations in several threads do not mix them up:
+their forward passes take turns and each holds its own KV cache slots.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import resource
+import threading
 import time
-import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from edgemoe import budget
-from edgemoe.cache import ExpertCache
-from edgemoe.models import build_model, family_module
-from edgemoe.moe.local import LocalExecutor
-from edgemoe.prepare import prepare_expert
-from edgemoe.sampling import Sampling, sample
+from edgemoe.demo import DEMO
+from edgemoe.facts import ModelFacts, resolve_dtype
+from edgemoe.generate import Record, Request, SeqStats, stream
+from edgemoe.kvcache import KVCache
+from edgemoe.models import build_model, parse_args
+from edgemoe.moe.api import ExecutorContext
+from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
+from edgemoe.sampling import Sampling
 from edgemoe.store import ExpertStore
 from edgemoe.tokenizer import Tokenizer
 from edgemoe.units import Bytes
@@ -32,39 +40,45 @@ from edgemoe.weights import ResidentWeights
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
 
-DEMO = Path(__file__).parent / "demo" / "demo.emoe"
-PREFILL_CHUNK = 512
+__all__ = ["DEMO", "BadRequest", "Completion", "EdgeModel", "RunStats", "Sampling", "load"]
 
 
 class BadRequest(EmoeError):
-    fix = "see `edgemoe run --help`"
+    """A bad argument to the Python API; `param` names it (the CLI maps it to its flag)."""
+
+    fix = "see help(edgemoe.load)"
+
+    def __init__(self, what: str, fix: str | None = None, param: str | None = None):
+        super().__init__(what, fix)
+        self.param = param
 
 
 @dataclass
 class RunStats:
+    """One call's figures (a batch of sequences generated together)."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
-    extra: dict = field(default_factory=dict)
+    batch: int = 0
+    ctx_used: int = 0
+    executor: ExecutorStats = field(default_factory=ExecutorStats)  # the whole call
+    decode_executor: ExecutorStats = field(default_factory=ExecutorStats)  # its decode steps
 
 
-def _dtype(name: str, reader: EmoeReader) -> torch.dtype:
-    if (
-        name == "auto"
-    ):  # full precision files compute in f32, quantized ones in bf16 (the fused kernels' dtype)
-        full = all(t.codec.name == "f32" for t in reader.tensors.values())
-        return torch.float32 if full else torch.bfloat16
-    try:
-        return {
-            "f32": torch.float32,
-            "float32": torch.float32,
-            "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16,
-        }[name]
-    except KeyError:
-        raise BadRequest(f"unknown dtype {name!r}", "use --dtype auto, f32 or bf16") from None
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None
+    finish_reason: str
+    stats: SeqStats
+
+
+ExecutorFactory = Callable[[ExecutorContext], ExpertExecutor]
 
 
 class EdgeModel:
@@ -73,8 +87,9 @@ class EdgeModel:
     Args:
         path: the .emoe (default: the bundled demo model).
         mem: the budget ("4GB", Bytes, None for unlimited: every expert cached).
-        ctx: the longest context (prompt + new tokens) to plan the KV cache for.
-        batch: the most prompts generated together.
+        ctx: the longest context (prompt + new tokens) to plan the KV cache for
+            (default: the model's positions, at most 2048).
+        batch: the most sequences generated at once (KV cache slots).
         dtype: "auto", "f32" or "bf16".
         level: the expert precision level to compute at (default: the highest stored).
         threads: I/O threads.
@@ -83,8 +98,11 @@ class EdgeModel:
         device: emulate a device profile (devices/profiles/): its usable memory is the
             default budget, expert reads are throttled to its flash bandwidth and
             compute is slowed by its compute factor.
+        executor: a factory given an ExecutorContext (reader, plan, store...) returning the
+            ExpertExecutor to use (default: ExecutorContext.local, this machine's flash).
     Raises:
-        EmoeError (and subclasses): a bad file, an unknown family, a budget too small.
+        EmoeError (and subclasses): a bad file, an unknown family, a budget too small;
+        BadRequest names the parameter (`err.param`).
     """
 
     def __init__(
@@ -100,6 +118,7 @@ class EdgeModel:
         fused: bool = True,
         expert_cache=None,
         device: str | None = None,
+        executor: ExecutorFactory | None = None,
     ):
         floor = budget.process_floor()
         self.device, throttle, self.slowdown = None, None, None
@@ -113,68 +132,63 @@ class EdgeModel:
             self.slowdown = ComputeSlowdown(self.device.compute_factor)
         self.path = Path(path) if path else DEMO
         self.reader = r = EmoeReader(self.path)
-        mod = family_module(r.family)
-        args = mod.ModelArgs.from_dict(r.config)
-        max_pos = getattr(args, "max_position_embeddings", 4096)
-        self.ctx = ctx or min(max_pos, 2048)
-        if self.ctx > max_pos:
+        try:
+            self.facts = f = ModelFacts(
+                r, parse_args(r.family, r.config), resolve_dtype(dtype, r), fused
+            )
+        except EmoeError as e:
+            if getattr(e, "param", None) == "dtype":
+                raise BadRequest(str(e), param="dtype") from None
+            raise
+        self.dtype = f.dtype
+        self.ctx = ctx if ctx is not None else min(f.max_positions, 2048)
+        if not 1 <= self.ctx <= f.max_positions:
             raise BadRequest(
-                f"--ctx {self.ctx} exceeds the model's {max_pos} positions",
-                f"use --ctx {max_pos} or less",
+                f"ctx={self.ctx} is outside this model's 1..{f.max_positions} positions",
+                f"use ctx={min(f.max_positions, 2048)} or less",
+                "ctx",
             )
         if batch < 1:
-            raise BadRequest(f"--batch {batch}", "use a batch of at least 1")
+            raise BadRequest(f"batch={batch}", "use a batch of at least 1", "batch")
         self.batch = batch
-        self.dtype = _dtype(dtype, r)
-        levels = min((len(e.levels) for e in r.experts.values()), default=1)
-        if level is not None and not 1 <= level <= levels:
+        if level is not None and not 1 <= level <= f.levels:
             raise BadRequest(
-                f"--level {level}: this file stores levels 1..{levels}", f"use --level 1..{levels}"
+                f"level={level}: this file stores levels 1..{f.levels}",
+                f"use level=1..{f.levels}",
+                "level",
             )
-        self.level = level or levels
-        kv_dims = mod.Model.kv_dims(types.SimpleNamespace(args=args))
+        self.level = level or f.levels
         try:
             self.mem = None if mem is None else Bytes.parse(mem)
         except ValueError as e:
-            raise BadRequest(f"--mem: {e}", "pass --mem like 4GB, 512MiB or 0.5G") from None
+            raise BadRequest(
+                f"mem={mem!r}: {e}", "pass mem like '4GB', '512MiB' or '0.5G'", "mem"
+            ) from None
         self.plan = budget.plan(
-            r,
-            self.mem,
-            ctx=self.ctx,
-            batch=batch,
-            dtype=self.dtype,
-            kv_dims=kv_dims,
-            level=self.level,
-            threads=threads,
-            fused=fused,
-            prefill_chunk=PREFILL_CHUNK,
-            floor=floor,
+            f, self.mem, ctx=self.ctx, batch=batch, level=self.level, threads=threads, floor=floor
         )
+        if expert_cache is not None:
+            import dataclasses
+
+            self.plan = dataclasses.replace(self.plan, expert_cache=Bytes.parse(expert_cache))
         self._tokenizer: Tokenizer | None = None
         self.store = ExpertStore(r, threads=threads, throttle=throttle)
-        if expert_cache is not None:
-            self.plan = dataclasses.replace(self.plan, expert_cache=Bytes.parse(expert_cache))
-        self.cache = ExpertCache(self.plan.expert_cache)
-        sizes: dict[int, int] = {}
-
-        def expert_size(layer: int) -> int:
-            if layer not in sizes:
-                e = next(e for e in r.experts.values() if e.layer == layer)
-                sizes[layer] = budget.expert_nbytes(
-                    r, layer, e.expert, self.level, self.dtype, fused
-                )
-            return sizes[layer]
-
-        def prep(layer, expert, payloads):
-            return prepare_expert(r, r.expert(layer, expert), payloads, self.dtype, fused)  # noqa: E731
-
-        self.executor = LocalExecutor(
-            self.store, self.cache, prep, lambda layer, e: self.level, expert_size
+        context = ExecutorContext(
+            r,
+            self.plan,
+            self.store,
+            self.dtype,
+            lambda layer, e: self.level,
+            lambda layer: f.expert_nbytes(layer, self.level),
+            fused,
         )
+        self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)
-        self.model = build_model(r.family, r.config, self.weights, self.executor)
+        self.model = build_model(r.family, f.args, self.weights, self.executor)
         self.weights.drop_page_cache()
-        self.stats = RunStats()
+        self._lock = threading.Lock()  # one forward pass at a time
+        self._kv: KVCache | None = None
+        self._free_slots = list(range(batch))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -183,108 +197,148 @@ class EdgeModel:
             self._tokenizer = Tokenizer(self.reader)
         return self._tokenizer
 
+    # ---- what generate.py steps on
+    def forward(self, tokens, cache, valid=None, slots=None) -> torch.Tensor:
+        """One forward pass (passes from several threads take turns); under device
+        emulation its compute, not its I/O wait, is stretched."""
+        with self._lock, torch.inference_mode():
+            if self.slowdown is None:
+                return self.model.forward(tokens, cache, valid, slots)
+            t0, io0 = time.perf_counter(), self.executor.stats().io_wait_s
+            h = self.model.forward(tokens, cache, valid, slots)
+            io = self.executor.stats().io_wait_s - io0
+            self.slowdown.after(time.perf_counter() - t0 - io)
+            return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.logits(hidden)
+
+    def executor_stats(self) -> ExecutorStats:
+        return self.executor.stats()
+
+    def kv_cache(self) -> KVCache:
+        """The KV cache the plan counted: `batch` slots of `ctx` positions (made on first use)."""
+        with self._lock:
+            if self._kv is None:
+                self._kv = self.model.new_cache(self.batch, self.ctx)
+            return self._kv
+
+    def take_slots(self, n: int) -> list[int]:
+        """Reserve n KV slots for sequences; give them back with free_slots."""
+        with self._lock:
+            if n > len(self._free_slots):
+                raise BadRequest(
+                    f"{n} sequences at once, but {len(self._free_slots)} of the {self.batch} this "
+                    "model was loaded for are free",
+                    f"load with batch={self.batch - len(self._free_slots) + n} or more",
+                    "batch",
+                )
+            taken, self._free_slots = self._free_slots[:n], self._free_slots[n:]
+            return taken
+
+    def free_slots(self, slots: list[int]) -> None:
+        with self._lock:
+            self._free_slots += slots
+
     # ---- prompts
-    def _ids(self, prompt, chat: bool) -> list[int]:
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text, token ids (list of int) or chat messages (list of dict)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            vocab = self.facts.args.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise BadRequest(
+                    f"prompt token id {bad[0]} is outside the vocabulary 0..{vocab - 1}",
+                    "pass token ids this model's tokenizer makes",
+                    "prompt",
+                )
+            return list(prompt)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             return self.tokenizer.chat(prompt)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise BadRequest("the prompt is empty", "give a non-empty --prompt")
+            raise BadRequest("the prompt is empty", "give a non-empty prompt", "prompt")
         if chat:
             return self.tokenizer.chat([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
-    def _forward(self, tokens, cache, valid=None):
-        """One forward pass; under device emulation its compute (not its I/O wait) is stretched."""
-        if self.slowdown is None:
-            return self.model.forward(tokens, cache, valid)
-        t0, io0 = time.perf_counter(), self.executor.io_wait_s
-        h = self.model.forward(tokens, cache, valid)
-        self.slowdown.after(time.perf_counter() - t0 - (self.executor.io_wait_s - io0))
-        return h
+    def _requests(self, prompts, max_tokens, sampling, stop, chat, logprobs) -> list[Request]:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest(
+                f"max_tokens={max_tokens!r}", "ask for at least 1 new token", "max_tokens"
+            )
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= 20):
+            raise BadRequest(f"logprobs={logprobs!r}", "use None or 0..20", "logprobs")
+        s = sampling or Sampling()
+        reqs = []
+        for p in prompts:
+            ids = self.encode(p, chat)
+            if len(ids) + max_tokens > self.ctx:
+                raise BadRequest(
+                    f"prompt ({len(ids)} tokens) + max_tokens={max_tokens} exceed the context of {self.ctx}",
+                    "shorten the prompt, lower max_tokens or load with a larger ctx",
+                    "max_tokens",
+                )
+            reqs.append(Request(tuple(ids), max_tokens, s, tuple(stop), logprobs))
+        return reqs
 
     # ---- generation
-    def stream_batch(
+    def records(
         self,
         prompts: list,
         max_tokens: int = 128,
         sampling: Sampling | None = None,
-        stop: tuple[str, ...] = (),
+        stop=(),
         chat: bool = False,
-    ) -> Iterator[list[str]]:
-        """Yield, after every step, the new text of each sequence since the last yield."""
-        s = sampling or Sampling()
-        ids = [self._ids(p, chat) for p in prompts]
-        if len(ids) > self.batch:
-            raise BadRequest(
-                f"{len(ids)} prompts but the budget was planned for a batch of {self.batch}",
-                f"pass --batch {len(ids)}",
-            )
-        longest = max(len(x) for x in ids)
-        if longest + max_tokens > self.ctx:
-            raise BadRequest(
-                f"prompt ({longest} tokens) + --max-tokens {max_tokens} exceed the context of {self.ctx}",
-                "shorten the prompt, lower --max-tokens or raise --ctx",
-            )
-        b = len(ids)
-        gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-        tokens = torch.zeros(b, longest, dtype=torch.int64)
-        valid = torch.zeros(b, longest, dtype=torch.bool)
-        for i, x in enumerate(ids):
-            tokens[i, longest - len(x) :] = torch.tensor(x)
-            valid[i, longest - len(x) :] = True
-        cache = self.model.new_cache(b, longest + max_tokens)
-        st = self.stats = RunStats(prompt_tokens=sum(map(len, ids)))
+        logprobs: int | None = None,
+        stats: RunStats | None = None,
+    ) -> Iterator[list[Record]]:
+        """Generate several prompts together; yield each step's records (generate.Record).
+
+        stats: a RunStats to fill in with this call's figures.
+        """
+        if not prompts:
+            raise BadRequest("no prompts", "give at least one prompt", "prompt")
+        reqs = self._requests(prompts, max_tokens, sampling, stop, chat, logprobs)
+        st = stats if stats is not None else RunStats()
+        st.prompt_tokens, st.batch = sum(len(r.ids) for r in reqs), len(reqs)
+        cache = self.kv_cache()
+        slots = self.take_slots(len(reqs))
+        e0 = self.executor.stats()
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            for a in range(0, longest, PREFILL_CHUNK):
-                h = self._forward(
-                    tokens[:, a : a + PREFILL_CHUNK], cache, valid[:, a : a + PREFILL_CHUNK]
-                )
-            logits = self.model.logits(h[:, -1])
-            st.prefill_s = time.perf_counter() - t0
-            out: list[list[int]] = [[] for _ in range(b)]
-            shown = [""] * b
-            done = [False] * b
-            t1 = time.perf_counter()
-            read0, hits0, miss0 = self.store.bytes_read, self.cache.hits, self.cache.misses
-            for step in range(max_tokens):
-                nxt = sample(logits, s, gen)
+        d0 = None
+        try:
+            for step, recs in enumerate(stream(self, cache, reqs, slots, self.tokenizer)):
                 if step == 0:
-                    st.ttft_s = time.perf_counter() - t0
-                pieces = []
-                for i in range(b):
-                    if done[i]:
-                        pieces.append("")
-                        continue
-                    t = int(nxt[i])
-                    if t in self.tokenizer.eos_ids:
-                        done[i] = True
-                        pieces.append("")
-                        continue
-                    out[i].append(t)
-                    st.new_tokens += 1
-                    text = self.tokenizer.decode(out[i])
-                    cut = min((text.find(x) for x in stop if x and x in text), default=-1)
-                    if cut >= 0:
-                        text, done[i] = text[:cut], True
-                    elif text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
-                        pieces.append("")
-                        continue
-                    pieces.append(text[len(shown[i]) :])
-                    shown[i] = text
-                yield pieces
-                if all(done) or step == max_tokens - 1:
-                    break
-                h = self._forward(nxt[:, None], cache)
-                logits = self.model.logits(h[:, -1])
-            st.decode_s = time.perf_counter() - t1
-            st.extra = {
-                "decode_read": int(self.store.bytes_read - read0),
-                "decode_hits": self.cache.hits - hits0,
-                "decode_misses": self.cache.misses - miss0,
-                "batch": b,
-                "ctx_used": cache.length,
-            }
+                    st.prefill_s = st.ttft_s = time.perf_counter() - t0
+                    d0, t1 = self.executor.stats(), time.perf_counter()
+                st.new_tokens += sum(r.token is not None for r in recs)
+                yield recs
+        finally:
+            self.free_slots(slots)
+            if d0 is not None:
+                st.decode_s = time.perf_counter() - t1
+                st.decode_executor = self.executor.stats() - d0
+            st.executor = self.executor.stats() - e0
+            st.ctx_used = max((int(cache.lengths[s]) for s in slots), default=0)
+
+    def stream_batch(
+        self,
+        prompts: list,
+        max_tokens: int = 128,
+        sampling=None,
+        stop=(),
+        chat=False,
+        stats: RunStats | None = None,
+    ) -> Iterator[list[str]]:
+        """Yield, after every step, the new text of each prompt since the last yield."""
+        index: dict[int, int] = {}
+        for recs in self.records(prompts, max_tokens, sampling, stop, chat, None, stats):
+            pieces = [""] * len(prompts)
+            for r in recs:
+                i = index.setdefault(id(r.seq), len(index))
+                pieces[i] += r.text
+            yield pieces
 
     def stream(self, prompt, **kw) -> Iterator[str]:
         """New text of one prompt, piece by piece."""
@@ -292,21 +346,63 @@ class EdgeModel:
             if pieces[0]:
                 yield pieces[0]
 
+    def complete(
+        self,
+        prompts: list,
+        max_tokens: int = 128,
+        sampling=None,
+        stop=(),
+        chat=False,
+        logprobs: int | None = None,
+        stats: RunStats | None = None,
+    ) -> list[Completion]:
+        """Each prompt's completion with its token ids, logprobs (if asked) and stats."""
+        seqs: dict[int, object] = {}
+        tops: dict[int, list] = {}
+        for recs in self.records(prompts, max_tokens, sampling, stop, chat, logprobs, stats):
+            for r in recs:
+                seqs.setdefault(id(r.seq), r.seq)
+                if r.top_logprobs is not None and r.token is not None:
+                    tops.setdefault(id(r.seq), []).append(r.top_logprobs)
+        out = []
+        for key, s in seqs.items():
+            out.append(
+                Completion(
+                    s.text,
+                    list(s.out),
+                    list(s.logprobs) if logprobs is not None else None,
+                    tops.get(key) if logprobs else None,
+                    s.finish_reason,
+                    s.stats,
+                )
+            )
+        return out
+
     def generate(
-        self, prompt, max_tokens: int = 128, sampling: Sampling | None = None, stop=(), chat=False
+        self,
+        prompt,
+        max_tokens: int = 128,
+        sampling: Sampling | None = None,
+        stop=(),
+        chat=False,
+        stats: RunStats | None = None,
     ):
-        """The completion of one prompt (str), or of each of a list of prompts (list[str])."""
-        many = isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict))
+        """The completion of one prompt (str, token ids, or chat messages), or of each of a list
+        of prompts (list[str] or list[list[int]])."""
+        many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
         prompts = prompt if many else [prompt]
-        texts = [""] * len(prompts)
-        for pieces in self.stream_batch(prompts, max_tokens, sampling, tuple(stop), chat):
-            texts = [t + p for t, p in zip(texts, pieces)]
+        texts = [
+            c.text for c in self.complete(prompts, max_tokens, sampling, stop, chat, None, stats)
+        ]
         return texts if many else texts[0]
 
     # ---- reporting
-    def summary(self) -> dict:
-        st, p = self.stats, self.plan
-        decode_tokens = max(0, st.new_tokens - 1)
+    def summary(self, stats: RunStats | None = None) -> dict:
+        """A run's numbers (stats from records/stream_batch/complete), or, without stats, the
+        model's totals since load (expert traffic, memory) with no per-run rates."""
+        st, p = stats or RunStats(), self.plan
+        ex = st.executor if stats is not None else self.executor.stats()
+        decode_tokens = max(0, st.new_tokens - st.batch)
         peak = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return {
             "model": str(self.path),
@@ -318,9 +414,10 @@ class EdgeModel:
             "prefill_tok_s": st.prompt_tokens / st.prefill_s if st.prefill_s else 0.0,
             "decode_tok_s": decode_tokens / st.decode_s if st.decode_s and decode_tokens else 0.0,
             "ttft_s": st.ttft_s,
-            "hit_rate": self.cache.hit_rate,
-            "expert_reads": self.executor.expert_reads,
-            "bytes_read": int(self.store.bytes_read),
+            "hit_rate": ex.hit_rate,
+            "expert_reads": ex.reads,
+            "bytes_read": ex.bytes_read,
+            "io_wait_s": ex.io_wait_s,
             "o_direct": self.store.direct,
             "peak_rss": int(peak),
             "budget": None if self.mem is None else int(self.mem),
@@ -329,37 +426,33 @@ class EdgeModel:
             "expert_slots": round(p.expert_slots, 1),
             "all_experts": int(p.all_experts),
             "device": self.device.name if self.device else None,
-            "bound_tok_s": self._bound(),
+            "bound_tok_s": self._bound(st) if stats is not None else None,
             "plan": p.as_dict(),
         }
 
-    def _bound(self) -> float | None:
-        """The decode bound for this run's measured misses, on the emulated device (None without one)."""
-        st, steps = self.stats, max(0, self.stats.new_tokens - 1)
-        if self.device is None or not steps or not st.extra:
+    def _bound(self, st: RunStats) -> float | None:
+        """The decode bound for a run's measured misses, on the emulated device (None without one)."""
+        if self.device is None or st.batch == 0 or st.new_tokens <= st.batch:
             return None
         from edgemoe.bound import measured_bound
-        from edgemoe.planning import model_facts
 
-        b = st.extra["batch"]
-        facts = model_facts(self.reader, self.dtype, b, st.extra["ctx_used"])
-        steps = max(1, steps // b)
-        uses = st.extra["decode_hits"] + st.extra["decode_misses"]
+        f, d = self.facts, st.decode_executor
+        steps = max(1, (st.new_tokens - st.batch) // st.batch)
         return measured_bound(
             self.plan,
-            moe_layers=facts["moe_layers"],
-            top_k=facts["top_k"],
-            kv_bytes_per_token=facts["kv_bytes_per_token"],
-            hit_rate=st.extra["decode_hits"] / uses if uses else 1.0,
-            flash_bytes_per_step=st.extra["decode_read"] / steps,
+            moe_layers=len(f.moe_layers),
+            top_k=f.top_k,
+            kv_bytes_per_token=f.kv_bytes(st.batch, st.ctx_used),
+            hit_rate=d.hit_rate,
+            flash_bytes_per_step=d.bytes_read / steps,
             memory_bandwidth=self.device.memory_bandwidth,
             flash_rand_read=self.device.flash_rand_read,
-            batch=b,
-            lookup_only=facts["lookup_only"],
+            batch=st.batch,
+            lookup_only=f.lookup_only,
         ).tokens_per_s
 
-    def summary_line(self) -> str:
-        s = self.summary()
+    def summary_line(self, stats: RunStats | None = None) -> str:
+        s = self.summary(stats)
         budget_s = "unlimited" if s["budget"] is None else str(Bytes(s["budget"]))
         vs = f" (bound {s['bound_tok_s']:.0f} on {s['device']})" if s["bound_tok_s"] else ""
         return (
@@ -370,13 +463,17 @@ class EdgeModel:
         )
 
     def close(self) -> None:
+        self.executor.close()
         self.store.close()
         self.reader.close()
+
+    def __enter__(self) -> EdgeModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load(path=None, mem=None, **kw) -> EdgeModel:
     """Open a .emoe inside a memory budget (see EdgeModel)."""
     return EdgeModel(path, mem, **kw)
-
-
-__all__ = ["EdgeModel", "Sampling", "load"]

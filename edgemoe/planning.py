@@ -2,60 +2,35 @@
 
 from __future__ import annotations
 
-import types
-
-import torch
-
 from edgemoe import budget
 from edgemoe.bound import expected_bound
-from edgemoe.models import family_module
+from edgemoe.demo import DEMO
+from edgemoe.facts import ModelFacts, resolve_dtype
+from edgemoe.models import parse_args
 from edgemoe.routing import RoutingTrace, expected_uses
 from edgemoe.units import Bytes
 from formats.reader import EmoeReader
 
 
-def model_facts(reader: EmoeReader, dtype: torch.dtype, batch: int, ctx: int) -> dict:
-    """What the bound needs of a file: MoE shape, KV dims, and the per-step bytes the
-    bound counts for the KV cache (`ctx` positions read each step) and leaves out for
-    the embedding table (a lookup reads one row, not the table)."""
-    mod = family_module(reader.family)
-    args = mod.ModelArgs.from_dict(reader.config)
-    layers = sorted({e.layer for e in reader.experts.values()})
-    h, dk, dv = mod.Model.kv_dims(types.SimpleNamespace(args=args))
-    item = torch.empty((), dtype=dtype).element_size()
-    emb = reader.tensors["model.embed_tokens.weight"]
-    return {
-        "moe_layers": len(layers),
-        "experts_per_layer": len(reader.experts) // max(1, len(layers)),
-        "top_k": reader.config["num_experts_per_tok"],
-        "kv_dims": (h, dk, dv),
-        "kv_bytes_per_token": args.num_hidden_layers * batch * ctx * h * (dk + dv) * item,
-        "lookup_only": emb.shape[0] * emb.shape[1] * item,
-    }
-
-
 def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: str = "auto") -> dict:
     """The plan and the bound for one .emoe on one device profile (a DeviceProfile)."""
-    from edgemoe.engine import DEMO, _dtype
-
     path = path or DEMO
     r = EmoeReader(path)
     try:
-        dt = _dtype(dtype, r)
-        ctx = min(ctx, r.config.get("max_position_embeddings", ctx))
-        facts = model_facts(r, dt, batch, ctx)
+        f = ModelFacts(r, parse_args(r.family, r.config), resolve_dtype(dtype, r))
+        ctx = min(ctx, f.max_positions)
         mem = Bytes.parse(mem) if mem is not None else device.usable_memory
-        p = budget.plan(r, mem, ctx=ctx, batch=batch, dtype=dt, kv_dims=facts["kv_dims"])
+        p = budget.plan(f, mem, ctx=ctx, batch=batch)
         trace = RoutingTrace.load(r)
         kw = dict(
-            moe_layers=facts["moe_layers"],
-            experts_per_layer=facts["experts_per_layer"],
-            top_k=facts["top_k"],
-            kv_bytes_per_token=facts["kv_bytes_per_token"],
+            moe_layers=len(f.moe_layers),
+            experts_per_layer=f.experts_per_layer,
+            top_k=f.top_k,
+            kv_bytes_per_token=f.kv_bytes(batch, ctx),
             memory_bandwidth=device.memory_bandwidth,
             flash_rand_read=device.flash_rand_read,
             batch=batch,
-            lookup_only=facts["lookup_only"],
+            lookup_only=f.lookup_only,
         )
         if trace is None:  # uniform routing: the bound and the expectation are one guess
             b = lru = expected_bound(p, **kw)
@@ -73,13 +48,10 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
                 "fewest_misses_per_step": fewest.misses,
                 "uses_per_step": likely.hits + likely.misses,
             }
-        levels = max((len(e.levels) for e in r.experts.values()), default=1)
         e0 = next(iter(r.experts.values()))
         slots = {
-            k: round(
-                p.expert_cache / max(1, budget.expert_nbytes(r, e0.layer, e0.expert, k, dt)), 1
-            )
-            for k in range(1, levels + 1)
+            k: round(p.expert_cache / max(1, f.expert_nbytes(e0.layer, k)), 1)
+            for k in range(1, len(e0.levels) + 1)
         }
         return {
             "model": str(path),

@@ -5,9 +5,9 @@ T tokens, and records every MoE layer's top-k choice for every token: the
 routing trace, a [S, T, L, K] uint16 array stored in the .emoe as the blob
 `routing_trace`, described by the metadata key `edgemoe.routing_stats`.
 
-`edgemoe plan` replays the trace through the runtime's own cache protocol
-(`replay`, sharing `LocalExecutor`'s wave rule and the real `ExpertCache` and
-eviction policy) for a cache of C expert slots and a batch of B sequences:
+`edgemoe plan` replays the trace through the runtime's own schedule
+(`replay` runs moe/schedule.py, as `LocalExecutor` does, on the real
+`ExpertCache` and eviction policy) for a cache of C expert slots and a batch of B sequences:
 the first WARMUP tokens of each segment are the prompt (one prefill pass),
 the rest are decode steps, whose hits and misses per step replace the
 uniform-routing guess C / N. Uniform routing has no temporal locality; real
@@ -20,13 +20,11 @@ Shape legend: S segments, T tokens per segment, L MoE layers, K experts per toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgemoe.cache import LRU, Belady, ExpertCache
-from edgemoe.moe.local import wave_size
+from edgemoe.moe.schedule import simulate
 from formats import constants as C
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
@@ -38,10 +36,6 @@ WARMUP = 32  # tokens of each segment replayed as the prompt, not counted
 
 class BadRoutingStats(EmoeError):
     fix = "run `edgemoe calibrate MODEL --text FILE` again to rewrite them"
-
-
-class NotEnoughText(EmoeError):
-    fix = "give more text (--text FILE ...), or lower --segments or --tokens"
 
 
 @dataclass
@@ -116,48 +110,6 @@ class RoutingTrace:
         return cls(ids, layers, str(meta.get("source", "")))
 
 
-# ---------------------------------------------------------------- recording
-
-
-def text_segments(token_ids: list[int], segments: int, tokens: int) -> np.ndarray:
-    """[S, T] windows spread evenly over one token stream."""
-    need = segments * tokens
-    if len(token_ids) < need:
-        raise NotEnoughText(
-            f"the text has {len(token_ids)} tokens; {segments} segments of {tokens} need {need}"
-        )
-    stream = np.asarray(token_ids, dtype=np.int64)
-    starts = np.linspace(0, len(stream) - tokens, segments).astype(np.int64)
-    return np.stack([stream[s : s + tokens] for s in starts])
-
-
-def record(model, segments: np.ndarray, source: str, chunk: int = 512) -> RoutingTrace:
-    """Run `model` (an EdgeModel) over [S, T] token segments and keep every routing decision."""
-    layers = sorted({e.layer for e in model.reader.experts.values()})
-    pos = {layer: i for i, layer in enumerate(layers)}
-    s, t = segments.shape
-    k = model.reader.config["num_experts_per_tok"]
-    ids = np.zeros((s, t, len(layers), k), dtype=np.uint16)
-    at = {"seg": 0, "start": 0}
-
-    def seen(layer: int, expert_ids: torch.Tensor) -> None:  # [n, K] for tokens start..start+n
-        a = at["start"]
-        ids[at["seg"], a : a + expert_ids.shape[0], pos[layer]] = expert_ids.numpy()
-
-    stop = model.executor.observe(seen)
-    try:
-        with torch.inference_mode():
-            for i in range(s):
-                cache = model.model.new_cache(1, t)
-                at["seg"] = i
-                for a in range(0, t, chunk):
-                    at["start"] = a
-                    model.model.forward(torch.from_numpy(segments[i : i + 1, a : a + chunk]), cache)
-    finally:
-        stop()
-    return RoutingTrace(ids, layers, source)
-
-
 # ---------------------------------------------------------------- replay
 
 
@@ -171,29 +123,16 @@ def replay(
     `slots` experts, evicting by LRU (the runtime's policy) or by Belady (the fewest misses
     any policy could have). Returns (hits, misses) of calls[count_from:], what LocalExecutor
     would count."""
-    keys = [{(layer, e, 0) for e in np.unique(ids).tolist()} for layer, ids in calls]
-    policy = Belady(keys) if belady else LRU()
+    keys = [[(layer, e, 0) for e in np.unique(ids).tolist()] for layer, ids in calls]
+    policy = Belady([set(k) for k in keys]) if belady else LRU()
     cache = ExpertCache(max(0, int(slots)), policy)
     h0 = m0 = 0
-    for i, step in enumerate(keys):
+    for i, step in enumerate(keys):  # np.unique sorts: dispatch's order, ascending expert
         if i == count_from:
             h0, m0 = cache.hits, cache.misses
         if belady:
             policy.now = i
-        todo = []
-        for key in sorted(step):  # dispatch's order: ascending expert
-            if cache.get(key) is None:
-                todo.append(key)
-            else:
-                cache.pin(key)
-        cache.unpin_all()
-        while todo:
-            n = wave_size(cache, len(todo), 1)
-            wave, todo = todo[:n], todo[n:]
-            for key in wave:
-                if cache.put(key, True, 1):  # any value but None (a miss)
-                    cache.pin(key)
-            cache.unpin_all()
+        simulate(cache, step)
     return cache.hits - h0, cache.misses - m0
 
 
@@ -242,47 +181,6 @@ def expected_uses(
         hits, misses, steps = hits + h, misses + m, steps + t - warm
     scale = batch / width
     return Expected(scale * hits / steps, scale * misses / steps, width * (s // width), steps)
-
-
-# ---------------------------------------------------------------- calibrate
-
-
-def read_text(paths: list[str]) -> str:
-    """The text of plain or gzipped files, one after another."""
-    import gzip
-
-    parts = []
-    for p in paths:
-        opener = gzip.open if str(p).endswith(".gz") else open
-        try:
-            with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-                parts.append(f.read())
-        except FileNotFoundError:
-            raise NotEnoughText(f"{p}: no such file", "check the --text path") from None
-    return "\n\n".join(parts)
-
-
-def calibrate(
-    path, texts: list[str], *, segments: int = 8, tokens: int = 256, mem=None, dtype: str = "auto"
-) -> RoutingTrace:
-    """Record the routing of `segments` x `tokens` tokens of the given text files and store it in
-    the .emoe (rewritten atomically by formats.amend; every other chunk is copied unchanged)."""
-    from edgemoe.engine import EdgeModel
-    from formats.amend import amend
-
-    if segments < 1 or tokens < 2:
-        raise NotEnoughText(
-            f"--segments {segments} --tokens {tokens}", "use at least 1 segment of 2 tokens"
-        )
-    m = EdgeModel(path, mem, ctx=tokens, dtype=dtype)
-    try:
-        ids = m.tokenizer.encode(read_text(texts))
-        source = ", ".join(Path(t).name for t in texts)
-        trace = record(m, text_segments(ids, segments, tokens), source)
-    finally:
-        m.close()
-    amend(m.path, metadata={C.M_ROUTING_STATS: trace.meta()}, blobs={TRACE_BLOB: trace.blob()})
-    return trace
 
 
 def locality(trace: RoutingTrace) -> float:

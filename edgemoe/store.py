@@ -77,9 +77,15 @@ class ExpertStore:
         start = self.reader.data_offset + first.offset
         return start, align_up(last.offset + last.length - first.offset)
 
-    def fetch(self, layer: int, expert: int, level: int, have: int = 0) -> Future:
-        """Future of the raw (checked, inflated) payloads of levels have+1..level."""
-        return self._pool.submit(self._read, layer, expert, level, have)
+    def fetch(
+        self, layer: int, expert: int, level: int, have: int = 0, then: Callable | None = None
+    ) -> Future:
+        """Future of the raw (checked, inflated) payloads of levels have+1..level, or of
+        then(payloads) computed on the reader thread (so the payloads are freed there, and
+        never wait in memory for the computing thread)."""
+        if then is None:
+            return self._pool.submit(self._read, layer, expert, level, have)
+        return self._pool.submit(lambda: then(self._read(layer, expert, level, have)))
 
     def _buffer(self, n: int) -> mmap.mmap:
         buf = getattr(self._local, "buf", None)

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from edgemoe.engine import DEMO, EdgeModel
+from edgemoe.calibrate import NotEnoughText, record, text_segments
 from edgemoe.routing import (
     BadRoutingStats,
-    NotEnoughText,
     RoutingTrace,
     expected_uses,
     locality,
-    record,
     replay,
-    text_segments,
 )
 from formats import constants as C
 from formats.amend import amend

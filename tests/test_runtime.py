@@ -12,6 +12,7 @@ import edgemoe
 from edgemoe import Bytes
 from edgemoe.budget import BudgetTooSmall
 from edgemoe.cache import ExpertCache
+from edgemoe.engine import RunStats
 from edgemoe.kernels import DenseLinear
 from edgemoe.moe.dispatch import dispatch
 from edgemoe.moe.executor import ResidentExecutor
@@ -22,6 +23,7 @@ from edgemoe.store import ExpertStore
 from formats.reader import EmoeReader
 from tests.models.harness import greedy_ours, load_ours
 
+GREEDY = Sampling(temperature=0)
 PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
 
 
@@ -43,19 +45,44 @@ def test_dispatch_combine_equals_reference():
     assert sum(len(a.tokens) for a in groups) == t * k
 
 
-def test_cache_lru_pins_and_capacity():
+def test_cache_lru_holds_and_capacity():
     c = ExpertCache(100)
     assert c.put((0, 0, 1), "a", 40) and c.put((0, 1, 1), "b", 40)
-    c.get((0, 0, 1))  # a is now the most recent
-    c.pin((0, 0, 1))
-    assert c.put((0, 2, 1), "c", 40)  # evicts b (LRU, unpinned)
+    assert c.acquire((0, 0, 1)).value == "a"  # a is now the most recent, and held
+    assert c.put((0, 2, 1), "c", 40)  # evicts b (LRU, not held)
     assert (0, 1, 1) not in c and (0, 0, 1) in c and c.used <= c.capacity
-    c.pin((0, 2, 1))
-    assert not c.put((0, 3, 1), "d", 40)  # both residents pinned: refused, nothing evicted
+    c.acquire((0, 2, 1))
+    c.acquire((0, 2, 1))  # held twice: one release does not free it
+    assert not c.put((0, 3, 1), "d", 40)  # both residents held: refused, nothing evicted
     assert len(c) == 2 and c.used == 80
-    c.unpin_all()
-    assert c.put((0, 3, 1), "d", 40) and c.evictions == 2
+    c.release((0, 0, 1))
+    c.release((0, 2, 1))
+    assert c.put((0, 3, 1), "d", 40) and (0, 0, 1) not in c and (0, 2, 1) in c
+    c.release((0, 2, 1))
+    assert c.put((0, 4, 1), "e", 40) and c.evictions == 3
     assert not c.put((9, 9, 1), "huge", 101)
+    assert c.hits == 3 and c.misses == 0
+
+
+def test_cache_reservations_survive_until_released():
+    """A reserved (in-flight) entry holds its room and cannot be evicted; an unheld in-flight
+    entry evicted is cancelled; fill corrects the size."""
+    from concurrent.futures import Future
+
+    c = ExpertCache(100)
+    e = c.reserve((1, 0, 1), 60)
+    assert e is not None and e.pins == 1 and c.used == 60
+    c.fill((1, 0, 1), Future())
+    assert c.peek((1, 0, 1)).in_flight
+    assert c.reserve((1, 1, 1), 60) is None  # the room is held
+    assert c.reserve((1, 1, 1), 40) is not None
+    c.release((1, 1, 1))
+    c.fill((1, 1, 1), "x", 30)
+    assert c.used == 90
+    c.release((1, 0, 1))
+    fut = c.peek((1, 0, 1)).value
+    assert c.put((1, 2, 1), "y", 70)  # evicts the unheld in-flight entry (LRU-oldest) and x
+    assert fut.cancelled() and (1, 0, 1) not in c
 
 
 @pytest.mark.parametrize("mode", ["direct", "buffered", "refused"])
@@ -100,7 +127,7 @@ def test_generation_is_identical_at_every_budget(tiny_emoe, family):
         mm = edgemoe.load(path, ctx=128, batch=1, expert_cache=cache)
         got, _ = greedy_ours(mm.model, [ids], 24)
         assert got[0] == want[0], f"expert cache {cache}"
-        assert mm.cache.used <= mm.cache.capacity
+        assert mm.executor.cache.used <= mm.executor.cache.capacity
         reads.append(mm.store.bytes_read)
         mm.close()
     assert reads[0] <= reads[1] < reads[2], reads
@@ -114,13 +141,13 @@ def test_prefill_reads_each_touched_expert_once(tiny_emoe):
     long_prompt = " ".join([PROMPT] * 8)
     ids = m.tokenizer.encode(long_prompt)
     touched = set()
-    real_run = m.executor.run
+    real_begin = m.executor.begin
 
     def spy(layer, x, expert_ids, w):
         touched.update((layer, e) for e in expert_ids.flatten().tolist())
-        return real_run(layer, x, expert_ids, w)
+        return real_begin(layer, x, expert_ids, w)
 
-    m.executor.run = spy
+    m.executor.begin = spy
     with torch.inference_mode():
         m.model.forward(torch.tensor([ids]), m.model.new_cache(1, len(ids)))
     assert len(ids) > 60 and m.store.reads == len(
@@ -132,7 +159,7 @@ def test_budget_too_small_names_the_minimum(tiny_emoe):
     path = tiny_emoe("mixtral")
     with pytest.raises(BudgetTooSmall, match="smallest budget that works is") as e:
         edgemoe.load(path, mem="100MB", ctx=128)
-    assert "--mem" in str(e.value)
+    assert "mem=" in str(e.value) and e.value.param == "mem"
     need = Bytes.parse(str(e.value).split("smallest budget that works is ")[1].split(";")[0])
     # what it names is enough, with the slack of this process's own growth
     edgemoe.load(path, mem=need + Bytes.parse("64MiB"), ctx=128).close()
@@ -141,7 +168,7 @@ def test_budget_too_small_names_the_minimum(tiny_emoe):
 def test_sampling_rules():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(1)
-    assert sample(logits, Sampling.greedy(), None).tolist() == [1, 0]
+    assert sample(logits, Sampling(temperature=0), None).tolist() == [1, 0]
     assert sample(logits, Sampling(temperature=1.0, top_k=1), g).tolist() == [1, 0]
     assert sample(logits, Sampling(temperature=1.0, top_p=0.01), g).tolist() == [1, 0]
     draws = [
@@ -160,17 +187,18 @@ def test_batch_stop_strings_and_stream(tiny_emoe):
         "Hello",
         "A much longer prompt about nothing in particular, to pad the batch",
     ]
-    greedy = Sampling.greedy()
-    batched = m.generate(prompts, max_tokens=16, sampling=greedy)
-    alone = [m.generate(p, max_tokens=16, sampling=greedy) for p in prompts]
+    st = RunStats()
+    batched = m.generate(prompts, max_tokens=16, sampling=GREEDY, stats=st)
+    alone = [m.generate(p, max_tokens=16, sampling=GREEDY) for p in prompts]
     assert batched == alone
-    assert "".join(m.stream(prompts[0], max_tokens=16, sampling=greedy)) == alone[0]
+    assert "".join(m.stream(prompts[0], max_tokens=16, sampling=GREEDY)) == alone[0]
     first = alone[0]
     # a stop string made of complete characters from the middle of the greedy output
     starts = [i for i in range(1, len(first)) if first[i].isalnum()]
     assert starts, f"no usable stop string in {first!r}"
     stop = first[starts[0]]
-    cut = m.generate(prompts[0], max_tokens=16, stop=[stop], sampling=greedy)
+    cut = m.generate(prompts[0], max_tokens=16, stop=[stop], sampling=GREEDY)
     assert cut == first[: first.find(stop)]
-    s = m.summary()
-    assert s["new_tokens"] > 0 and s["prefill_tok_s"] > 0 and 0 <= s["hit_rate"] <= 1
+    s = m.summary(st)
+    assert s["new_tokens"] == st.new_tokens > 0 and s["prefill_tok_s"] > 0
+    assert 0 <= s["hit_rate"] <= 1 and st.batch == 3

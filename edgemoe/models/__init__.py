@@ -23,7 +23,11 @@ def family_module(family: str):
     return importlib.import_module(f"edgemoe.models.{family}")
 
 
-def build_model(family: str, config: dict, weights, executor):
-    """The family's Model for a config dict, over resident weights and an executor."""
-    mod = family_module(family)
-    return mod.Model(mod.ModelArgs.from_dict(config), weights, executor)
+def parse_args(family: str, config: dict):
+    """The family's ModelArgs for a config dict (parsed once; geometry is its methods)."""
+    return family_module(family).ModelArgs.from_dict(config)
+
+
+def build_model(family: str, args, weights, executor):
+    """The family's Model for parsed args, over resident weights and an executor."""
+    return family_module(family).Model(args, weights, executor)

@@ -3,9 +3,10 @@
 Shape legend: B sequences, S new tokens, L cached + new positions, H heads,
 Hkv key/value heads, Dh head dim, D hidden.
 
-Batches are left-padded: every sequence in a batch advances together, and
-pad slots are masked out of attention with `KVCache.valid`, so prompts of
-different lengths share a batch and each still sees positions 0, 1, 2...
+A forward pass is over rows of sequence slots of the KV cache
+(edgemoe/kvcache.py), right-padded: each slot keeps its own length, so
+sequences of different lengths share a pass and each sees positions 0, 1, 2...
+Pad tokens are masked out of attention and skipped by MoE layers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from edgemoe.kernels import DenseLinear, Linear
+from edgemoe.kvcache import KVCache
 from edgemoe.moe.executor import ExpertExecutor
 
 
@@ -34,6 +36,14 @@ class Weights(Protocol):
 
     def linear(self, name: str, bias: str | None = None) -> Linear:
         """y = x @ W.T (+ bias), fused on stored codes where possible."""
+
+
+class StandardArgs:
+    """Geometry the standard (GQA) families share; a family's ModelArgs derives from it."""
+
+    def kv_dims(self) -> tuple[int, int, int]:
+        """(kv heads, key dim, value dim) a cached token holds per layer."""
+        return self.num_key_value_heads, self.head_dim, self.head_dim
 
 
 def from_dict(cls, cfg: dict):
@@ -90,75 +100,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [B, H, S, Dh]; cos/sin [B, S, Dh]."""
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
-
-
-class KVCache:
-    """Keys and values of every layer for a batch, preallocated to max_len.
-
-    Attributes:
-        length: positions filled so far (shared by the batch; pads included).
-        valid: [B, max_len] which slots hold real tokens.
-        next_pos: [B] the position id the next real token of each sequence gets.
-    """
-
-    def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        max_len: int,
-        kv_heads: int,
-        k_dim: int,
-        v_dim: int,
-        dtype: torch.dtype,
-    ):
-        self.max_len, self.batch, self.dtype = max_len, batch, dtype
-        self.k = [
-            torch.zeros(batch, kv_heads, max_len, k_dim, dtype=dtype) for _ in range(n_layers)
-        ]
-        self.v = [
-            torch.zeros(batch, kv_heads, max_len, v_dim, dtype=dtype) for _ in range(n_layers)
-        ]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool)
-        self.next_pos = torch.zeros(batch, dtype=torch.int64)
-        self.length = 0
-
-    @staticmethod
-    def nbytes_for(n_layers, batch, max_len, kv_heads, k_dim, v_dim, dtype) -> int:
-        item = torch.empty((), dtype=dtype).element_size()
-        return n_layers * batch * max_len * kv_heads * (k_dim + v_dim) * item
-
-    def begin(self, valid_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions [B, S] and the attention mask [B, 1, S, L] for S new slots."""
-        b, s = valid_new.shape
-        start = self.length
-        if start + s > self.max_len:
-            raise ValueError(f"context of {start + s} tokens exceeds the cache's {self.max_len}")
-        positions = self.next_pos[:, None] + torch.cumsum(valid_new.long(), dim=1) - 1
-        positions = positions.clamp(min=0)
-        self.valid[:, start : start + s] = valid_new
-        keys = self.valid[:, None, : start + s]  # [B, 1, L]
-        q_abs = torch.arange(start, start + s)[:, None]  # [S, 1]
-        causal = torch.arange(start + s)[None, :] <= q_abs  # [S, L]
-        mask = keys[:, :, None, :] & causal[None, None]  # [B, 1, S, L]
-        # a pad query attends to itself only, so no row is all -inf (its output is unused)
-        diag = torch.zeros(s, start + s, dtype=torch.bool)
-        diag[torch.arange(s), start + torch.arange(s)] = True
-        mask = mask | (~valid_new[:, None, :, None] & diag[None, None])
-        return positions, mask
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, Hkv, S, *] at the current slots; return all [B, Hkv, L, *]."""
-        s = k.shape[2]
-        self.k[layer][:, :, self.length : self.length + s] = k
-        self.v[layer][:, :, self.length : self.length + s] = v
-        end = self.length + s
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def commit(self, valid_new: torch.Tensor) -> None:
-        self.length += valid_new.shape[1]
-        self.next_pos += valid_new.sum(dim=1)
 
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:
@@ -253,15 +194,14 @@ class MLP:
         self.up = w.linear(f"{prefix}.up_proj.weight")
         self.down = w.linear(f"{prefix}.down_proj.weight")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x)).to(x.dtype)
 
 
 class CausalLM(ABC):
     """Embedding -> decoder layers -> norm -> lm_head; families supply the layers.
 
-    Subclasses set `self.args` (with num_hidden_layers, rms_norm_eps,
-    tie_word_embeddings) and implement make_layer and kv_dims.
+    `args` has num_hidden_layers, rms_norm_eps and kv_dims(); subclasses implement make_layer.
     """
 
     args: object
@@ -281,25 +221,30 @@ class CausalLM(ABC):
     def make_layer(self, i: int):
         """Decoder layer i: (x, positions, mask, cache, i) -> x."""
 
-    def kv_dims(self) -> tuple[int, int, int]:
-        """(kv heads, key dim, value dim) of the cache; MLA families override it."""
-        return self.args.num_key_value_heads, self.args.head_dim, self.args.head_dim
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        h, dk, dv = self.kv_dims()
-        return KVCache(self.args.num_hidden_layers, batch, max_len, h, dk, dv, self.dtype)
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        h, dk, dv = self.args.kv_dims()
+        return KVCache(self.args.num_hidden_layers, slots, max_len, h, dk, dv, self.dtype)
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        valid: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens [B, S] -> final hidden states [B, S, D] (cache advanced by S)."""
+        """tokens [B, S] -> final hidden states [B, S, D].
+
+        Args:
+            valid: [B, S] real tokens, each row's first n_b (right padding); default all.
+            slots: [B] the cache slot of each row; default 0..B-1. Each slot advances by n_b.
+        """
         if valid is None:
             valid = torch.ones(tokens.shape, dtype=torch.bool)
-        positions, mask = cache.begin(valid)
+        positions, mask = cache.begin(valid, slots)
         x = self.embed[tokens].to(self.dtype)  # [B, S, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, mask, cache, i)
-        cache.commit(valid)
+        cache.commit()
         return rms_norm(x, self.norm, self.args.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -328,17 +273,29 @@ class RoutedMoE:
         self.router, self.route, self.executor, self.layer = router, route, executor, layer
         self.shared, self.shared_gate = shared, shared_gate
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, D]; keep: flat indices of the real tokens (None: all), pads get zeros."""
         b, s, d = x.shape
-        flat = x.reshape(-1, d)  # [T, D]
+        flat = x.reshape(-1, d)  # [B*S, D]
+        if keep is not None:
+            flat = flat[keep]  # [T, D]
         logits = flat.float() @ self.router.float().T  # [T, E]
         ids, w = self.route(logits)  # [T, K]
-        out = self.executor.run(self.layer, flat, ids, w)  # [T, D]
+        handle = self.executor.begin(
+            self.layer, flat, ids, w
+        )  # reads fly while the shared expert computes
+        y = None
         if self.shared is not None:
             y = self.shared(flat)
             if self.shared_gate is not None:
                 y = torch.sigmoid(flat.float() @ self.shared_gate.float().T).to(y.dtype) * y
+        out = self.executor.finish(handle)  # [T, D]
+        if y is not None:
             out = out + y
+        if keep is not None:
+            full = torch.zeros(b * s, d, dtype=out.dtype)
+            full[keep] = out
+            out = full
         return out.reshape(b, s, d)
 
 
@@ -352,4 +309,4 @@ class DecoderLayer:
 
     def __call__(self, x, positions, mask, cache, i):
         h = x + self.attn(rms_norm(x, self.ln1, self.eps), positions, mask, cache, i)
-        return h + self.mlp(rms_norm(h, self.ln2, self.eps))
+        return h + self.mlp(rms_norm(h, self.ln2, self.eps), cache.keep)

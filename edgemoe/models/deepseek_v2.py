@@ -24,11 +24,11 @@ from functools import partial
 
 import torch
 
+from edgemoe.kvcache import KVCache
 from edgemoe.models.base import (
     MLP,
     CausalLM,
     DecoderLayer,
-    KVCache,
     RoutedMoE,
     Weights,
     apply_rope,
@@ -100,6 +100,10 @@ class ModelArgs:
             )
         if self.mlp_bias:
             raise ValueError("deepseek_v2 with mlp_bias=true is not supported")
+
+    def kv_dims(self) -> tuple[int, int, int]:
+        """One shared "head" of latent + rope key per token, no separate values."""
+        return 1, self.kv_lora_rank + self.qk_rope_head_dim, 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -314,8 +318,3 @@ class Model(CausalLM):
         else:
             mlp = MLP(w, f"{p}.mlp")
         return DecoderLayer(w, i, attn, mlp, a.rms_norm_eps)
-
-    def kv_dims(self):
-        """One shared "head" of latent + rope key per token, no separate values."""
-        a = self.args
-        return 1, a.kv_lora_rank + a.qk_rope_head_dim, 0

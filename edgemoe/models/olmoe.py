@@ -6,12 +6,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from edgemoe.models.base import Attention, CausalLM, DecoderLayer, RoutedMoE, finish_args, from_dict
+from edgemoe.models.base import (
+    Attention,
+    CausalLM,
+    DecoderLayer,
+    RoutedMoE,
+    StandardArgs,
+    finish_args,
+    from_dict,
+)
 from edgemoe.moe.router import softmax_topk
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(StandardArgs):
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int

@@ -16,6 +16,7 @@ from edgemoe.models.base import (
     CausalLM,
     DecoderLayer,
     RoutedMoE,
+    StandardArgs,
     finish_args,
     from_dict,
 )
@@ -23,7 +24,7 @@ from edgemoe.moe.router import softmax_topk
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(StandardArgs):
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int

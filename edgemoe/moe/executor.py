@@ -5,12 +5,20 @@ their (expert, weight) choices, and gets the combined output back. Where the
 experts live (in memory, on flash behind a cache, on another node) and in
 what order they are fetched is the executor's business; model files know
 nothing of files, caches or threads.
+
+The call is split so that reads (or remote calls) overlap other work:
+`begin` issues what it must fetch and returns a handle, the model computes
+its shared expert, then `finish` waits and combines; `run` is the two in a
+row. `hint` tells the executor which experts a later layer will probably
+want, so it can start reading them early.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,39 +27,91 @@ from edgemoe.moe.dispatch import dispatch
 from edgemoe.moe.experts import ExpertWeights, expert_forward
 
 
+@dataclass(frozen=True)
+class ExecutorStats:
+    """What an executor did since it was made; subtract two to get an interval's figures."""
+
+    reads: int = 0  # expert reads issued (prefetches included)
+    bytes_read: int = 0  # bytes they moved from flash (or over the network)
+    hits: int = 0  # expert uses served from memory (a prefetch in flight counts)
+    misses: int = 0  # expert uses that had to be read
+    uncached: int = 0  # experts computed without a cache slot (the cache holds less than one)
+    io_wait_s: float = 0.0  # time the computing thread blocked on reads
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # prefetched experts their layer then used
+    prefetch_wasted: int = 0  # prefetched experts their layer did not use
+
+    def __sub__(self, other: ExecutorStats) -> ExecutorStats:
+        return ExecutorStats(
+            **{
+                f.name: getattr(self, f.name) - getattr(other, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+
+
 class ExpertExecutor(ABC):
     """Computes routed experts for one layer at a time.
 
     Observers (`observe`) are told every routing decision before it is served:
-    `edgemoe calibrate` records them, and a prefetch predictor will learn from them.
+    `edgemoe calibrate` records them, and a prefetch predictor learns from them.
     """
 
     _observers: tuple[Callable[[int, torch.Tensor], None], ...] = ()
 
     def observe(self, fn: Callable[[int, torch.Tensor], None]) -> Callable[[], None]:
-        """Call fn(layer, expert_ids [T, K]) on every run; returns the function that stops it."""
+        """Call fn(layer, expert_ids [T, K]) on every call; returns the function that stops it."""
         self._observers = (*self._observers, fn)
         return lambda: setattr(self, "_observers", tuple(f for f in self._observers if f is not fn))
 
     def routed(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Implementations call this first in run()."""
+        """Implementations call this first in begin()."""
         for fn in self._observers:
             fn(layer, expert_ids)
 
+    def hint(self, layer: int, predicted_ids: torch.Tensor) -> None:
+        """Layer `layer` will probably route to these experts ([T, K] or [N] int64): an
+        executor may start fetching them. The default ignores hints."""
+        return None
+
     @abstractmethod
-    def run(
+    def begin(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Combined routed-expert output.
+    ) -> object:
+        """Start one layer's routed experts; returns the handle `finish` takes.
 
         Args:
             layer: decoder layer index.
             x: [T, D] hidden states of the layer's tokens.
             expert_ids: [T, K] int64 chosen experts.
             expert_weights: [T, K] float32 combine weights.
-        Returns:
-            [T, D] in x's dtype: sum_k weight[t, k] * expert_{ids[t, k]}(x[t]).
         """
+
+    @abstractmethod
+    def finish(self, handle: object) -> torch.Tensor:
+        """[T, D] in x's dtype: sum_k weight[t, k] * expert_{ids[t, k]}(x[t])."""
+
+    def run(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """begin + finish."""
+        return self.finish(self.begin(layer, x, expert_ids, expert_weights))
+
+    def stats(self) -> ExecutorStats:
+        """Cumulative figures since the executor was made."""
+        return ExecutorStats()
+
+    def close(self) -> None:
+        """Stop background work and free what the executor holds."""
+        return None
 
 
 class ResidentExecutor(ExpertExecutor):
@@ -59,11 +119,19 @@ class ResidentExecutor(ExpertExecutor):
 
     def __init__(self, experts: dict[tuple[int, int], ExpertWeights]):
         self.experts = experts
+        self._uses = 0
 
-    def run(self, layer, x, expert_ids, expert_weights):
+    def begin(self, layer, x, expert_ids, expert_weights):
         self.routed(layer, expert_ids)
         out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
         for a in dispatch(expert_ids, expert_weights):
             y = expert_forward(x[a.tokens], self.experts[(layer, a.expert)])  # [N, D]
             combine_into(out, a.tokens, y, a.weights)
+            self._uses += 1
         return out.to(x.dtype)
+
+    def finish(self, handle):
+        return handle
+
+    def stats(self) -> ExecutorStats:
+        return ExecutorStats(hits=self._uses)

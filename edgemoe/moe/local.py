@@ -1,43 +1,53 @@
 """LocalExecutor: routed experts from this machine's flash, through the cache.
 
-For one layer: experts already cached are computed first; the missing ones
-are read in waves that fit the cache's free space, each wave's reads issued
-at once so I/O overlaps with computing the experts that already arrived.
-Each expert a layer needs is read at most once per forward pass, however
-many tokens (a long prompt, a batch) route to it and however small the
-cache: a prompt costs one read per touched expert, not one per token.
+One layer runs moe/schedule.py's plan: `begin` acquires the cached experts and
+issues the first wave of reads for the missing ones (they fly while the model
+computes the shared expert), `finish` computes the hits, then each read as it
+lands, then the later waves. Reads are prepared (sliced, kernels built) on the
+reader threads, so a payload never waits in memory for the computing thread.
+Each expert a layer needs is read at most once per forward pass, however many
+tokens (a long prompt, a batch) route to it and however small the cache.
+
+`hint(layer, ids)` reserves room for experts a later layer will probably use
+and reads them in the background; the reservation holds them until that
+layer's `begin`, so the layers in between cannot evict them.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 
-from edgemoe.cache import ExpertCache
+from edgemoe.cache import Entry, ExpertCache, Key
 from edgemoe.moe.combine import combine_into
-from edgemoe.moe.dispatch import dispatch
-from edgemoe.moe.executor import ExpertExecutor
+from edgemoe.moe.dispatch import Assignment, dispatch
+from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
 from edgemoe.moe.experts import ExpertWeights, expert_forward
+from edgemoe.moe.schedule import LayerSchedule, Wave, schedule
 from edgemoe.store import ExpertStore
 
 
-def wave_size(cache: ExpertCache, waiting: int, size: int) -> int:
-    """Evict for the next wave of `waiting` missed experts of `size` bytes; how many to read now.
-
-    At least one: an expert bigger than the free room is computed without a cache slot.
-    """
-    cache.make_room(min(size * waiting, cache.capacity))
-    return max(1, min(waiting, cache.free // size))
+@dataclass
+class _Handle:
+    layer: int
+    x: torch.Tensor  # [T, D]
+    by_key: dict[Key, Assignment]
+    plan: LayerSchedule
+    first: list[Future]
+    held: list[Key] = field(default_factory=list)  # released when the layer is done
 
 
 class LocalExecutor(ExpertExecutor):
     """Args:
     store: reads expert slices.
     cache: holds prepared experts.
-    prepare: (layer, expert, payloads) -> ExpertWeights.
-    level: the level to compute every expert at.
+    prepare: (layer, expert, payloads) -> ExpertWeights (runs on a reader thread).
+    level: (layer, expert) -> the level to compute that expert at.
     expert_nbytes: (layer) -> prepared bytes of one expert of that layer (for wave sizes).
     """
 
@@ -51,39 +61,120 @@ class LocalExecutor(ExpertExecutor):
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
         self.level, self.expert_nbytes = level, expert_nbytes
-        self.expert_reads = 0
-        self.io_wait_s = 0.0  # time blocked on reads: what device emulation must not slow down
-        self.uncached = 0  # experts computed without a cache slot (the cache holds less than one)
+        self._reads = self._uncached = 0
+        self._io_wait = 0.0
+        self._prefetched: dict[int, set[Key]] = {}
+        self._pf_issued = self._pf_used = self._pf_wasted = 0
 
-    def run(self, layer, x, expert_ids, expert_weights):
-        self.routed(layer, expert_ids)
-        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
-        todo = []
-        for a in dispatch(expert_ids, expert_weights):
-            key = (layer, a.expert, self.level(layer, a.expert))
-            ew = self.cache.get(key)
-            if ew is None:
-                todo.append((a, key))
-                continue
-            self.cache.pin(key)
-            combine_into(out, a.tokens, expert_forward(x[a.tokens], ew), a.weights)
-        self.cache.unpin_all()
+    def stats(self) -> ExecutorStats:
+        return ExecutorStats(
+            reads=self._reads,
+            bytes_read=int(self.store.bytes_read),
+            hits=self.cache.hits,
+            misses=self.cache.misses,
+            uncached=self._uncached,
+            io_wait_s=self._io_wait,
+            prefetch_issued=self._pf_issued,
+            prefetch_used=self._pf_used,
+            prefetch_wasted=self._pf_wasted,
+        )
+
+    def _fetch(self, key: Key) -> Future:
+        layer, expert, level = key
+        self._reads += 1
+        return self.store.fetch(layer, expert, level, then=lambda p: self.prepare(layer, expert, p))
+
+    def _wait(self, fut: Future) -> ExpertWeights:
+        t0 = time.perf_counter()
+        ew = fut.result()
+        self._io_wait += time.perf_counter() - t0
+        return ew
+
+    # ---- prefetch
+    def hint(self, layer, predicted_ids):
         size = max(1, self.expert_nbytes(layer))
-        while todo:
-            n = wave_size(self.cache, len(todo), size)
-            wave, todo = todo[:n], todo[n:]
-            futures = [self.store.fetch(layer, a.expert, key[2]) for a, key in wave]
-            self.expert_reads += len(wave)
-            for (a, key), fut in zip(wave, futures):
-                t0 = time.perf_counter()
-                payloads = fut.result()
-                self.io_wait_s += time.perf_counter() - t0
-                ew: ExpertWeights = self.prepare(layer, a.expert, payloads)
-                if self.cache.put(key, ew, ew.nbytes):
-                    self.cache.pin(key)
-                else:
-                    self.uncached += 1
-                combine_into(out, a.tokens, expert_forward(x[a.tokens], ew), a.weights)
-                del ew
-            self.cache.unpin_all()
-        return out.to(x.dtype)
+        mine = self._prefetched.setdefault(layer, set())
+        for e in torch.unique(predicted_ids).tolist():
+            key = (layer, e, self.level(layer, e))
+            if key in self.cache:
+                continue
+            entry = self.cache.reserve(key, size)
+            if entry is None:
+                break  # no room that is not held: prefetching further would evict the wanted
+            self.cache.fill(key, self._fetch(key))
+            mine.add(key)
+            self._pf_issued += 1
+
+    # ---- one layer
+    def begin(self, layer, x, expert_ids, expert_weights):
+        self.routed(layer, expert_ids)
+        by_key = {
+            (layer, a.expert, self.level(layer, a.expert)): a
+            for a in dispatch(expert_ids, expert_weights)
+        }
+        plan = schedule(self.cache, list(by_key), self.expert_nbytes(layer))
+        # this layer now holds what it uses; its prefetch reservations end here
+        hinted = self._prefetched.pop(layer, set())
+        used = hinted & {key for key, _ in plan.hits}
+        self._pf_used += len(used)
+        self._pf_wasted += len(hinted) - len(used)
+        for key in hinted:
+            self.cache.release(key)
+        first = [self._fetch(key) for key in plan.first.keys]
+        held = [key for key, _ in plan.hits] + [
+            k for k, e in zip(plan.first.keys, plan.first.entries) if e is not None
+        ]
+        return _Handle(layer, x, by_key, plan, first, held)
+
+    def finish(self, handle: _Handle) -> torch.Tensor:
+        h, cache = handle, self.cache
+        out = torch.zeros(h.x.shape, dtype=torch.float32)  # [T, D]
+
+        def compute(key: Key, ew: ExpertWeights) -> None:
+            a = h.by_key[key]
+            combine_into(out, a.tokens, expert_forward(h.x[a.tokens], ew), a.weights)
+
+        try:
+            for key, entry in h.plan.hits:
+                compute(key, self._value(key, entry))
+                cache.release(key)
+                h.held.remove(key)
+            reads = h.first
+            for wave in itertools.chain([h.plan.first], h.plan.rest):
+                if wave is not h.plan.first:
+                    reads = [self._fetch(key) for key in wave.keys]
+                    h.held += [k for k, e in zip(wave.keys, wave.entries) if e is not None]
+                self._serve(h, wave, reads, compute)
+        except BaseException:
+            self._abandon(h)
+            raise
+        return out.to(h.x.dtype)
+
+    def _serve(self, h: _Handle, wave: Wave, reads: list[Future], compute) -> None:
+        """Compute each read of a wave as it lands, cache it, release its slot."""
+        for key, entry, fut in zip(wave.keys, wave.entries, reads):
+            ew = self._wait(fut)
+            if entry is None:
+                self._uncached += 1
+            else:
+                self.cache.fill(key, ew, ew.nbytes)
+            compute(key, ew)
+            if entry is not None:
+                self.cache.release(key)
+                h.held.remove(key)
+            del ew
+
+    def _value(self, key: Key, entry: Entry) -> ExpertWeights:
+        """A hit's prepared expert, waiting for it if a prefetch is still reading it."""
+        if entry.in_flight:
+            ew = self._wait(entry.value)
+            self.cache.fill(key, ew, ew.nbytes)
+            return ew
+        return entry.value
+
+    def _abandon(self, h: _Handle) -> None:
+        """A read failed: drop this layer's holds and the slots that never got a value."""
+        for key in h.held:
+            self.cache.release(key)
+            if key in self.cache and self.cache.peek(key).value is None:
+                self.cache.evict(key)

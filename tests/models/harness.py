@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from edgemoe.models import build_model
+from edgemoe.models import build_model, parse_args
 from edgemoe.moe.executor import ResidentExecutor
 from edgemoe.prepare import load_all_experts
 from edgemoe.weights import ResidentWeights
@@ -19,23 +19,25 @@ def load_ours(path, dtype=torch.float32, level=None, fused=True):
     r = EmoeReader(path)
     w = ResidentWeights(r, dtype, fused)
     ex = ResidentExecutor(load_all_experts(r, dtype, level, fused))
-    return build_model(r.family, r.config, w, ex)
+    return build_model(r.family, parse_args(r.family, r.config), w, ex)
 
 
 def greedy_ours(
     model, prompts: list[list[int]], n_new: int
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Batched greedy decoding with left padding; returns new tokens and per-step logits [B, V]."""
+    """Batched greedy decoding (right padding, a KV slot per prompt); returns new tokens and
+    per-step logits [B, V]."""
     b = len(prompts)
     width = max(len(p) for p in prompts)
     tokens = torch.zeros(b, width, dtype=torch.int64)
     valid = torch.zeros(b, width, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        tokens[i, width - len(p) :] = torch.tensor(p)
-        valid[i, width - len(p) :] = True
+        tokens[i, : len(p)] = torch.tensor(p)
+        valid[i, : len(p)] = True
     cache = model.new_cache(b, width + n_new)
     h = model.forward(tokens, cache, valid)
-    logits = model.logits(h[:, -1])
+    last = torch.tensor([len(p) - 1 for p in prompts])
+    logits = model.logits(h[torch.arange(b), last])
     out, steps = [[] for _ in range(b)], []
     for _ in range(n_new):
         steps.append(logits)

@@ -241,9 +241,9 @@ def test_variant_greedy_equals_transformers(tmp_path, variant):
 def test_cache_holds_latents_not_per_head_keys(tiny_emoe, family):
     """MLA's point: a token costs kv_lora_rank + rope dims in the cache, whatever the heads,
     and the planner counts the same bytes."""
-    import types
 
     from edgemoe import budget
+    from edgemoe.facts import ModelFacts
     from formats.reader import EmoeReader
 
     model = load_ours(tiny_emoe(family))
@@ -254,6 +254,5 @@ def test_cache_holds_latents_not_per_head_keys(tiny_emoe, family):
     expanded = a.num_attention_heads * (a.qk_head_dim + a.v_head_dim)
     assert a.kv_lora_rank + a.qk_rope_head_dim < expanded
     with EmoeReader(tiny_emoe(family)) as r:
-        dims = type(model).kv_dims(types.SimpleNamespace(args=a))
-        p = budget.plan(r, None, ctx=16, batch=2, dtype=torch.float32, kv_dims=dims)
+        p = budget.plan(ModelFacts(r, a, torch.float32), None, ctx=16, batch=2)
     assert p.kv_cache == sum(t.numel() * t.element_size() for t in cache.k + cache.v)

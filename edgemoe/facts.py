@@ -1,0 +1,133 @@
+"""What a model file implies, in one place: read once, passed down.
+
+The compute dtype, the MoE shape, KV bytes per token, expert bytes per level,
+resident bytes: the engine, the planner, the bound and `edgemoe plan` all
+take these figures from one `ModelFacts`, so they cannot disagree. Geometry
+comes from the family's parsed `ModelArgs` (its `kv_dims()`); this module
+does not import model code, the caller parses the args.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from edgemoe.budget import expert_nbytes, resident_nbytes
+from edgemoe.kvcache import kv_nbytes
+from formats.errors import EmoeError
+from formats.reader import EmoeReader
+
+DTYPES = {
+    "f32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class BadDtype(EmoeError):
+    fix = "use dtype 'auto', 'f32' or 'bf16'"
+    param = "dtype"
+
+
+def resolve_dtype(name: str, reader: EmoeReader) -> torch.dtype:
+    """ "auto": full precision files compute in f32, quantized ones in bf16 (the fused kernels')."""
+    if name == "auto":
+        full = all(t.codec.name == "f32" for t in reader.tensors.values())
+        return torch.float32 if full else torch.bfloat16
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise BadDtype(f"unknown dtype {name!r}") from None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Figures of one .emoe at one compute dtype.
+
+    Args:
+        reader: the open file.
+        args: the family's parsed ModelArgs (with kv_dims()).
+        dtype: the compute dtype.
+        fused: whether experts compute on fused quantized kernels (their bytes differ).
+    """
+
+    reader: EmoeReader
+    args: object
+    dtype: torch.dtype
+    fused: bool = True
+    _sizes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def family(self) -> str:
+        return self.reader.family
+
+    @property
+    def n_layers(self) -> int:
+        return self.args.num_hidden_layers
+
+    @functools.cached_property
+    def moe_layers(self) -> list[int]:
+        return sorted({e.layer for e in self.reader.experts.values()})
+
+    @property
+    def experts_per_layer(self) -> int:
+        return len(self.reader.experts) // max(1, len(self.moe_layers))
+
+    @property
+    def top_k(self) -> int:
+        return self.reader.config["num_experts_per_tok"]
+
+    @property
+    def kv_dims(self) -> tuple[int, int, int]:
+        return self.args.kv_dims()
+
+    @property
+    def max_positions(self) -> int:
+        return getattr(self.args, "max_position_embeddings", 4096)
+
+    @functools.cached_property
+    def levels(self) -> int:
+        """Levels every expert stores (the highest level a run can compute at)."""
+        return min((len(e.levels) for e in self.reader.experts.values()), default=1)
+
+    @property
+    def item(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def kv_bytes(self, slots: int, ctx: int) -> int:
+        """The KV cache of `slots` sequences of `ctx` positions."""
+        h, dk, dv = self.kv_dims
+        return kv_nbytes(self.n_layers, slots, ctx, h, dk, dv, self.item)
+
+    @property
+    def lookup_only(self) -> int:
+        """Resident bytes a step does not read whole: the embedding table (one row a token)."""
+        emb = self.reader.tensors["model.embed_tokens.weight"]
+        return emb.shape[0] * emb.shape[1] * self.item
+
+    def expert_nbytes(self, layer: int, level: int) -> int:
+        """Prepared bytes of one expert of `layer` at `level` (every expert of a layer alike)."""
+        key = (layer, level)
+        if key not in self._sizes:
+            e = next(e for e in self.reader.experts.values() if e.layer == layer)
+            self._sizes[key] = expert_nbytes(
+                self.reader, layer, e.expert, level, self.dtype, self.fused
+            )
+        return self._sizes[key]
+
+    @functools.cached_property
+    def resident_bytes(self) -> int:
+        return int(resident_nbytes(self.reader, self.dtype, self.fused))
+
+    def largest_span(self) -> int:
+        """The longest on-disk read of one expert (all its levels)."""
+        return max(
+            (
+                self.reader.expert_span(e.layer, e.expert, len(e.levels))[1]
+                for e in self.reader.experts.values()
+            ),
+            default=0,
+        )

@@ -1,0 +1,262 @@
+"""Generation as steps over per-request sequence state.
+
+    seqs = [Sequence(Request(ids, max_tokens=32), slot) for ...]
+    records = prefill(model, cache, seqs)       # the prompts; each sequence's first token
+    while any(not s.done for s in seqs):
+        records = decode_step(model, cache, seqs)  # one token for every running sequence
+
+`stream` does that loop for a fixed set of requests; a server steps a running
+batch itself, adding sequences (prefill of the newcomers, then decode with the
+rest) and dropping finished ones between steps: every sequence owns a slot of
+the KV cache with its own length (edgemoe/kvcache.py).
+
+Everything per request (sampling generator, tokens, text shown, stats) lives
+in its `Sequence`, never on the shared model, so two generations at once do
+not touch each other's numbers. The model object only has to offer
+`forward`, `logits`, `tokenizer` and `executor_stats` (EdgeModel does).
+
+Shape legend: B rows of a pass, S tokens per row, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from edgemoe.kvcache import KVCache
+from edgemoe.moe.executor import ExecutorStats
+from edgemoe.sampling import Sampling, sample
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the activations of a long prompt
+
+
+class Steppable(Protocol):
+    tokenizer: object
+
+    def forward(self, tokens, cache, valid=None, slots=None) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def executor_stats(self) -> ExecutorStats: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt's generation settings.
+
+    ids: the prompt's token ids. logprobs: None for none; 0 for the chosen token's log
+    probability; n > 0 for that and the n most likely alternatives at every step.
+    """
+
+    ids: tuple[int, ...]
+    max_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+
+@dataclass
+class SeqStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    queued_at: float = field(default_factory=time.perf_counter)
+    # the executor's figures while this sequence ran (shared with sequences in the same passes)
+    executor: ExecutorStats = field(default_factory=ExecutorStats)
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one step gave one sequence.
+
+    token: the new token id (None when the step ended the sequence on an end-of-sequence token).
+    text: new text since the last record (held back while it could be half a UTF-8 character
+    or the start of a stop string). finish_reason: None, "stop" or "length".
+    """
+
+    seq: Sequence
+    token: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+    finish_reason: str | None = None
+
+
+class Sequence:
+    """A request being generated in one KV cache slot."""
+
+    def __init__(self, request: Request, slot: int, tokenizer, eos_ids=frozenset()):
+        self.request, self.slot, self.tokenizer = request, slot, tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        s = request.sampling
+        self.gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+        self.out: list[int] = []
+        self.logprobs: list[float] = []
+        self.shown = ""
+        self.finish_reason: str | None = None
+        self.stats = SeqStats(prompt_tokens=len(request.ids))
+        self._exec0: ExecutorStats | None = None
+        self._cut: int | None = None  # the text ends here (a stop string began)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.shown
+
+    @property
+    def length(self) -> int:
+        """Tokens in the KV cache once the last sampled token is fed."""
+        return len(self.request.ids) + len(self.out)
+
+    def _accept(self, token: int, logits: torch.Tensor) -> Record:
+        """Take a sampled token ([V] float32 logits it came from); the record to yield."""
+        req = self.request
+        lp = top = None
+        if req.logprobs is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            lp = float(logp[token])
+            if req.logprobs > 0:
+                v, i = torch.topk(logp, min(req.logprobs, logp.shape[-1]))
+                top = tuple(zip(i.tolist(), v.tolist()))
+        if token in self.eos_ids:
+            return self._finish(None, "stop", lp, top)
+        self.out.append(token)
+        if lp is not None:
+            self.logprobs.append(lp)
+        self.stats.new_tokens += 1
+        text = self.tokenizer.decode(self.out)
+        reason = "length" if len(self.out) >= req.max_tokens else None
+        cut = min((text.find(x) for x in req.stop if x and x in text), default=-1)
+        if cut >= 0:
+            self._cut = cut
+            return self._finish(token, "stop", lp, top, text[:cut])
+        if reason:
+            return self._finish(token, reason, lp, top, text)
+        hold = _held_back(text, req.stop)
+        new = text[len(self.shown) : len(text) - hold]
+        self.shown += new
+        return Record(self, token, new, lp, top)
+
+    def _finish(self, token, reason, lp, top, text: str | None = None) -> Record:
+        new = "" if text is None else text[len(self.shown) :]
+        if text is None:  # end of sequence: show what was held back
+            full = self.tokenizer.decode(self.out) if self.out else ""
+            new = full[len(self.shown) :] if self._cut is None else ""
+        self.shown += new
+        self.finish_reason = reason
+        return Record(self, token, new, lp, top, reason)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of text not to show yet: half a UTF-8 character, or a prefix of a
+    stop string (shown once the next tokens prove it is not one)."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return hold
+
+
+def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[Record]:
+    """logits [B, V] float32, one row per sequence."""
+    records = []
+    for i, seq in enumerate(seqs):
+        s = seq.request.sampling
+        history = [list(seq.request.ids) + seq.out]
+        token = int(sample(logits[i : i + 1], s, seq.gen, history)[0])
+        records.append(seq._accept(token, logits[i]))
+    return records
+
+
+def _begin(model: Steppable, seqs: list[Sequence]) -> None:
+    now = model.executor_stats()
+    for seq in seqs:
+        seq._exec0 = now
+
+
+def _end(model: Steppable, records: list[Record]) -> None:
+    now = None
+    for r in records:
+        if r.finish_reason is not None:
+            now = now or model.executor_stats()
+            r.seq.stats.executor = now - r.seq._exec0
+
+
+def prefill(
+    model: Steppable, cache: KVCache, seqs: list[Sequence], chunk: int = PREFILL_CHUNK
+) -> list[Record]:
+    """Run the prompts of new sequences (their slots empty) and sample each one's first token."""
+    if not seqs:
+        return []
+    _begin(model, seqs)
+    t0 = time.perf_counter()
+    longest = max(len(s.request.ids) for s in seqs)
+    tokens = torch.zeros(len(seqs), longest, dtype=torch.int64)
+    valid = torch.zeros(len(seqs), longest, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        n = len(s.request.ids)
+        tokens[i, :n] = torch.tensor(s.request.ids)
+        valid[i, :n] = True
+    slots = torch.tensor([s.slot for s in seqs])
+    last = None
+    for a in range(0, longest, chunk):
+        v = valid[:, a : a + chunk]
+        rows = v.any(dim=1)  # rows whose prompt still has tokens in this chunk
+        idx = rows.nonzero()[:, 0]
+        h = model.forward(tokens[idx, a : a + chunk], cache, v[idx], slots[idx])  # [b, S, D]
+        if last is None:
+            last = torch.zeros(len(seqs), h.shape[-1], dtype=h.dtype)
+        ends = v[idx].sum(dim=1) - 1  # each row's last real token in this chunk
+        last[idx] = h[torch.arange(len(idx)), ends]
+    logits = model.logits(last)  # [B, V]
+    elapsed = time.perf_counter() - t0
+    records = _sample_rows(logits, seqs)
+    now = time.perf_counter()
+    for s in seqs:
+        s.stats.prefill_s = elapsed
+        s.stats.ttft_s = now - s.stats.queued_at
+    _end(model, records)
+    return records
+
+
+def decode_step(model: Steppable, cache: KVCache, seqs: list[Sequence]) -> list[Record]:
+    """One token for every running sequence (finished ones are skipped)."""
+    running = [s for s in seqs if not s.done]
+    if not running:
+        return []
+    t0 = time.perf_counter()
+    tokens = torch.tensor([[s.out[-1]] for s in running])  # [B, 1]
+    slots = torch.tensor([s.slot for s in running])
+    h = model.forward(tokens, cache, None, slots)
+    records = _sample_rows(model.logits(h[:, -1]), running)
+    dt = time.perf_counter() - t0
+    for s in running:
+        s.stats.decode_s += dt
+    _end(model, records)
+    return records
+
+
+def stream(
+    model: Steppable, cache: KVCache, requests: list[Request], slots: list[int], tokenizer=None
+) -> Iterator[list[Record]]:
+    """Generate `requests` together in the given cache slots; yield each step's records."""
+    tok = tokenizer or model.tokenizer
+    eos = getattr(tok, "eos_ids", ())
+    for slot in slots:
+        cache.reset(slot)
+    seqs = [Sequence(r, slot, tok, eos) for r, slot in zip(requests, slots)]
+    records = prefill(model, cache, seqs)
+    yield records
+    while not all(s.done for s in seqs):
+        yield decode_step(model, cache, seqs)

@@ -1,0 +1,77 @@
+"""The public API of the executor seam, in one place.
+
+Everything an executor of one's own needs (a remote executor on other nodes,
+a test double, a study's instrumented executor): the seam itself, its stats
+record, the context `edgemoe.load(..., executor=factory)` hands a factory,
+and the pieces that compute experts (dispatch by expert, one expert's
+forward on prepared weights, the weighted combine, preparing an expert from
+its stored level chunks). Code outside the runtime (cluster/) imports from
+here, never from the modules behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgemoe.budget import Plan
+from edgemoe.cache import ExpertCache
+from edgemoe.moe.combine import combine_into
+from edgemoe.moe.dispatch import Assignment, dispatch
+from edgemoe.moe.executor import ExecutorStats, ExpertExecutor, ResidentExecutor
+from edgemoe.moe.experts import ExpertWeights, expert_forward
+from edgemoe.moe.local import LocalExecutor
+from edgemoe.prepare import load_all_experts, prepare_expert
+from edgemoe.store import ExpertStore
+from formats.reader import EmoeReader
+
+
+@dataclass(frozen=True)
+class ExecutorContext:
+    """What `edgemoe.load(..., executor=factory)` gives the factory.
+
+    reader: the open .emoe; plan: the memory plan (its expert_cache is the room for experts);
+    store: the file's O_DIRECT expert reader; dtype: the compute dtype; level(layer, expert):
+    the level to compute at; expert_nbytes(layer): prepared bytes of one expert.
+    """
+
+    reader: EmoeReader
+    plan: Plan
+    store: ExpertStore
+    dtype: torch.dtype
+    level: Callable[[int, int], int]
+    expert_nbytes: Callable[[int], int]
+    fused: bool = True
+
+    def prepare(self, layer: int, expert: int, payloads: list) -> ExpertWeights:
+        """Compute-ready weights of one expert from its level chunks' payloads."""
+        e = self.reader.expert(layer, expert)
+        return prepare_expert(self.reader, e, payloads, self.dtype, self.fused)
+
+    def local(self) -> LocalExecutor:
+        """The default executor: this file, this plan's cache, this machine's flash."""
+        return LocalExecutor(
+            self.store,
+            ExpertCache(self.plan.expert_cache),
+            self.prepare,
+            self.level,
+            self.expert_nbytes,
+        )
+
+
+__all__ = [
+    "Assignment",
+    "ExecutorContext",
+    "ExecutorStats",
+    "ExpertExecutor",
+    "ExpertWeights",
+    "LocalExecutor",
+    "ResidentExecutor",
+    "combine_into",
+    "dispatch",
+    "expert_forward",
+    "load_all_experts",
+    "prepare_expert",
+]
