@@ -6,6 +6,7 @@ key); this module reads and checks it. The budget and scheduler plan with it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,9 +127,22 @@ def parse_profile(text: str, source: str = "<text>") -> DeviceProfile:
     return profile
 
 
+def user_profile_dir() -> Path:
+    """Where `edgemoe profile` writes: $XDG_CONFIG_HOME/edgemoe/profiles (~/.config/...)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "edgemoe" / "profiles"
+
+
+def profile_dirs() -> list[Path]:
+    """Folders searched for a profile by name: the user's first, then the shipped ones."""
+    return [user_profile_dir(), PROFILE_DIR]
+
+
 def known_devices() -> list[str]:
-    """Names of the shipped profiles, sorted."""
-    return sorted(p.name.removesuffix(SUFFIX) for p in PROFILE_DIR.glob(f"*{SUFFIX}"))
+    """Names of the user's and the shipped profiles, sorted."""
+    return sorted(
+        {p.name.removesuffix(SUFFIX) for d in profile_dirs() for p in d.glob(f"*{SUFFIX}")}
+    )
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
@@ -145,7 +159,8 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     text = str(name_or_path)
     path = Path(text)
     if not (path.suffix == SUFFIX or "/" in text or "\\" in text) or not path.is_file():
-        path = PROFILE_DIR / f"{text}{SUFFIX}"
+        found = (d / f"{text}{SUFFIX}" for d in profile_dirs())
+        path = next((p for p in found if p.is_file()), PROFILE_DIR / f"{text}{SUFFIX}")
     if not path.is_file():
         raise UnknownDevice(
             f"no device profile named {text!r} (known devices: {', '.join(known_devices())})"
