@@ -131,7 +131,7 @@ class EdgeModel:
             throttle = TokenBucket(self.device.flash_rand_read).take
             self.slowdown = ComputeSlowdown(self.device.compute_factor)
         self.path = Path(path) if path else DEMO
-        self.reader = r = EmoeReader(self.path)
+        self.reader = r = EmoeReader(self.path, check_model=True)
         try:
             self.facts = f = ModelFacts(
                 r, parse_args(r.family, r.config), resolve_dtype(dtype, r), fused

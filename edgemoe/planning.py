@@ -15,7 +15,7 @@ from formats.reader import EmoeReader
 def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: str = "auto") -> dict:
     """The plan and the bound for one .emoe on one device profile (a DeviceProfile)."""
     path = path or DEMO
-    r = EmoeReader(path)
+    r = EmoeReader(path, check_model=True)
     try:
         f = ModelFacts(r, parse_args(r.family, r.config), resolve_dtype(dtype, r))
         ctx = min(ctx, f.max_positions)

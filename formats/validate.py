@@ -401,7 +401,10 @@ def dims(family: str, cfg: Mapping, where: str = "file") -> SimpleNamespace:
     """
     rules = RULES.get(family)
     if rules is None:
-        raise UnsupportedArchitecture(f"model family {family!r} is not one edgemoe runs")
+        raise UnsupportedArchitecture(
+            f"model family {family!r} is not one the runtime knows",
+            f"edgemoe runs {', '.join(RULES)}; convert one of those",
+        )
     ctx = _Context(where)
     if not isinstance(cfg, Mapping):
         raise ctx.bad("it is not a map")
