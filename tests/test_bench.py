@@ -247,3 +247,42 @@ def test_cap_sizes_for_the_reference_measurement():
     q8 = 2381 << 20
     assert [c.bytes(q8) for c in caps] == [None, q8, q8 // 2, q8 // 4]
     assert Cap("x", size=Bytes(5)).bytes(q8) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+@pytest.mark.llamacpp
+def test_bench_against_llama_cpp_on_a_tiny_made_model(memory_cap, tmp_path):
+    bench = os.environ.get("EDGEMOE_LLAMA_BENCH")
+    if not bench:
+        pytest.skip(
+            "set EDGEMOE_LLAMA_BENCH to llama-bench (tools/llamacpp_build.sh CACHE_DIR prints it)"
+        )
+    from edgemoe.bench.models import make_model
+
+    try:
+        convert = str(prepare.find_llama_convert())
+    except prepare.LlamaConverterMissing as e:
+        pytest.skip(str(e))
+    hf = make_model("mixtral-tiny", tmp_path / "mixtral-tiny")
+    out = tmp_path / "runs.json"
+    cmd = [sys.executable, "-m", "edgemoe.cli", "bench", str(hf), "--caps", "none,1GiB"]
+    cmd += ["--repeats", "1", "--prompt-tokens", "16", "--new-tokens", "8", "--no-doc"]
+    cmd += [
+        "--no-drop-caches",
+        "--json",
+        str(out),
+        "--llama-bench",
+        bench,
+        "--llama-convert",
+        convert,
+    ]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", EDGEMOE_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert {r["system"] for r in runs} >= {"llama.cpp", "edgemoe"}
+    for r in runs:
+        assert r["status"] == OK, r["extra"].get("stderr", r["note"])
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+    assert "edgemoe / llama.cpp" in p.stdout

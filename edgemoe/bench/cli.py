@@ -286,7 +286,7 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         "after the model files were evicted from the page cache"
         + (" and the whole page cache dropped" if not a.no_drop_caches else "")
         + f"; edgemoe gets `--mem` equal to the cap. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new, greedy, "
-        f"{a.threads} threads. llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 --mmap 1`, "
+        f"{a.threads} threads. llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 -lm mmap`, "
         "its decode (tg) runs at depth 0 after its own warm-up; edgemoe decodes after its prompt. "
         f"Medians over {a.repeats} repeat(s); within a repeat the systems run back to back at each cap, "
         "their order alternating; the ratio is the median of the paired ratios. Disk read / token: the "

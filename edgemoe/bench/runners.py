@@ -37,7 +37,7 @@ class System:
 SYSTEMS = {
     s.name: s
     for s in (
-        System(LLAMA_CPP, LLAMA_CPP, about="llama-bench, Q8_0 GGUF, mmap"),
+        System(LLAMA_CPP, LLAMA_CPP, ("-lm", "mmap"), about="llama-bench, Q8_0 GGUF, mmap"),
         System(
             "edgemoe-naive",
             "edgemoe",
@@ -118,13 +118,14 @@ def run_llamacpp(
     bench: Path, gguf: Path, cap: str, limit: Bytes | None, repeat: int, batch: int, s: Settings
 ) -> Run:
     """llama-bench once: prefill of prompt_tokens (pp) and decode of new_tokens (tg),
-    each after llama-bench's own warm-up, with mmap (its default) and -r 1."""
+    each after llama-bench's own warm-up, with mmap (`-lm mmap`, what its default
+    `auto` picks on a CPU) and -r 1."""
     run = Run(LLAMA_CPP, cap, repeat, batch, limit=limit)
     if batch != 1:
         run.status, run.note = NA, "n/a (llama-bench decodes one sequence)"
         return run
     cmd = [str(bench), "-m", str(gguf), "-p", str(s.prompt_tokens), "-n", str(s.new_tokens)]
-    cmd += ["-r", "1", "-t", str(s.threads), "--mmap", "1", "-o", "json"]
+    cmd += ["-r", "1", "-t", str(s.threads), "-o", "json", *SYSTEMS[LLAMA_CPP].argv]
     res, dropped = _capped(cmd, limit, [gguf], s)
     run.extra["dropped_caches"] = dropped
     if res is None:
