@@ -1,20 +1,33 @@
 """The `edgemoe` command line.
 
 Every subcommand turns a bad input into one line on stderr that names the
-problem and the fix, and exits non-zero; `--debug` shows the traceback.
+problem and the fix, and exits with status 2; `--debug` (anywhere on the
+line) shows the traceback. Argument types and the error wording shared by
+every subcommand live in edgemoe/cli_args.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from edgemoe.cli_args import (
+    EXIT_BAD_INPUT,
+    Parser,
+    count,
+    flag_message,
+    number,
+    size,
+    utf8_args,
+    utf8_text,
+)
 from edgemoe.units import Bytes
 
-EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `... | head -1`
 
 
 def _cmd_convert(args) -> int:
@@ -128,19 +141,54 @@ def _cmd_verify(args) -> int:
                     break
         if bar:
             bar.close()
+        if not bad:
+            bad = _model_problems(r)
         if bad:
             for e in bad:
                 print(f"edgemoe: error: {e}", file=sys.stderr)
             return 1
-        print(f"{r.path}: OK, {len(r.chunks)} chunks, {Bytes(total)} checked")
+        print(
+            f"{r.path}: OK, {len(r.chunks)} chunks, {Bytes(total)} checked; "
+            "config, tensors, tokenizer and chat template consistent"
+        )
     return 0
+
+
+def _model_problems(r) -> list:
+    """What the runtime would refuse in a file whose chunks are sound: the model check,
+    the tokenizer, the chat template (compiled, and rendered once in the sandbox)."""
+    from formats import constants as C
+    from formats.chat_template import compile_template, render
+    from formats.errors import EmoeError
+    from formats.validate import check_file, check_tokenizer
+
+    problems = []
+    try:
+        d = check_file(r)
+    except EmoeError as e:
+        return [e]
+    try:
+        if C.BLOB_TOKENIZER in r.blobs:
+            check_tokenizer(r.read_chunk(r.blobs[C.BLOB_TOKENIZER]), d.V, str(r.path))
+    except EmoeError as e:
+        problems.append(e)
+    try:
+        if r.chat_template is not None:
+            t = compile_template(r.chat_template, "the file's chat template")
+            render(
+                t, {"messages": [{"role": "user", "content": "Hi"}], "add_generation_prompt": True}
+            )
+    except EmoeError as e:
+        problems.append(e)
+    return problems
 
 
 def _cmd_run(args) -> int:
     from edgemoe.engine import RunStats, load
     from edgemoe.sampling import Sampling
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    given = {k: getattr(args, k) for k in _SAMPLING_FLAGS}
+    sampling = Sampling(**{k: v for k, v in given.items() if v is not None})
     prompts = args.prompt or []
     batch = args.batch or max(1, len(prompts))
     m = load(
@@ -163,7 +211,9 @@ def _cmd_run(args) -> int:
         if args.json:
             texts = m.generate(prompts, **kw, stats=st)
             print(
-                json.dumps({"prompts": prompts, "outputs": texts, "summary": m.summary(st)}, indent=1)
+                json.dumps(
+                    {"prompts": prompts, "outputs": texts, "summary": m.summary(st)}, indent=1
+                )
             )
             return 0
         if len(prompts) == 1:
@@ -186,10 +236,14 @@ def _interactive(m, kw, args) -> int:
     from edgemoe.engine import RunStats
 
     history: list[dict] = []
+    if hasattr(
+        sys.stdin, "reconfigure"
+    ):  # bytes that are not UTF-8 arrive escaped, not as an error
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("edgemoe: type a prompt, Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
-            line = input("> " if sys.stdin.isatty() else "")
+            line = utf8_text(input("> " if sys.stdin.isatty() else ""), "the input line")
         except EOFError:
             print(file=sys.stderr)
             return 0
@@ -213,19 +267,23 @@ def _echo(pieces):
 
 
 def _cmd_profile(args) -> int:
-    from devices.profile import PROFILE_DIR, parse_profile
+    from devices.profile import parse_profile, user_profile_dir
     from devices.profiler import profile, profile_text
 
-    out = Path(args.out) if args.out else PROFILE_DIR / f"{args.name}.profile"
+    out = Path(args.out) if args.out else user_profile_dir() / f"{args.name}.profile"
     if out.exists() and not args.force:
         raise ValueError(
             f"{out} already exists; pass --force to replace it, or another --name / --out"
         )
     result = profile(
-        Path(args.scratch), Bytes.parse(args.scratch_size), args.model, progress=not args.quiet
+        Path(args.scratch),
+        Bytes.parse(args.scratch_size),
+        args.model,
+        progress=not args.quiet,
     )
     text = profile_text(result, args.name)
     parse_profile(text, str(out))  # what we write must read back
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text, end="")
     print(f"wrote {out}", file=sys.stderr)
@@ -274,11 +332,13 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    _calibrate(args.model, args.text, args.segments, args.tokens, args.mem, args.dtype)
+    _calibrate(
+        args.model, args.text, args.segments, args.tokens, args.mem, args.dtype, not args.quiet
+    )
     return 0
 
 
-def _calibrate(model, text, segments=8, tokens=256, mem=None, dtype="auto") -> None:
+def _calibrate(model, text, segments=8, tokens=256, mem=None, dtype="auto", progress=True) -> None:
     import numpy as np
     import psutil
 
@@ -287,7 +347,24 @@ def _calibrate(model, text, segments=8, tokens=256, mem=None, dtype="auto") -> N
     from formats.reader import EmoeReader
 
     mem = mem or Bytes(int(psutil.virtual_memory().available * 0.8))
-    t = calibrate(model, text, segments=segments, tokens=tokens, mem=mem, dtype=dtype)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=segments, desc="calibrate", unit="segment", file=sys.stderr, disable=None)
+    try:
+        t = calibrate(
+            model,
+            text,
+            segments=segments,
+            tokens=tokens,
+            mem=mem,
+            dtype=dtype,
+            progress=bar and (lambda done: bar.update(done - bar.n)),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     s, n, _, _ = t.ids.shape
     with EmoeReader(model) as r:
         experts = len(r.experts) // len(t.layers)
@@ -315,17 +392,69 @@ def _cmd_devices(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="edgemoe", description="Run MoE LLMs from flash inside a memory budget."
+# run's sampling flags: Sampling's field names; None leaves Sampling's own default
+_SAMPLING_FLAGS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "repeat_last_n",
+    "seed",
+)
+
+
+def _sampling_flags(r: argparse.ArgumentParser) -> None:
+    from edgemoe.sampling import Sampling
+
+    d = Sampling()
+    g = r.add_argument_group("sampling (defaults as llama.cpp's; --temperature 0 is greedy)")
+    g.add_argument(
+        "--temperature",
+        type=number(0, rule="0 (greedy) or more"),
+        help=f"0 = greedy, the most likely token every time (default {d.temperature})",
     )
+    g.add_argument("--top-k", type=count(0), help=f"0 = off (default {d.top_k})")
+    g.add_argument(
+        "--top-p",
+        type=number(0, 1, above=True, rule="more than 0, at most 1"),
+        help=f"1 = off (default {d.top_p})",
+    )
+    g.add_argument("--min-p", type=number(0, 1, rule="0 to 1"), help=f"0 = off (default {d.min_p})")
+    g.add_argument(
+        "--repeat-penalty",
+        dest="repetition_penalty",
+        type=number(0, above=True, rule="more than 0 (1 = off)"),
+        help=f"on tokens of the last --repeat-last-n; 1 = off (default {d.repetition_penalty})",
+    )
+    g.add_argument(
+        "--repeat-last-n", type=count(0), help=f"0 = no penalty (default {d.repeat_last_n})"
+    )
+    g.add_argument("--seed", type=count(0, 2**64 - 1), help="same seed, same output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgemoe import __version__
+
+    # --debug on every subparser too, so it works before or after the subcommand; SUPPRESS
+    # keeps a subparser from resetting a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    p = Parser(prog="edgemoe", description="Run MoE LLMs from flash inside a memory budget.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"edgemoe {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("run", help="generate text from a .emoe inside a memory budget")
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    r = command("run", help="generate text from a .emoe inside a memory budget")
     r.add_argument("model", nargs="?", help="the .emoe (default: the bundled demo model)")
     r.add_argument(
         "--mem",
+        type=size,
         help="memory budget for the whole process, e.g. 4GB, 512MiB, 0.5G (default: unlimited)",
     )
     r.add_argument(
@@ -333,24 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     r.add_argument(
-        "-n", "--max-tokens", type=int, default=64, help="new tokens per prompt (default 64)"
+        "-n", "--max-tokens", type=count(1), default=64, help="new tokens per prompt (default 64)"
     )
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int)
+    _sampling_flags(r)
     r.add_argument("--stop", action="append", help="stop at this string; repeatable")
     r.add_argument(
-        "--ctx", type=int, help="longest context to plan for (default: min(model, 2048))"
+        "--ctx", type=count(1), help="longest context to plan for (default: min(model, 2048))"
     )
     r.add_argument(
-        "--batch", type=int, help="largest batch to plan for (default: the number of prompts)"
+        "--batch",
+        type=count(1, 4096),
+        help="largest batch to plan for (default: the number of prompts)",
     )
     r.add_argument(
         "--dtype", default="auto", help="auto (f32 for f32 files, else bf16), f32 or bf16"
     )
-    r.add_argument("--level", type=int, help="expert precision level (default: the highest stored)")
-    r.add_argument("--threads", type=int, default=2, help="I/O threads (default 2)")
+    r.add_argument(
+        "--level", type=count(1, 64), help="expert precision level (default: the highest stored)"
+    )
+    r.add_argument("--threads", type=count(1, 256), default=2, help="I/O threads (default 2)")
     r.add_argument(
         "--device",
         help="emulate a device profile: its memory as the budget, its flash and compute speed",
@@ -361,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="do not echo the prompt")
     r.set_defaults(fn=_cmd_run)
 
-    c = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file to .emoe")
+    c = command("convert", help="convert a Hugging Face folder or a GGUF file to .emoe")
     c.add_argument("source", help="model folder (config.json + *.safetensors) or a .gguf file")
     c.add_argument("output", nargs="?", help="the .emoe to write (default: SOURCE.emoe)")
     c.add_argument(
@@ -378,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-compress", action="store_true", help="never zstd chunks")
     c.add_argument(
         "--jobs",
-        type=int,
+        type=count(1, 256),
         default=1,
         help="processes encoding experts (default 1: the least memory; each holds a few "
         "experts as float32)",
@@ -393,14 +523,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_cmd_convert)
 
-    pr = sub.add_parser("profile", help="measure this machine and write a device profile")
+    pr = command("profile", help="measure this machine and write a device profile")
     pr.add_argument("--name", default="measured", help="profile name (default: measured)")
-    pr.add_argument("--out", help="file to write (default: devices/profiles/NAME.profile)")
+    pr.add_argument(
+        "--out",
+        help="file to write (default: NAME.profile in $XDG_CONFIG_HOME/edgemoe/profiles, "
+        "~/.config/edgemoe/profiles, where --device NAME finds it)",
+    )
     pr.add_argument(
         "--scratch", default=tempfile.gettempdir(), help="folder for the read test's scratch file"
     )
     pr.add_argument(
-        "--scratch-size", default="256MiB", help="size of the scratch file (default 256MiB)"
+        "--scratch-size",
+        type=size,
+        default=Bytes.parse("256MiB"),
+        help="size of the scratch file (default 256MiB)",
     )
     pr.add_argument(
         "--model", help="time the expert kernels of this .emoe instead of a default set"
@@ -409,69 +546,91 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)
 
-    pl = sub.add_parser("plan", help="what fits on a device and the decode-speed bound there")
+    pl = command("plan", help="what fits on a device and the decode-speed bound there")
     pl.add_argument("model", nargs="?", help="the .emoe (default: the bundled demo model)")
     pl.add_argument(
         "--device",
         required=True,
         help="a device profile name (`edgemoe devices`) or a .profile path",
     )
-    pl.add_argument("--mem", help="budget (default: the device's usable memory)")
-    pl.add_argument("--ctx", type=int, default=2048)
-    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--mem", type=size, help="budget (default: the device's usable memory)")
+    pl.add_argument("--ctx", type=count(1), default=2048)
+    pl.add_argument("--batch", type=count(1, 4096), default=1)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=_cmd_plan)
 
-    cb = sub.add_parser(
+    cb = command(
         "calibrate", help="record which experts the model routes text to, and store it in the file"
     )
     cb.add_argument("model", help="the .emoe (rewritten in place, atomically)")
     cb.add_argument(
         "--text", nargs="+", required=True, help="text files (plain or .gz) to run the model on"
     )
-    cb.add_argument("--segments", type=int, default=8, help="sequences to record (default 8)")
-    cb.add_argument("--tokens", type=int, default=256, help="tokens per sequence (default 256)")
-    cb.add_argument("--mem", help="memory budget (default: 80%% of available memory)")
+    cb.add_argument(
+        "--segments", type=count(1, 4096), default=8, help="sequences to record (default 8)"
+    )
+    cb.add_argument(
+        "--tokens", type=count(2), default=256, help="tokens per sequence (default 256)"
+    )
+    cb.add_argument("--mem", type=size, help="memory budget (default: 80%% of available memory)")
     cb.add_argument("--dtype", default="auto", help="auto, f32 or bf16")
+    cb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     cb.set_defaults(fn=_cmd_calibrate)
 
-    dv = sub.add_parser("devices", help="list the shipped device profiles")
+    dv = command("devices", help="list the device profiles: the user's and the shipped ones")
     dv.set_defaults(fn=_cmd_devices)
 
-    i = sub.add_parser(
-        "inspect", help="show a .emoe file's config, tensors, codecs and expert table"
-    )
+    i = command("inspect", help="show a .emoe file's config, tensors, codecs and expert table")
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print a JSON record")
     i.set_defaults(fn=_cmd_inspect)
 
-    v = sub.add_parser(
-        "verify", help="check every chunk's checksum; exit 1 naming the first bad chunk"
+    v = command(
+        "verify",
+        help="check every chunk's checksum, then the model (config, tensors, tokenizer, chat "
+        "template); exit 1 naming the first problem",
     )
     v.add_argument("file")
     v.add_argument("--all", action="store_true", help="list every bad chunk, not just the first")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(fn=_cmd_verify)
-    from edgemoe.bench.cli import add_parser as add_bench  # `edgemoe bench` (issue 14)
-
-    add_bench(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # never a traceback for a character the terminal lacks
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # --help or --version into `head`
+        return _broken_pipe()
     from formats.errors import EmoeError
 
     try:
+        utf8_args(args)
         return args.fn(args)
+    except BrokenPipeError:  # the reader went away (`edgemoe inspect FILE | head -1`): stop quietly
+        return _broken_pipe()
     except (EmoeError, ValueError, OSError) as e:
         if args.debug:
             raise
-        print(f"edgemoe: error: {e}", file=sys.stderr)
+        print(f"edgemoe: error: {flag_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("edgemoe: interrupted", file=sys.stderr)
         return 130
+
+
+def _broken_pipe() -> int:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail and print."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # a stdout without a descriptor (in-process callers)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported on the first draw: the CLI reads the defaults without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ def sample(
     Returns:
         [B] int64 token ids.
     """
+    import torch
+
     if s.is_greedy:
         return logits.argmax(dim=-1)
     z = logits.float()
@@ -116,6 +120,8 @@ def sample(
 
 def _penalize(z: torch.Tensor, history: list[list[int]], penalty: float, window: int):
     """llama.cpp's repetition penalty over each sequence's last `window` tokens."""
+    import torch
+
     b, v = z.shape
     seen = torch.zeros(b, v, dtype=torch.bool)  # [B, V]
     for i, h in enumerate(history[:b]):
