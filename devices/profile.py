@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgemoe.units import Bytes
 from formats.errors import EmoeError
+from formats.units import Bytes
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 SUFFIX = ".profile"

@@ -7,6 +7,9 @@ bandwidth, cores and memory, the time of one expert's SwiGLU at each stored
 precision level for batch 1, 4 and 16 (the shapes of `--model FILE`, or a
 default set), and the zstd decode rate. Refuses, before writing anything,
 when the scratch folder is missing, read-only or too small.
+
+devices/ imports nothing of the runtime: the expert timing is the caller's
+`expert_timer` (the CLI passes edgemoe.kernel_timing.expert_times).
 """
 
 from __future__ import annotations
@@ -16,17 +19,19 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-from edgemoe.units import Bytes
 from formats.errors import EmoeError
+from formats.units import Bytes
 
 EXPERT_READS = (256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
-DEFAULT_SHAPES = ((1024, 2816), (2048, 1408))  # (hidden, expert width)
-BATCHES = (1, 4, 16)
+# (model or None) -> {"expert_ms.<case>.b<batch>": ms}; None asks for the default set, the
+# one reference_expert_ms.json holds for the devbox (edgemoe.kernel_timing.expert_times).
+ExpertTimer = Callable[[Path | None], dict[str, float]]
 
 
 class ScratchError(EmoeError):
@@ -119,71 +124,28 @@ def zstd_decode_rate(mib: int = 16) -> float:
     return 3 * len(raw) / (time.perf_counter() - t0)
 
 
-def expert_times(model: Path | None, shapes=DEFAULT_SHAPES) -> dict:
-    """Milliseconds of one expert's SwiGLU at each level and batch, on the kernels the runtime uses."""
-    import torch
-
-    from edgemoe.kernels import make_linear
-    from edgemoe.moe.experts import ExpertWeights, expert_forward
-    from formats.codecs import codec_by_name
-
-    cases = []  # (label, hidden, ExpertWeights)
-    if model is not None:
-        from edgemoe.prepare import prepare_expert
-        from formats.reader import EmoeReader
-
-        r = EmoeReader(model)
-        e = next(iter(r.experts.values()))
-        codec = r.tensors[e.tensors["gate"]].codec.name
-        hidden = r.tensors[e.tensors["gate"]].shape[1]
-        for k in range(1, len(e.levels) + 1):
-            payloads = [r.read_chunk(ci) for ci in e.levels[:k]]
-            cases.append((f"{codec}_l{k}", hidden, prepare_expert(r, e, payloads, torch.bfloat16)))
-    else:
-        rng = np.random.default_rng(0)
-        for d, i in shapes:
-            mats = {"gate": (i, d), "up": (i, d), "down": (d, i)}
-            ws = {
-                role: (rng.standard_normal(s) * 0.02).astype(np.float32) for role, s in mats.items()
-            }
-            for name, levels in (("bf16", 1), ("int8", 1), ("int4", 1), ("mwq", 3)):
-                c = codec_by_name(name)
-                params = {
-                    role: c.default_params(s) if name != "bf16" else {} for role, s in mats.items()
-                }
-                segs = {role: c.encode(ws[role], params[role]) for role in mats}
-                for k in range(1, levels + 1):
-                    lin = {
-                        role: make_linear(
-                            c.id, mats[role], params[role], segs[role][:k], torch.bfloat16
-                        )
-                        for role in mats
-                    }
-                    label = f"{name}_l{k}" if levels > 1 else name
-                    cases.append(
-                        (
-                            f"{label}_{d}x{i}",
-                            d,
-                            ExpertWeights(lin["gate"], lin["up"], lin["down"], k),
-                        )
-                    )
-    out = {}
-    for label, hidden, ew in cases:
-        for b in BATCHES:
-            x = torch.randn(b, hidden, dtype=torch.bfloat16)
-            expert_forward(x, ew)
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 0.15:
-                expert_forward(x, ew)
-                n += 1
-            out[f"expert_ms.{label}.b{b}"] = 1e3 * (time.perf_counter() - t0) / n
-    return out
-
-
 def profile(
-    scratch: Path, scratch_size: int, model: Path | None = None, progress: bool = True
+    scratch: Path,
+    scratch_size: int,
+    model: Path | None = None,
+    progress: bool = True,
+    *,
+    expert_timer: ExpertTimer,
 ) -> dict:
-    """Measure this machine; the scratch file is removed whatever happens."""
+    """Measure this machine; the scratch file is removed whatever happens.
+
+    Args:
+        scratch: a folder on the disk models will live on (the read test's scratch file).
+        scratch_size: bytes of that file.
+        model: a .emoe whose expert the timer measures too (None: the default set only).
+        progress: show a progress bar.
+        expert_timer: times one expert's kernels (devices/ imports no runtime code; the CLI
+            passes edgemoe.kernel_timing.expert_times).
+    Returns:
+        Every measured figure; profile_text turns it into a profile file.
+    Raises:
+        ScratchError: the scratch folder is missing, read-only or too small.
+    """
     from tqdm import tqdm
 
     scratch = Path(scratch)
@@ -203,14 +165,14 @@ def profile(
     steps.update()
     result["zstd_decode"] = zstd_decode_rate()
     steps.update()
-    result.update(expert_times(model))
-    result["compute_factor"] = compute_factor(expert_times(None) if model is not None else result)
+    result.update(expert_timer(model))
+    result["compute_factor"] = compute_factor(expert_timer(None) if model is not None else result)
     steps.update()
     steps.close()
     return result
 
 
-REFERENCE = Path(__file__).parent / "reference_expert_ms.json"  # the devbox's expert_times(None)
+REFERENCE = Path(__file__).parent / "reference_expert_ms.json"  # the devbox's expert_timer(None)
 
 
 def compute_factor(times: dict) -> float:
