@@ -79,6 +79,9 @@ M_ROUTING_STATS = "edgemoe.routing_stats"
 
 # Blob names.
 BLOB_TOKENIZER = "tokenizer.json"
+# The routing trace (SPEC.md §4, described by M_ROUTING_STATS): its blob and element type.
+BLOB_ROUTING_TRACE = "routing_trace"
+ROUTING_TRACE_DTYPE = "<u2"  # little-endian uint16 expert indices
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
