@@ -5,7 +5,16 @@ This is how edgemoe proves a memory budget: the kernel enforces the cap
 OOM-killed, not merely reported. Linux cgroup v1 (memory controller at
 /sys/fs/cgroup/memory) and v2 (unified hierarchy, memory.max) are supported.
 
-Used by the tests (the `memory_cap` fixture) and by benchmarks under tools/.
+Public API, for benchmarks (`edgemoe bench`, tools/), the tests' `memory_cap`
+fixture and users who want to check a budget themselves:
+
+    from edgemoe import memcap
+    if memcap.available() is None:
+        r = memcap.run_capped(["edgemoe", "run", "model.emoe", "-p", "hi"], "2GiB")
+        print(r.ok, r.peak, r.oom_killed)
+
+Everything in `__all__` keeps its name and meaning across minor versions;
+the rest is private. Needs root (or a delegated cgroup) to create cgroups.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgemoe.units import Bytes
+
+__all__ = ["CapResult", "CgroupUnavailable", "available", "evict_page_cache", "run_capped"]
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOT = Path("/sys/fs/cgroup")
@@ -35,6 +46,7 @@ class CapResult:
         oom_killed: the kernel's OOM killer fired inside the cgroup.
         bytes_read: bytes the command read from block devices (rusage inblock).
         wall_s: wall-clock seconds.
+        stdout, stderr: the command's output, as text.
     """
 
     returncode: int
@@ -48,6 +60,7 @@ class CapResult:
 
     @property
     def ok(self) -> bool:
+        """The command exited 0 and the OOM killer never fired."""
         return self.returncode == 0 and not self.oom_killed
 
 
@@ -68,14 +81,24 @@ def _v2_writable() -> bool:
 
 
 def available() -> str | None:
-    """None when capped runs work here, else the reason they do not."""
+    """Whether run_capped works on this machine.
+
+    Returns:
+        None when it does, else the reason it does not (for a skip or an error message).
+    """
     if _v1_writable() or _v2_writable():
         return None
     return "no writable memory cgroup (need root and cgroup v1 /sys/fs/cgroup/memory or v2 with +memory)"
 
 
 def evict_page_cache(path: str | os.PathLike) -> None:
-    """Drop a file's pages from the page cache, so the next run reads it cold."""
+    """Drop a file's pages from the page cache, so the next run reads it cold.
+
+    Args:
+        path: the file (its dirty pages are written back first).
+    Raises:
+        OSError: the file cannot be opened.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -145,8 +168,12 @@ def run_capped(
         timeout: seconds before the command is killed (TimeoutExpired is raised).
         env, cwd: as for subprocess.
         evict: files to drop from the page cache first (a cold start).
+    Returns:
+        A CapResult: exit status, peak usage, whether the OOM killer fired, bytes read.
     Raises:
         CgroupUnavailable: no writable memory cgroup on this machine.
+        ValueError: `limit` is not a size.
+        subprocess.TimeoutExpired: the command ran past `timeout` (it is killed first).
     """
     limit = Bytes.parse(limit)
     for f in evict:
