@@ -89,10 +89,17 @@ class Record:
 
 
 class Sequence:
-    """A request being generated in one KV cache slot."""
+    """A request being generated in one KV cache slot.
 
-    def __init__(self, request: Request, slot: int, tokenizer, eos_ids=frozenset()):
+    cached: how many of the prompt's first tokens the slot already holds (a chat's earlier
+    turns kept for the next one); prefill computes only the rest (at least the last token).
+    """
+
+    def __init__(
+        self, request: Request, slot: int, tokenizer, eos_ids=frozenset(), cached: int = 0
+    ):
         self.request, self.slot, self.tokenizer = request, slot, tokenizer
+        self.cached = max(0, min(cached, len(request.ids) - 1))
         self.eos_ids = frozenset(eos_ids)
         s = request.sampling
         self.gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
@@ -196,18 +203,20 @@ def _end(model: Steppable, records: list[Record]) -> None:
 def prefill(
     model: Steppable, cache: KVCache, seqs: list[Sequence], chunk: int = PREFILL_CHUNK
 ) -> list[Record]:
-    """Run the prompts of new sequences (their slots empty) and sample each one's first token."""
+    """Run the prompts of new sequences and sample each one's first token. A sequence's slot
+    holds its first `cached` prompt tokens already (0: the slot starts empty)."""
     if not seqs:
         return []
     _begin(model, seqs)
     t0 = time.perf_counter()
-    longest = max(len(s.request.ids) for s in seqs)
+    todo = [s.request.ids[s.cached :] for s in seqs]
+    longest = max(len(ids) for ids in todo)
     tokens = torch.zeros(len(seqs), longest, dtype=torch.int64)
     valid = torch.zeros(len(seqs), longest, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        n = len(s.request.ids)
-        tokens[i, :n] = torch.tensor(s.request.ids)
-        valid[i, :n] = True
+    for i, (s, ids) in enumerate(zip(seqs, todo)):
+        cache.lengths[s.slot] = s.cached
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        valid[i, : len(ids)] = True
     slots = torch.tensor([s.slot for s in seqs])
     last = None
     for a in range(0, longest, chunk):
@@ -253,8 +262,6 @@ def stream(
     """Generate `requests` together in the given cache slots; yield each step's records."""
     tok = tokenizer or model.tokenizer
     eos = getattr(tok, "eos_ids", ())
-    for slot in slots:
-        cache.reset(slot)
     seqs = [Sequence(r, slot, tok, eos) for r, slot in zip(requests, slots)]
     records = prefill(model, cache, seqs)
     yield records

@@ -65,10 +65,10 @@ def test_replay_counts_what_the_runtime_counts():
         )
         m.generate(["The function returns", "In the beginning"], max_tokens=12)
         stop()
-        assert replay(calls, slots) == (m.cache.hits, m.cache.misses), slots
+        assert replay(calls, slots) == (m.executor.cache.hits, m.executor.cache.misses), slots
         fewest = replay(calls, slots, belady=True)
-        assert fewest[1] <= m.cache.misses and sum(fewest) == m.cache.hits + m.cache.misses
-        assert m.cache.misses > 0
+        assert fewest[1] <= m.executor.cache.misses and sum(fewest) == m.executor.cache.hits + m.executor.cache.misses
+        assert m.executor.cache.misses > 0
         m.close()
 
 

@@ -1,0 +1,100 @@
+"""The executor seam, version 2: injection, stats(), hint() prefetch with reservations,
+begin/finish with reads in flight, and a failed read that leaves nothing held."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgemoe
+from edgemoe.moe.api import (
+    ExecutorContext,
+    ExecutorStats,
+    ExpertExecutor,
+    ResidentExecutor,
+    load_all_experts,
+)
+from edgemoe.sampling import Sampling
+
+GREEDY = Sampling(temperature=0)
+PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
+
+
+def test_an_injected_executor_is_used_and_reports_through_stats(tiny_emoe):
+    """The engine works with an executor it knows only through the seam."""
+    path = tiny_emoe("mixtral")
+    made = []
+
+    def resident(ctx: ExecutorContext) -> ExpertExecutor:
+        made.append(ctx)
+        return ResidentExecutor(load_all_experts(ctx.reader, ctx.dtype))
+
+    with edgemoe.load(path, ctx=64, executor=resident) as m:
+        got = m.generate(PROMPT, max_tokens=8, sampling=GREEDY)
+        s = m.summary()
+        assert s["hit_rate"] == 1.0 and s["bytes_read"] == 0 and s["expert_reads"] == 0
+        assert m.executor.stats().hits > 0
+    assert len(made) == 1 and made[0].plan.expert_cache > 0
+    with edgemoe.load(path, ctx=64) as m:
+        assert m.generate(PROMPT, max_tokens=8, sampling=GREEDY) == got
+        st = m.executor_stats()
+        assert isinstance(st, ExecutorStats) and st.reads > 0 and st.bytes_read > 0
+
+
+def _layer_inputs(m, layer, experts):
+    d = m.facts.args.hidden_size
+    x = torch.randn(2, d, generator=torch.Generator().manual_seed(layer)).to(m.dtype)
+    ids = torch.tensor([experts, experts[::-1]])
+    w = torch.full(ids.shape, 0.5)
+    return x, ids, w
+
+
+def test_hint_prefetches_into_reservations_that_survive_the_layer_before(tiny_emoe):
+    path = tiny_emoe("mixtral")
+    probe = edgemoe.load(path, ctx=64)
+    size = probe.facts.expert_nbytes(0, probe.level)
+    probe.close()
+    # room for 3 experts: layer 0 needs 2 others, which must not evict layer 1's prefetch
+    with edgemoe.load(path, ctx=64, expert_cache=3 * size) as m:
+        ex = m.executor
+        ex.hint(1, torch.tensor([[2]]))
+        assert ex.stats().prefetch_issued == 1 and (1, 2, m.level) in ex.cache
+        with torch.inference_mode():
+            ex.run(0, *_layer_inputs(m, 0, [0, 1]))
+            ex.run(0, *_layer_inputs(m, 0, [3, 4]))  # evictions: layer 0's own, not the reserved
+            assert (1, 2, m.level) in ex.cache
+            before = ex.stats()
+            y = ex.run(1, *_layer_inputs(m, 1, [2, 2]))
+        after = ex.stats()
+        assert after.hits - before.hits == 1 and after.misses == before.misses
+        assert after.prefetch_used == 1 and after.prefetch_wasted == 0
+        assert ex.cache.held == 0
+    with edgemoe.load(path, ctx=64) as ref, torch.inference_mode():
+        want = ref.executor.run(1, *_layer_inputs(ref, 1, [2, 2]))
+    assert torch.equal(y, want)
+
+
+def test_begin_issues_reads_before_finish(tiny_emoe):
+    with edgemoe.load(tiny_emoe("mixtral"), ctx=64) as m, torch.inference_mode():
+        ex = m.executor
+        h = ex.begin(0, *_layer_inputs(m, 0, [0, 1]))
+        assert ex.stats().reads == 2 and ex.cache.held == 2  # in flight, slots reserved
+        ex.finish(h)
+        assert ex.cache.held == 0 and len(ex.cache) == 2
+
+
+def test_a_failed_read_leaves_nothing_held(tiny_emoe, monkeypatch):
+    with edgemoe.load(tiny_emoe("mixtral"), ctx=64) as m, torch.inference_mode():
+        ex = m.executor
+        ex.run(0, *_layer_inputs(m, 0, [0, 1]))  # two cached
+
+        def broken(*a, **k):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(m.store, "_read", broken)
+        with pytest.raises(OSError):
+            ex.run(0, *_layer_inputs(m, 0, [0, 5]))  # a hit and a read that fails
+        assert ex.cache.held == 0
+        assert (0, 5, m.level) not in ex.cache and (0, 0, m.level) in ex.cache
+        monkeypatch.undo()
+        ex.run(0, *_layer_inputs(m, 0, [0, 5]))  # the layer runs again afterwards
