@@ -15,6 +15,7 @@ their forward passes take turns and each holds its own KV cache slots.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import threading
 import time
@@ -93,8 +94,9 @@ class EdgeModel:
         dtype: "auto", "f32" or "bf16".
         level: the expert precision level to compute at (default: the highest stored).
         threads: I/O threads.
-        expert_cache: fix the expert cache's size instead of planning it from `mem`
-            (in-process studies and tests, where the process floor keeps growing).
+        expert_cache: size the expert cache ("3MiB", or "33%" of all experts) instead of
+            giving it all the room `mem` leaves (never more than that room): shows paging on
+            any machine, and serves in-process studies, where the process floor keeps growing.
         device: emulate a device profile (devices/profiles/): its usable memory is the
             default budget, expert reads are throttled to its flash bandwidth and
             compute is slowed by its compute factor.
@@ -168,9 +170,7 @@ class EdgeModel:
             f, self.mem, ctx=self.ctx, batch=batch, level=self.level, threads=threads, floor=floor
         )
         if expert_cache is not None:
-            import dataclasses
-
-            self.plan = dataclasses.replace(self.plan, expert_cache=Bytes.parse(expert_cache))
+            self.plan = dataclasses.replace(self.plan, expert_cache=self._cache_size(expert_cache))
         self._tokenizer: Tokenizer | None = None
         self.store = ExpertStore(r, threads=threads, throttle=throttle)
         context = ExecutorContext(
@@ -189,6 +189,27 @@ class EdgeModel:
         self._lock = threading.Lock()  # one forward pass at a time
         self._kv: KVCache | None = None
         self._free_slots = list(range(batch))
+
+    def _cache_size(self, size) -> Bytes:
+        p = self.plan
+        try:
+            if isinstance(size, str) and size.strip().endswith("%"):
+                want = Bytes(int(p.all_experts * float(size.strip()[:-1]) / 100))
+            else:
+                want = Bytes.parse(size)
+        except ValueError as e:
+            raise BadRequest(
+                f"expert_cache={size!r}: {e}",
+                "pass a size like '3MiB' or a share like '33%'",
+                "expert_cache",
+            ) from None
+        if want < p.largest_expert:
+            raise BadRequest(
+                f"expert_cache={size!r} is {want}, less than one expert ({p.largest_expert})",
+                f"pass expert_cache={budget.as_flag_value(p.largest_expert)} or more",
+                "expert_cache",
+            )
+        return want if self.mem is None else Bytes(min(want, p.expert_cache))
 
     @property
     def tokenizer(self) -> Tokenizer:

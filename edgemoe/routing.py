@@ -29,8 +29,8 @@ from formats import constants as C
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
 
-TRACE_BLOB = "routing_trace"
-TRACE_DTYPE = "<u2"
+TRACE_BLOB = C.BLOB_ROUTING_TRACE
+TRACE_DTYPE = C.ROUTING_TRACE_DTYPE
 WARMUP = 32  # tokens of each segment replayed as the prompt, not counted
 
 
