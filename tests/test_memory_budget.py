@@ -18,6 +18,7 @@ from edgemoe.units import Bytes
 
 PROMPTS = ["The function returns a list of", "In the beginning God created", "The database server"]
 RUN = [sys.executable, "-m", "edgemoe.cli", "run", "-n", "64", "--ctx", "256", "--json"]
+RUN += ["--temperature", "0"]  # greedy: the same tokens at every budget
 RUN += [arg for p in PROMPTS for arg in ("-p", p)]  # a batch of three: more experts touched
 # the floor is measured anew in every run; a little slack absorbs its jitter
 SLACK = Bytes.parse("512KiB")

@@ -197,6 +197,7 @@ def test_a_run_does_not_beat_the_plan_bound(emulated_device):
     p = subprocess.run(
         CLI
         + ["run", *dev.cli_args, "--mem", str(mem), "--ctx", "256", "-n", "32", "--json"]
+        + ["--temperature", "0"]
         + prompts,
         capture_output=True,
         text=True,
