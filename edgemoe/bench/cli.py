@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -107,6 +108,11 @@ def add_parser(sub) -> None:
     b.add_argument("--plot", help="write the plot here (default with the doc: docs/bench-NAME.png)")
     b.add_argument("--no-doc", action="store_true", help="do not write docs/BENCHMARKS.md")
     b.add_argument(
+        "--doc",
+        default=str(REPO / "docs" / "BENCHMARKS.md"),
+        help="the BENCHMARKS.md whose section this bench replaces (default: the checkout's)",
+    )
+    b.add_argument(
         "--no-drop-caches",
         action="store_true",
         help="evict only the model files, not the whole page cache",
@@ -163,12 +169,13 @@ def machine() -> str:
         )
         * 1024
     )
-    import os
-
     return f"{model}, {os.cpu_count()} cores ({' '.join(simd)}), {mem.human()} RAM, torch {torch.__version__}"
 
 
 def _git_head() -> str:
+    """The edgemoe commit measured: $EDGEMOE_BENCH_COMMIT (for an exported tree) or HEAD."""
+    if os.environ.get("EDGEMOE_BENCH_COMMIT"):
+        return os.environ["EDGEMOE_BENCH_COMMIT"]
     p = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
@@ -214,6 +221,10 @@ def cmd_bench(a) -> int:
                 )
             run.position = pos
             runs.append(run)
+            if run.status == report.FAILED:
+                print(
+                    f"bench: {name} failed: {run.extra.get('stderr', '')[-600:]}", file=sys.stderr
+                )
             rate = f"{run.decode_tok_s:.2f} tok/s" if run.decode_tok_s else run.note
             print(
                 f"bench: [{i + 1}/{len(plan)}] cap {cap.label} batch {b} repeat {rep + 1}: {name} {rate}",
@@ -224,7 +235,7 @@ def cmd_bench(a) -> int:
                 _dump(a.json, prep, systems, caps, base, runs)
     lines = report.table(runs, systems, baseline, caps, batches)
     print("\n".join(lines))
-    plot_path = a.plot or (None if a.no_doc else str(REPO / "docs" / f"bench-{prep.name}.png"))
+    plot_path = a.plot or (None if a.no_doc else str(Path(a.doc).parent / f"bench-{prep.name}.png"))
     plot_note = None
     if plot_path:
         plot_note = report.plot(runs, systems, caps, base, plot_path)
@@ -249,13 +260,14 @@ def _dump(path, prep, systems, caps, base, runs) -> None:
     Path(path).write_text(json.dumps(record, indent=1))
 
 
-def _section_writer():
+def _section_writer(doc: Path):
     path = REPO / "tools" / "bench_doc.py"
     if not path.is_file():
         raise OSError(f"{path} is missing: write the doc from a source checkout, or pass --no-doc")
     spec = importlib.util.spec_from_file_location("bench_doc", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    mod.BENCH = doc
     return mod.write_section
 
 
@@ -265,11 +277,12 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
     llama = next(
         (r.extra for r in runs if r.system == LLAMA_CPP and r.extra.get("build_commit")), {}
     )
-    ref = "the Q8_0 GGUF" if prep.gguf else "the .emoe"
+    ref = "the GGUF llama.cpp runs" if prep.gguf else "the .emoe"
     emoe_size = Bytes(prep.emoe.stat().st_size)
     gguf_size = (
         f"GGUF ({a.outtype}) {Bytes(prep.gguf.stat().st_size).human()}, " if prep.gguf else ""
     )
+    codecs = "" if str(a.model).endswith(".emoe") else f" ({a.experts} experts, {a.dense} dense)"
     out = [
         f"### edgemoe bench: {prep.name} under memory caps",
         "",
@@ -280,15 +293,20 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
             else ""
         )
         + f", {now}.",
-        f"Model: {prep.about}; {gguf_size}.emoe ({a.experts} experts, {a.dense} dense) {emoe_size.human()}.",
+        f"Model: {prep.about}; {gguf_size}.emoe{codecs} {emoe_size.human()}.",
         f"Caps are percents of {ref} ({Bytes(base).human()}). Each run is a fresh process inside a memory "
         "cgroup whose limit is the cap (page cache included; `none`: no limit, peak still measured), "
         "after the model files were evicted from the page cache"
         + (" and the whole page cache dropped" if not a.no_drop_caches else "")
         + f"; edgemoe gets `--mem` equal to the cap. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new, greedy, "
-        f"{a.threads} threads. llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 -lm mmap`, "
-        "its decode (tg) runs at depth 0 after its own warm-up; edgemoe decodes after its prompt. "
-        f"Medians over {a.repeats} repeat(s); within a repeat the systems run back to back at each cap, "
+        f"{a.threads} threads. "
+        + (
+            f"llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 -lm mmap`, its decode (tg) "
+            "runs at depth 0 after its own warm-up; edgemoe decodes after its prompt. "
+            if prep.gguf
+            else ""
+        )
+        + f"Medians over {a.repeats} repeat(s); within a repeat the systems run back to back at each cap, "
         "their order alternating; the ratio is the median of the paired ratios. Disk read / token: the "
         "process tree's block reads over every token it forwarded (warm-ups included). Peak: the cgroup's.",
         "",
@@ -302,10 +320,10 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
     if plot_path and not plot_note:
         rel = Path(plot_path).resolve()
         try:
-            rel = rel.relative_to(REPO / "docs")
+            rel = rel.relative_to(Path(a.doc).resolve().parent)
         except ValueError:
             pass
         out += ["", f"![decode tok/s, disk read per token and hit rate against the cap]({rel})"]
     elif plot_note:
         out += ["", f"No plot: {plot_note}."]
-    _section_writer()(f"bench-{prep.name}", out)
+    _section_writer(Path(a.doc))(f"bench-{prep.name}", out)

@@ -75,6 +75,20 @@ class Prepared:
     about: str
 
 
+def describe(cfg: dict) -> str:
+    """One line on a model config: family, sizes, experts."""
+    experts = next(
+        (cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)),
+        "?",
+    )
+    inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    return (
+        f"{cfg.get('model_type')}, hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} "
+        f"layers, {experts} experts top-{cfg.get('num_experts_per_tok')} of intermediate {inter}, "
+        f"vocab {cfg.get('vocab_size')}"
+    )
+
+
 def content_key(path: Path, extra: str = "") -> str:
     """A hex key of a file's or folder's bytes (memoized by name, size and mtime).
 
@@ -223,8 +237,10 @@ def prepare(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BenchInputError(f"{path} has no config.json")
-        cfg = json.loads((path / "config.json").read_text())
-        about = f"{cfg.get('model_type')}, hidden {cfg.get('hidden_size')}, {cfg.get('num_hidden_layers')} layers"
+        about = describe(json.loads((path / "config.json").read_text()))
+        if (path / "bench_model.json").is_file():
+            made = json.loads((path / "bench_model.json").read_text())
+            about += f"; {made['params'] / 1e9:.2f} B parameters, random (seed {made['seed']})"
         emoe = to_emoe(path, experts, dense)
         if baseline and gguf is None:
             gguf = to_gguf(path, find_llama_convert(converter), outtype)
@@ -233,6 +249,10 @@ def prepare(
         gguf = gguf or path
     elif path.suffix == ".emoe" and path.is_file():
         emoe = path
+        from formats.reader import EmoeReader
+
+        with EmoeReader(path) as r:
+            about = describe({"model_type": r.family, **r.config})
         if baseline and gguf is None:
             raise BenchInputError(
                 f"{path} is a .emoe: llama.cpp needs the same model as a GGUF (--gguf FILE)"
