@@ -596,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--all", action="store_true", help="list every bad chunk, not just the first")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(fn=_cmd_verify)
+    from edgemoe.serve.cli import add_parser  # `edgemoe serve` (issue 17)
+
+    add_parser(sub)
     return p
 
 
