@@ -286,3 +286,20 @@ def test_bench_against_llama_cpp_on_a_tiny_made_model(memory_cap, tmp_path):
         assert r["status"] == OK, r["extra"].get("stderr", r["note"])
         assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
     assert "edgemoe / llama.cpp" in p.stdout
+
+
+def test_the_doc_shows_the_command_less_its_output_paths():
+    from edgemoe.bench.cli import _measured_args
+
+    args = [
+        "--make",
+        "mixtral-2b",
+        "--json",
+        "r.json",
+        "--doc=/x.md",
+        "--plot",
+        "p.png",
+        "--caps",
+        "none,50",
+    ]
+    assert _measured_args(args) == ["--make", "mixtral-2b", "--caps", "none,50"]

@@ -271,9 +271,22 @@ def _section_writer(doc: Path):
     return mod.write_section
 
 
+def _measured_args(args: list[str]) -> list[str]:
+    """The command line less the output paths (--json, --plot, --doc), which change nothing."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--plot", "--doc"):
+            skip = True
+        elif not arg.startswith(("--json=", "--plot=", "--doc=")):
+            out.append(arg)
+    return out
+
+
 def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note) -> None:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    argv = " ".join(shlex.quote(x) for x in ["edgemoe", "bench", *sys.argv[2:]])
+    argv = " ".join(shlex.quote(x) for x in ["edgemoe", "bench", *_measured_args(sys.argv[2:])])
     llama = next(
         (r.extra for r in runs if r.system == LLAMA_CPP and r.extra.get("build_commit")), {}
     )
