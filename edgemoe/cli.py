@@ -599,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgemoe.serve.cli import add_parser  # `edgemoe serve` (issue 17)
 
     add_parser(sub)
+    from edgemoe.bench.cli import add_parser as add_bench  # `edgemoe bench` (issue 14)
+
+    add_bench(sub)
     return p
 
 
