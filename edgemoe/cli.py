@@ -17,10 +17,11 @@ from pathlib import Path
 
 from edgemoe.cli_args import (
     EXIT_BAD_INPUT,
+    SAMPLING_FLAGS,
     Parser,
     count,
     flag_message,
-    number,
+    sampling_flags,
     size,
     utf8_args,
     utf8_text,
@@ -187,7 +188,7 @@ def _cmd_run(args) -> int:
     from edgemoe.engine import RunStats, load
     from edgemoe.sampling import Sampling
 
-    given = {k: getattr(args, k) for k in _SAMPLING_FLAGS}
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS}
     sampling = Sampling(**{k: v for k, v in given.items() if v is not None})
     prompts = args.prompt or []
     batch = args.batch or max(1, len(prompts))
@@ -269,7 +270,6 @@ def _echo(pieces):
 def _cmd_profile(args) -> int:
     from devices.profile import parse_profile, user_profile_dir
     from devices.profiler import profile, profile_text
-    from edgemoe.kernel_timing import expert_times
 
     out = Path(args.out) if args.out else user_profile_dir() / f"{args.name}.profile"
     if out.exists() and not args.force:
@@ -281,7 +281,6 @@ def _cmd_profile(args) -> int:
         Bytes.parse(args.scratch_size),
         args.model,
         progress=not args.quiet,
-        expert_timer=expert_times,
     )
     text = profile_text(result, args.name)
     parse_profile(text, str(out))  # what we write must read back
@@ -394,47 +393,6 @@ def _cmd_devices(args) -> int:
     return 0
 
 
-# run's sampling flags: Sampling's field names; None leaves Sampling's own default
-_SAMPLING_FLAGS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "repeat_last_n",
-    "seed",
-)
-
-
-def _sampling_flags(r: argparse.ArgumentParser) -> None:
-    from edgemoe.sampling import Sampling
-
-    d = Sampling()
-    g = r.add_argument_group("sampling (defaults as llama.cpp's; --temperature 0 is greedy)")
-    g.add_argument(
-        "--temperature",
-        type=number(0, rule="0 (greedy) or more"),
-        help=f"0 = greedy, the most likely token every time (default {d.temperature})",
-    )
-    g.add_argument("--top-k", type=count(0), help=f"0 = off (default {d.top_k})")
-    g.add_argument(
-        "--top-p",
-        type=number(0, 1, above=True, rule="more than 0, at most 1"),
-        help=f"1 = off (default {d.top_p})",
-    )
-    g.add_argument("--min-p", type=number(0, 1, rule="0 to 1"), help=f"0 = off (default {d.min_p})")
-    g.add_argument(
-        "--repeat-penalty",
-        dest="repetition_penalty",
-        type=number(0, above=True, rule="more than 0 (1 = off)"),
-        help=f"on tokens of the last --repeat-last-n; 1 = off (default {d.repetition_penalty})",
-    )
-    g.add_argument(
-        "--repeat-last-n", type=count(0), help=f"0 = no penalty (default {d.repeat_last_n})"
-    )
-    g.add_argument("--seed", type=count(0, 2**64 - 1), help="same seed, same output")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from edgemoe import __version__
 
@@ -466,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "-n", "--max-tokens", type=count(1), default=64, help="new tokens per prompt (default 64)"
     )
-    _sampling_flags(r)
+    sampling_flags(r)
     r.add_argument("--stop", action="append", help="stop at this string; repeatable")
     r.add_argument(
         "--ctx", type=count(1), help="longest context to plan for (default: min(model, 2048))"

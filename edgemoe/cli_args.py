@@ -39,16 +39,20 @@ FLAGS = {
     "repeat_last_n": "--repeat-last-n",
     "seed": "--seed",
 }
+# names that are no English word become flags anywhere in a message; the others ("batch",
+# "prompt") only as `name=value` or when they are the parameter the error names
+_CODE_NAMES = [k for k in FLAGS if "_" in k or k in ("ctx", "mem", "dtype")]
 _ASSIGN = re.compile(r"(?<![\w.-])(" + "|".join(FLAGS) + r")=")
-_IDENT = re.compile(r"(?<![\w.-])(" + "|".join(k for k in FLAGS if "_" in k) + r")(?![\w(])")
+_CODE = re.compile(r"(?<![\w.-])(" + "|".join(_CODE_NAMES) + r")(?![\w(=])")
+_PHRASES = {"help(edgemoe.load)": "`edgemoe run --help`", "load with": "run with"}
 
 
 def flag_message(err: BaseException) -> str:
     """An error's one-line message as the CLI shows it: Python parameter names become flags.
 
-    `ctx=5` becomes `--ctx 5` everywhere; names that cannot be English words (max_tokens)
-    become flags anywhere; the parameter the error names (`err.param`) becomes its flag in
-    the fix too ("raise mem" -> "raise --mem"). Errors without `param` are shown as they are.
+    `ctx=5` becomes `--ctx 5`; names that are no English word (ctx, max_tokens) become
+    flags anywhere; the parameter the error names (`err.param`) becomes its flag in the
+    fix too ("raise mem" -> "raise --mem"). Errors without `param` are shown as they are.
     """
     text = " ".join(str(err).split())
     param = getattr(err, "param", None)
@@ -61,8 +65,10 @@ def flag_message(err: BaseException) -> str:
             fix = re.sub(rf"(?<![\w.-]){param}(?![\w=(])", FLAGS[param], fix)
         text = f"{' '.join(what.split())}; {fix}"
     text = _ASSIGN.sub(lambda m: FLAGS[m.group(1)] + " ", text)
-    text = _IDENT.sub(lambda m: FLAGS[m.group(1)], text)
-    return text.replace("help(edgemoe.load)", "`edgemoe run --help`")
+    text = _CODE.sub(lambda m: FLAGS[m.group(1)], text)
+    for api, cli in _PHRASES.items():
+        text = text.replace(api, cli)
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -128,6 +134,49 @@ def size(text: str) -> Bytes:
 
 def _show(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+# run's sampling flags: Sampling's field names; None leaves Sampling's own default
+SAMPLING_FLAGS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "repeat_last_n",
+    "seed",
+)
+
+
+def sampling_flags(r: argparse.ArgumentParser) -> None:
+    """run's sampling flags, their defaults shown from Sampling() (the one place they live)."""
+    from edgemoe.sampling import Sampling
+
+    d = Sampling()
+    g = r.add_argument_group("sampling (defaults as llama.cpp's; --temperature 0 is greedy)")
+    g.add_argument(
+        "--temperature",
+        type=number(0, rule="0 (greedy) or more"),
+        help=f"0 = greedy, the most likely token every time (default {d.temperature})",
+    )
+    g.add_argument("--top-k", type=count(0), help=f"0 = off (default {d.top_k})")
+    g.add_argument(
+        "--top-p",
+        type=number(0, 1, above=True, rule="more than 0, at most 1"),
+        help=f"1 = off (default {d.top_p})",
+    )
+    g.add_argument("--min-p", type=number(0, 1, rule="0 to 1"), help=f"0 = off (default {d.min_p})")
+    g.add_argument(
+        "--repeat-penalty",
+        dest="repetition_penalty",
+        metavar="PENALTY",
+        type=number(0, above=True, rule="more than 0 (1 = off)"),
+        help=f"on tokens of the last --repeat-last-n; 1 = off (default {d.repetition_penalty})",
+    )
+    g.add_argument(
+        "--repeat-last-n", type=count(0), help=f"0 = no penalty (default {d.repeat_last_n})"
+    )
+    g.add_argument("--seed", type=count(0, 2**64 - 1), help="same seed, same output")
 
 
 # ---- text that is not UTF-8
