@@ -17,8 +17,10 @@ import asyncio
 import functools
 import hmac
 import json
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,25 +67,32 @@ class ServeConfig:
 
 
 class Server:
-    """The app and the worker behind it."""
+    """The app (`.app`, ASGI) and the worker behind it; the worker starts with `.worker.start()`.
 
-    def __init__(self, cfg: ServeConfig):
+    load: makes the EdgeModel (default: edgemoe.load with cfg's settings); the worker calls
+    it on its own thread.
+    """
+
+    def __init__(self, cfg: ServeConfig, load=None):
         import edgemoe
 
         self.cfg = cfg
         self.name = cfg.name or (Path(cfg.model).stem if cfg.model else "demo")
         self.metrics = ServerMetrics(lambda: self.worker)
         self.worker = Worker(
-            lambda: edgemoe.load(
-                cfg.model,
-                cfg.mem,
-                ctx=cfg.ctx,
-                batch=cfg.max_batch,
-                dtype=cfg.dtype,
-                level=cfg.level,
-                threads=cfg.threads,
-                device=cfg.device,
-                expert_cache=cfg.expert_cache,
+            load
+            or (
+                lambda: edgemoe.load(
+                    cfg.model,
+                    cfg.mem,
+                    ctx=cfg.ctx,
+                    batch=cfg.max_batch,
+                    dtype=cfg.dtype,
+                    level=cfg.level,
+                    threads=cfg.threads,
+                    device=cfg.device,
+                    expert_cache=cfg.expert_cache,
+                )
             ),
             max_queue=cfg.max_queue,
             prefix_reuse=cfg.prefix_reuse,
@@ -426,6 +435,10 @@ def serve(cfg: ServeConfig) -> int:
         )
 
     w.on_failed, w.on_ready = failed, ready
+    # uvicorn re-raises the signal that stopped it once it has shut down; a no-op SIGTERM
+    # handler lets that return here, so the worker stops and the summary prints
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: None)
     print(
         f"edgemoe serve: listening on http://{cfg.host}:{port} (loading {server.name})",
         file=sys.stderr,
@@ -437,6 +450,7 @@ def serve(cfg: ServeConfig) -> int:
     finally:
         w.stop()
         if w.model is not None:
+            print(f"edgemoe serve: stopped: {w.summary_line()}", file=sys.stderr, flush=True)
             w.model.close()
         sock.close()
     if w.state == "failed" and w.error is not None:

@@ -160,6 +160,7 @@ class Worker:
         self.on_ready: Callable[[], None] | None = None
         self.steps = 0
         self.served = 0
+        self.generated = 0
         self._series: deque[list] = deque(maxlen=180)  # [t, tokens, hits, misses, bytes] per second
         self._series_lock = threading.Lock()
         self._last_use: np.ndarray | None = None  # [layers, experts] step of last use, -1 never
@@ -205,7 +206,8 @@ class Worker:
             self.model = m = self._load()
             m.tokenizer  # noqa: B018 (load it here, not on the first request)
             self.cache = m.kv_cache()
-            self.slots = Slots(m.take_slots(m.batch), self.prefix_reuse)
+            self._all_slots = m.take_slots(m.batch)
+            self.slots = Slots(self._all_slots, self.prefix_reuse)
             f = m.facts
             self._rows = {layer: i for i, layer in enumerate(f.moe_layers)}
             self._last_use = np.full((len(f.moe_layers), f.experts_per_layer), -1, np.int64)
@@ -234,6 +236,7 @@ class Worker:
                 for job in self._waiting:
                     job.emit(Failed("the server is shutting down"))
                 self._waiting.clear()
+            m.free_slots(self._all_slots)  # the model outlives its worker (tests, embedding)
         self.state = STOPPED
 
     def _loop(self) -> None:
@@ -335,6 +338,7 @@ class Worker:
 
     def _account(self, tokens: int) -> None:
         """Add a step's new tokens and expert traffic to the current second of the series."""
+        self.generated += tokens
         now = self.model.executor_stats()
         d: ExecutorStats = now - self._prev
         self._prev = now
@@ -348,6 +352,21 @@ class Worker:
                 b[4] += d.bytes_read
             else:
                 self._series.append([t, tokens, d.hits, d.misses, d.bytes_read])
+
+    def summary_line(self) -> str:
+        """Requests served, tokens, expert traffic and peak memory since start."""
+        import resource
+
+        from edgemoe.units import Bytes
+
+        m = self.model
+        ex = m.executor_stats()
+        peak = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        budget = "unlimited" if m.mem is None else str(m.mem)
+        return (
+            f"{self.served} requests, {self.generated} tokens in {self.steps} steps | expert hits {100 * ex.hit_rate:.0f}% | read "
+            f"{Bytes(ex.bytes_read)} from flash | peak {peak} of {budget}"
+        )
 
     def kv_used(self) -> int:
         """Bytes of KV cache filled: running sequences and the prefixes idle slots keep."""

@@ -1,0 +1,150 @@
+"""The model worker in-process: continuous batching, admission, disconnects, prefix reuse."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+import edgemoe
+from edgemoe.generate import Request
+from edgemoe.sampling import Sampling
+from edgemoe.serve.worker import Done, Failed, Job, QueueFull, Slots, Worker
+
+GREEDY = Sampling.greedy()
+
+
+@pytest.fixture(scope="module")
+def demo_f32():
+    """The demo in f32 at batch 4: prefix reuse then matches a full prefill to float precision."""
+    m = edgemoe.load(None, None, ctx=512, batch=4, dtype="f32")
+    yield m
+    m.close()
+
+
+def start(model, **kw) -> Worker:
+    w = Worker(lambda: model, **kw)
+    w.start()
+    deadline = time.monotonic() + 60
+    while w.state != "serving":
+        assert w.state == "loading" and time.monotonic() < deadline, w.error
+        time.sleep(0.01)
+    return w
+
+
+class Client:
+    """A job and the events the worker gave it, with when they came."""
+
+    def __init__(self, w: Worker, ids, max_tokens, **kw):
+        self.events: queue.Queue = queue.Queue()
+        self.job = Job(Request(tuple(ids), max_tokens, GREEDY, **kw), self._emit)
+        self.first = self.done_at = None
+        w.submit(self.job)
+
+    def _emit(self, ev):
+        now = time.perf_counter()
+        if isinstance(ev, list) and self.first is None:
+            self.first = now
+        if isinstance(ev, (Done, Failed)):
+            self.done_at = now
+        self.events.put(ev)
+
+    def result(self, timeout=120):
+        while True:
+            ev = self.events.get(timeout=timeout)
+            if isinstance(ev, (Done, Failed)):
+                return ev
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(demo_f32):
+    w = start(demo_f32)
+    try:
+        ids = demo_f32.encode("In the beginning")
+        long = Client(w, ids, 300)
+        while long.first is None:
+            time.sleep(0.005)
+        short = Client(w, demo_f32.encode("The function returns"), 4)
+        s, lg = short.result(), long.result()
+        assert isinstance(s, Done) and isinstance(lg, Done)
+        assert short.done_at < long.done_at  # it joined the running batch and left first
+        assert len(s.seq.out) == 4 and s.seq.finish_reason == "length"
+    finally:
+        w.stop()
+
+
+def test_static_batching_makes_the_newcomer_wait(demo_f32):
+    w = start(demo_f32, static=True)
+    try:
+        long = Client(w, demo_f32.encode("In the beginning"), 40)
+        while long.first is None:
+            time.sleep(0.005)
+        short = Client(w, demo_f32.encode("The function returns"), 4)
+        short.result(), long.result()
+        assert short.first > long.done_at  # admitted only once the batch was empty
+    finally:
+        w.stop()
+
+
+def test_a_full_queue_refuses_and_a_cancelled_job_frees_its_slot(demo_f32):
+    w = start(demo_f32, max_queue=1)
+    try:
+        ids = demo_f32.encode("In the beginning")
+        running = []
+        for _ in range(4):  # every slot (one at a time: the queue holds one)
+            running.append(Client(w, ids, 400))
+            while running[-1].first is None:
+                time.sleep(0.005)
+        waiting = Client(w, ids, 4)  # the queue's one place
+        with pytest.raises(QueueFull):
+            Client(w, ids, 4)
+        running[0].job.cancel()  # a client that went away
+        assert isinstance(running[0].result(), Failed)
+        assert isinstance(waiting.result(), Done)  # took the freed slot at the next step
+        for c in running[1:]:
+            c.job.cancel()
+            c.result()
+        assert not w.running and w.waiting == 0
+    finally:
+        w.stop()
+
+
+def test_prefix_reuse_computes_only_the_new_turn(demo_f32):
+    m = demo_f32
+    long_question = "Who made the heaven and the earth, and the sea, and all that in them is? " * 12
+    turn1 = m.encode([{"role": "user", "content": long_question}])  # ~250 tokens
+
+    def conversation(reuse: bool):
+        w = start(m, prefix_reuse=reuse)
+        try:
+            a = Client(w, turn1, 24).result()
+            kept = turn1 + a.seq.out  # what the slot's KV holds (the last token not fed)
+            turn2 = kept + m.encode("\nAnd the earth?")
+            b = Client(w, turn2, 24).result()
+            return a, b
+        finally:
+            w.stop()
+
+    a1, b1 = conversation(True)
+    a0, b0 = conversation(False)
+    assert a1.cached == 0 and a0.cached == 0 and b0.cached == 0
+    # all of it but, when the reply ran to max_tokens, its last token (sampled, never fed)
+    assert b1.cached >= len(turn1) + len(a1.seq.out) - 1
+    assert b1.seq.stats.prefill_s < b0.seq.stats.prefill_s  # ~10 tokens computed, not ~280
+    assert b1.seq.out == b0.seq.out  # the same tokens as a full prefill
+
+
+def test_slots_pick_the_longest_prefix_then_the_least_recently_used():
+    s = Slots([0, 1, 2], reuse=True)
+    a, _ = s.take((1, 2, 3))
+    b, _ = s.take((1, 2, 9))
+    s.give(a, (1, 2, 3, 4))
+    s.give(b, (1, 2, 9))
+    assert s.take((1, 2, 3, 4, 5)) == (a, 4)
+    s.give(a, (7,))
+    slot, n = s.take((5, 5))  # no match: the slot idle longest (never used)
+    assert n == 0 and slot not in (a, b)
+    off = Slots([0], reuse=False)
+    slot, _ = off.take((1, 2))
+    off.give(slot, (1, 2))
+    assert off.take((1, 2, 3)) == (0, 0)  # reuse off: nothing kept
