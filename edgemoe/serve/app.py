@@ -242,7 +242,7 @@ class Server:
                 pass
 
         req = Request(tuple(ids), max_tokens, parsed.sampling, parsed.stop, parsed.logprobs)
-        job = Job(req, emit)
+        job = Job(req, emit, ignore_eos=parsed.ignore_eos)
         try:
             self.worker.submit(job)
         except QueueFull as e:

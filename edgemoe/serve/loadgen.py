@@ -70,6 +70,7 @@ def mixed_requests(n: int, seed: int = 0, ctx: int = 512) -> list[dict]:
                 "prompt": prompt_of(words, rng),
                 "max_tokens": max(1, max_tokens),
                 "temperature": 0,
+                "ignore_eos": True,  # every request its full length: the same work each run
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }

@@ -74,6 +74,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     model: str | None
+    ignore_eos: bool = False
 
 
 def _number(body: dict, name: str, lo: float, hi: float, default=None):
@@ -163,8 +164,12 @@ def _common(body: object, chat: bool) -> dict:
     for name in names:
         v = _integer(body, name, 1)
         max_tokens = v if v is not None else max_tokens
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extra: always max_tokens tokens
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos", f"'ignore_eos' must be true or false, got {ignore_eos!r}")
     return dict(
         model=model,
+        ignore_eos=ignore_eos,
         stream=stream,
         include_usage=include,
         max_tokens=max_tokens,

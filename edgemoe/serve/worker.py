@@ -77,6 +77,7 @@ class Job:
     seq: Sequence | None = None
     cached: int = 0
     last_token_at: float | None = None
+    ignore_eos: bool = False  # run to max_tokens (load tests, benchmarks)
 
     def cancel(self) -> None:
         """Leave at the next step (a client that disconnected)."""
@@ -284,7 +285,8 @@ class Worker:
             self._waiting.popleft()
             slot, cached = got
             tok = self.model.tokenizer
-            job.seq = Sequence(job.request, slot, tok, tok.eos_ids, cached=cached)
+            eos = () if job.ignore_eos else tok.eos_ids
+            job.seq = Sequence(job.request, slot, tok, eos, cached=cached)
             job.seq.stats.queued_at = job.arrived  # TTFT from arrival, queueing included
             job.cached = job.seq.cached
             new.append(job)
