@@ -562,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench(sub)
     return p
 
+    from cluster.cli import add_parser as add_cluster  # `edgemoe cluster` (issue 16)
+
+    add_cluster(sub)
 
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # never a traceback for a character the terminal lacks

@@ -24,6 +24,7 @@ from edgemoe.moe.executor import ExecutorStats, ExpertExecutor, ResidentExecutor
 from edgemoe.moe.experts import ExpertWeights, expert_forward
 from edgemoe.moe.local import LocalExecutor
 from edgemoe.prepare import load_all_experts, prepare_expert
+from edgemoe.routing import RoutingTrace
 from edgemoe.store import ExpertStore
 from formats.reader import EmoeReader
 
@@ -68,10 +69,14 @@ __all__ = [
     "ExpertExecutor",
     "ExpertWeights",
     "LocalExecutor",
+    "ExpertCache",
     "ResidentExecutor",
+    "ExpertStore",
     "combine_into",
     "dispatch",
+    "Plan",
     "expert_forward",
+    "RoutingTrace",
     "load_all_experts",
     "prepare_expert",
 ]
