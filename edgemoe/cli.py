@@ -560,13 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     from edgemoe.bench.cli import add_parser as add_bench  # `edgemoe bench` (issue 14)
 
     add_bench(sub)
-    return p
-
     from cluster.cli import add_parser as add_cluster  # `edgemoe cluster` (issue 16)
 
     add_cluster(sub)
 
 def main(argv: list[str] | None = None) -> int:
+    return p
+
     for stream in (sys.stdout, sys.stderr):  # never a traceback for a character the terminal lacks
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
