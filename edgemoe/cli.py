@@ -563,10 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.cli import add_parser as add_cluster  # `edgemoe cluster` (issue 16)
 
     add_cluster(sub)
-
-def main(argv: list[str] | None = None) -> int:
     return p
 
+
+def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # never a traceback for a character the terminal lacks
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
