@@ -1,14 +1,27 @@
-"""`edgemoe run` as a user drives it: the demo, streaming, --json, chat, interactive."""
+"""`edgemoe run` as a user drives it: the demo, streaming, --json, chat, interactive, sampling;
+`calibrate`'s progress and `profile`'s default folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import edgemoe
+from edgemoe.sampling import Sampling
 
-CMD = [sys.executable, "-m", "edgemoe.cli", "run"]
+CLI = [sys.executable, "-m", "edgemoe.cli"]
+CMD = [*CLI, "run"]
+
+
+def _json_outputs(*args) -> list[str]:
+    p = subprocess.run(CMD + [*args, "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)["outputs"]
 
 
 def test_demo_streams_and_summarises():
@@ -25,17 +38,13 @@ def test_demo_streams_and_summarises():
         assert part in line, line
 
 
-def test_json_record_matches_the_api():
-    p = subprocess.run(
-        CMD + ["-p", "In the beginning", "-n", "16", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    rec = json.loads(p.stdout)
+def test_greedy_json_record_matches_the_api():
+    outs = _json_outputs("-p", "In the beginning", "-n", "16", "--temperature", "0")
     m = edgemoe.load()
-    assert rec["outputs"] == [m.generate("In the beginning", max_tokens=16)]
-    assert rec["summary"]["new_tokens"] == 16 and rec["summary"]["family"] == "qwen3_moe"
+    try:
+        assert outs == [m.generate("In the beginning", max_tokens=16, sampling=Sampling.greedy())]
+    finally:
+        m.close()
 
 
 def test_chat_and_interactive_modes():
@@ -63,25 +72,85 @@ def test_chat_and_interactive_modes():
 
 
 def test_sampling_is_seeded():
-    args = [
-        "-p",
-        "The",
-        "-n",
-        "16",
-        "--temperature",
-        "0.9",
-        "--top-p",
-        "0.9",
-        "--top-k",
-        "50",
-        "--seed",
-        "7",
-        "--json",
-    ]
-    outs = [
-        json.loads(subprocess.run(CMD + args, capture_output=True, text=True, timeout=300).stdout)[
-            "outputs"
-        ]
-        for _ in range(2)
-    ]
-    assert outs[0] == outs[1]
+    args = ["-p", "The", "-n", "16", "--temperature", "0.9", "--top-p", "0.9", "--top-k", "50"]
+    args += ["--min-p", "0.02", "--repeat-penalty", "1.2", "--repeat-last-n", "32", "--seed", "7"]
+    assert _json_outputs(*args) == _json_outputs(*args)
+
+
+def test_default_is_llama_cpp_sampling_not_greedy():
+    """No sampling flags: llama.cpp's defaults, seeded draws repeat, other seeds differ."""
+    base = ["-p", "The function returns", "-n", "24"]
+    first = _json_outputs(*base, "--seed", "1")
+    assert first == _json_outputs(*base, "--seed", "1")
+    others = [_json_outputs(*base, "--seed", str(s)) for s in (2, 3)]
+    assert any(o != first for o in others)
+    greedy = _json_outputs(*base, "--temperature", "0")
+    assert greedy == _json_outputs(*base, "--temperature", "0", "--seed", "5")  # seed unused
+
+
+def test_calibrate_shows_progress_per_segment(tmp_path):
+    model = tmp_path / "demo.emoe"
+    shutil.copy(Path(edgemoe.__file__).parent / "demo" / "demo.emoe", model)
+    text = tmp_path / "t.txt"
+    text.write_text("The function returns a list of the values in the table. " * 40)
+    controller, terminal = pty.openpty()  # tqdm draws its bar on a terminal only
+    try:
+        p = subprocess.run(
+            CLI
+            + ["calibrate", str(model), "--text", str(text), "--segments", "3"]
+            + ["--tokens", "16"],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=300,
+        )
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert p.returncode == 0, shown.decode(errors="replace")
+    bar = shown.decode(errors="replace")
+    assert "calibrate" in bar and "3/3" in bar, bar
+    assert "stored the routing of 3 x 16 tokens" in p.stdout
+
+
+def test_profile_writes_to_the_user_config_folder(tmp_path):
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    p = subprocess.run(
+        CLI
+        + ["profile", "--name", "mybox", "--scratch", str(scratch), "--scratch-size", "16MiB"]
+        + ["-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr
+    written = tmp_path / "config" / "edgemoe" / "profiles" / "mybox.profile"
+    assert written.is_file() and f"wrote {written}" in p.stderr
+    shipped = Path(edgemoe.__file__).parent.parent / "devices" / "profiles"
+    assert not (shipped / "mybox.profile").exists()  # never into the installed package
+    d = subprocess.run(CLI + ["devices"], capture_output=True, text=True, timeout=120, env=env)
+    assert d.returncode == 0 and any(ln.startswith("mybox ") for ln in d.stdout.splitlines())
+    pl = subprocess.run(
+        CLI + ["plan", "--device", "mybox", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert pl.returncode == 0, pl.stderr
+    assert json.loads(pl.stdout)["device"] == "mybox"
