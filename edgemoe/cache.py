@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -120,9 +121,15 @@ class ExpertCache:
     between cannot evict it. Every call comes from the thread that computes.
     """
 
-    def __init__(self, capacity: Bytes | int, policy: EvictionPolicy | None = None):
+    def __init__(
+        self,
+        capacity: Bytes | int,
+        policy: EvictionPolicy | None = None,
+        on_evict: Callable[[object], None] | None = None,
+    ):
         self.capacity = Bytes(capacity)
         self.policy = policy or LRU()
+        self.on_evict = on_evict  # told each evicted value (a read buffer goes back to its pool)
         self._items: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
         self.used = Bytes(0)
@@ -224,6 +231,8 @@ class ExpertCache:
         self._pinned.discard(key)
         if entry.in_flight:
             entry.value.cancel()  # a prefetch nobody came for: stop it if it has not started
+        elif entry.value is not None and self.on_evict is not None:
+            self.on_evict(entry.value)
         self.evictions += 1
 
     @property

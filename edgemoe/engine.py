@@ -181,6 +181,7 @@ class EdgeModel:
             lambda layer, e: self.level,
             lambda layer: f.expert_nbytes(layer, self.level),
             fused,
+            f.borrows,
         )
         self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)

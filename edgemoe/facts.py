@@ -16,6 +16,8 @@ import torch
 
 from edgemoe.budget import expert_nbytes, resident_nbytes
 from edgemoe.kvcache import kv_nbytes
+from edgemoe.prepare import borrowed_bytes, can_borrow
+from formats.constants import align_up
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
 
@@ -108,26 +110,37 @@ class ModelFacts:
         emb = self.reader.tensors["model.embed_tokens.weight"]
         return emb.shape[0] * emb.shape[1] * self.item
 
+    def borrows(self, layer: int, expert: int, level: int) -> bool:
+        """Whether this expert computes on its read buffer in place (prepare.can_borrow)."""
+        return can_borrow(self.reader, self.reader.expert(layer, expert), level, self.fused)
+
     def expert_nbytes(self, layer: int, level: int) -> int:
-        """Prepared bytes of one expert of `layer` at `level` (every expert of a layer alike)."""
+        """Memory one prepared expert of `layer` at `level` holds (every expert of a layer
+        alike): its kernels' tensors, or, computing in place, its read buffer (a slab of the
+        longest expert span, the size every owned read gets) and the kernels' own tensors."""
         key = (layer, level)
         if key not in self._sizes:
             e = next(e for e in self.reader.experts.values() if e.layer == layer)
-            self._sizes[key] = expert_nbytes(
-                self.reader, layer, e.expert, level, self.dtype, self.fused
-            )
+            n = expert_nbytes(self.reader, layer, e.expert, level, self.dtype, self.fused)
+            if self.borrows(layer, e.expert, level):
+                n += self.largest_span() - borrowed_bytes(self.reader, e)
+            self._sizes[key] = n
         return self._sizes[key]
 
     @functools.cached_property
     def resident_bytes(self) -> int:
         return int(resident_nbytes(self.reader, self.dtype, self.fused))
 
-    def largest_span(self) -> int:
-        """The longest on-disk read of one expert (all its levels)."""
+    @functools.cached_property
+    def _largest_span(self) -> int:
         return max(
             (
-                self.reader.expert_span(e.layer, e.expert, len(e.levels))[1]
+                align_up(self.reader.expert_span(e.layer, e.expert, len(e.levels))[1])
                 for e in self.reader.experts.values()
             ),
             default=0,
         )
+
+    def largest_span(self) -> int:
+        """The longest on-disk read of one expert (all its levels): an owned read's slab."""
+        return self._largest_span

@@ -120,10 +120,15 @@ class DenseLinear(Linear):
 class Int8Linear(Linear):
     """Per-output-row symmetric INT8: the layout _weight_int8pack_mm takes as is."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+    def __init__(
+        self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, borrowed: bool = False
+    ):
         self.q, self.scales, self.dtype = q.contiguous(), scales.to(dtype).contiguous(), dtype
         self.out_features, self.in_features = q.shape
-        self.nbytes = q.numel() + self.scales.numel() * self.scales.element_size()
+        # borrowed codes are views into a read buffer the caller accounts for
+        self.nbytes = (
+            0 if borrowed else q.numel()
+        ) + self.scales.numel() * self.scales.element_size()
 
     def __call__(self, x):
         lead = x.shape[:-1]
@@ -231,6 +236,12 @@ class Kernel:
     fused path, and `upgrade` where the codec nests. One instance per codec.
     """
 
+    borrows = False  # whether _build_fused can compute on borrowed stored bytes in place
+
+    def borrowed_bytes(self, shape: Sequence[int], params: dict) -> int:
+        """Bytes of nbytes(...) a borrowing build leaves to the lender (0: it never borrows)."""
+        return 0
+
     def __init__(self, codec: type[Codec]):
         self.codec = codec
 
@@ -244,6 +255,7 @@ class Kernel:
         segments: Sequence,
         dtype: torch.dtype = torch.bfloat16,
         fused: bool = True,
+        borrow: bool = False,
     ) -> Linear:
         """A Linear over a tensor's first len(segments) levels, fused where torch allows.
 
@@ -252,14 +264,20 @@ class Kernel:
             segments: its level segments 1..L (raw bytes), L = the level to compute at.
             dtype: compute dtype of activations and dense weights.
             fused: False forces the dequantized path (tests, debugging).
+            borrow: the segments' memory outlives the Linear and is the caller's: a kernel
+                that can compute on the stored bytes in place keeps views of them (no copy)
+                and leaves their bytes out of its nbytes.
         Returns:
-            A Linear with level L whose nbytes equals nbytes(shape, params, L, dtype, fused).
+            A Linear with level L whose nbytes equals nbytes(shape, params, L, dtype, fused)
+            (less the borrowed bytes).
         Raises:
             ValueError: the shape is not 2-D.
             CodecError: a segment has the wrong length or there are too many.
         """
         _check_2d(self.codec, shape)
         if fused and self._fused_ok(shape, params):
+            if borrow and self.borrows:
+                return self._build_fused(shape, params, segments, dtype, borrow=True)
             return self._build_fused(shape, params, segments, dtype)
         return self._build_dense(shape, params, segments, dtype)
 
@@ -372,15 +390,23 @@ class DenseKernel(Kernel):
 
 @register_kernel(CodecId.INT8)
 class Int8Kernel(Kernel):
+    borrows = True  # the stored codes are the kernel's layout: computed on in place
+
+    def borrowed_bytes(self, shape, params):
+        return numel(shape)
+
     def _fused_ok(self, shape, params):
         return params.get("group") == int(shape[1])
 
-    def _build_fused(self, shape, params, segments, dtype):
+    def _build_fused(self, shape, params, segments, dtype, borrow: bool = False):
         self.codec._check_segments(segments, shape, params)
         rows, cols = int(shape[0]), int(shape[1])
         codes, scales = _fields(self.codec, shape, params, segments[0], 0)
-        q = torch.from_numpy(np.frombuffer(codes, dtype=np.int8).reshape(rows, cols).copy())
-        return Int8Linear(q, _f16(scales, rows).reshape(rows), dtype)
+        if borrow:
+            q = torch.frombuffer(codes, dtype=torch.int8).view(rows, cols)
+        else:
+            q = torch.from_numpy(np.frombuffer(codes, dtype=np.int8).reshape(rows, cols).copy())
+        return Int8Linear(q, _f16(scales, rows).reshape(rows), dtype, borrowed=borrow)
 
     def _fused_nbytes(self, shape, params, levels, dtype):
         return numel(shape) + int(shape[0]) * _item(dtype)

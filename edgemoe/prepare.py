@@ -22,17 +22,51 @@ def _segments(t, payloads: list, first: int) -> list[memoryview]:
     return [memoryview(p)[off : off + n] for p, (_, off, n) in zip(payloads, parts, strict=True)]
 
 
+def can_borrow(reader: EmoeReader, e: ExpertEntry, level: int, fused: bool = True) -> bool:
+    """Whether expert e at `level` can compute on its read buffer in place: its chunks are
+    stored raw and every role's kernel computes on the stored bytes (INT8)."""
+    if not fused or any(reader.chunks[ci].compression for ci in e.levels[:level]):
+        return False
+    for role in C.EXPERT_ROLES:
+        t = reader.tensors[e.tensors[role]]
+        k = kernel_for(t.codec)
+        if not (k.borrows and k._fused_ok(t.shape, t.params)):
+            return False
+    return True
+
+
+def borrowed_bytes(reader: EmoeReader, e: ExpertEntry) -> int:
+    """Bytes of the expert's prepared size that a borrowing build leaves in the read buffer."""
+    total = 0
+    for role in C.EXPERT_ROLES:
+        t = reader.tensors[e.tensors[role]]
+        total += kernel_for(t.codec).borrowed_bytes(t.shape, t.params)
+    return total
+
+
 def prepare_expert(
-    reader: EmoeReader, e: ExpertEntry, payloads: list, dtype: torch.dtype, fused: bool = True
+    reader: EmoeReader,
+    e: ExpertEntry,
+    payloads: list,
+    dtype: torch.dtype,
+    fused: bool = True,
+    slab=None,
 ) -> ExpertWeights:
-    """ExpertWeights at level len(payloads) from the expert's first level chunks' raw bytes."""
+    """ExpertWeights at level len(payloads) from the expert's first level chunks' raw bytes.
+
+    slab: the buffer the payloads are views of, if the expert may keep it (an owned read,
+    edgemoe/store.py): kernels that can compute on stored bytes use them in place, and the
+    expert holds the slab (its bytes count in nbytes) until it is given back.
+    """
     linears = {}
     for role in C.EXPERT_ROLES:
         t = reader.tensors[e.tensors[role]]
         linears[role] = kernel_for(t.codec).build(
-            t.shape, t.params, _segments(t, payloads, 0), dtype, fused
+            t.shape, t.params, _segments(t, payloads, 0), dtype, fused, borrow=slab is not None
         )
-    return ExpertWeights(linears["gate"], linears["up"], linears["down"], len(payloads))
+    ew = ExpertWeights(linears["gate"], linears["up"], linears["down"], len(payloads))
+    ew.slab = slab
+    return ew
 
 
 def upgrade_expert(

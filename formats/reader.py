@@ -448,9 +448,13 @@ class EmoeReader:
                 f"{self.path}: checksum mismatch in {self.owner(chunk)} (chunk {chunk} at byte {self.data_offset + c.offset}: stored {c.crc32:#010x}, computed {got:#010x})"
             )
 
-    def payload(self, chunk: int, stored: bytes | memoryview) -> bytes | memoryview:
-        """Check a chunk's stored bytes and return its raw (decompressed) bytes."""
-        self.check_crc(chunk, stored)
+    def payload(
+        self, chunk: int, stored: bytes | memoryview, check: bool = True
+    ) -> bytes | memoryview:
+        """Check a chunk's stored bytes (check=False: the caller has verified this chunk
+        before) and return its raw (decompressed) bytes."""
+        if check:
+            self.check_crc(chunk, stored)
         c = self.chunks[chunk]
         if c.compression == C.Compression.NONE:
             return stored

@@ -128,7 +128,8 @@ class EmoeWriter:
         path: destination file.
         metadata: the header's metadata map (family and config are required).
         header_reserve: bytes to reserve for the header (an estimate is fine).
-        compress: try zstd on every chunk (kept only when it saves >= 5%).
+        compress: try zstd on every chunk (kept only when it saves >= 5%, or half of an
+            expert chunk: those are read on the hot path).
     """
 
     def __init__(
@@ -161,11 +162,11 @@ class EmoeWriter:
         self._done = False
 
     # ---- chunks
-    def _write_chunk(self, raw: bytes) -> int:
+    def _write_chunk(self, raw: bytes, min_saving: float = C.MIN_ZSTD_SAVING) -> int:
         stored, comp = raw, C.Compression.NONE
         if self.compress and len(raw) >= 64:
             z = self._zstd.compress(raw)
-            saves = len(z) <= (1 - C.MIN_ZSTD_SAVING) * len(raw)
+            saves = len(z) <= (1 - min_saving) * len(raw)
             if saves and len(raw) <= C.MAX_ZSTD_RATIO * len(z):
                 stored, comp = z, C.Compression.ZSTD
         offset = C.align_up(self._end)
@@ -265,7 +266,7 @@ class EmoeWriter:
             for role in C.EXPERT_ROLES:
                 offs[role] = len(raw)
                 raw += encoded[role][5][k]
-            chunk = self._write_chunk(bytes(raw))
+            chunk = self._write_chunk(bytes(raw), C.MIN_ZSTD_SAVING_EXPERT)
             levels.append(chunk)
             for role in C.EXPERT_ROLES:
                 entries[role][C.T_PARTS].append([chunk, offs[role], len(encoded[role][5][k])])

@@ -3,6 +3,8 @@ begin/finish with reads in flight, and a failed read that leaves nothing held.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,3 +100,24 @@ def test_a_failed_read_leaves_nothing_held(tiny_emoe, monkeypatch):
         assert (0, 5, m.level) not in ex.cache and (0, 0, m.level) in ex.cache
         monkeypatch.undo()
         ex.run(0, *_layer_inputs(m, 0, [0, 5]))  # the layer runs again afterwards
+
+
+def test_int8_experts_compute_in_their_read_buffers(tiny_emoe):
+    """Raw INT8 experts are read into slabs the kernels use in place (no copy, no fresh pages
+    per miss): the same tokens as the copied path, slabs reused, the cache's byte count what
+    the planner counts."""
+    path = tiny_emoe("qwen3_moe", experts="int8", dense="bf16")
+    with edgemoe.load(path, ctx=64) as m:
+        assert m.facts.borrows(0, 0, 1)
+        want = m.generate(PROMPT, max_tokens=12, sampling=GREEDY)
+        size = m.facts.expert_nbytes(0, 1)
+    copied = lambda ctx: dataclasses.replace(ctx, borrow=None).local()  # noqa: E731
+    with edgemoe.load(path, ctx=64, executor=copied) as ref:  # the same kernels on copies
+        assert ref.generate(PROMPT, max_tokens=12, sampling=GREEDY) == want
+        assert ref.store.slabs_made == 0
+    with edgemoe.load(path, ctx=64, expert_cache=3 * size) as m:
+        assert m.generate(PROMPT, max_tokens=12, sampling=GREEDY) == want
+        ex = m.executor
+        assert ex.stats().reads > 20 and m.store.slabs_made <= 3 + m.store.threads + 1
+        assert all(ex.cache.peek(k).nbytes == size for k in ex.cache.keys())
+        assert ex.cache.used == len(ex.cache) * size <= ex.cache.capacity

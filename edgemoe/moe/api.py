@@ -45,11 +45,13 @@ class ExecutorContext:
     level: Callable[[int, int], int]
     expert_nbytes: Callable[[int], int]
     fused: bool = True
+    borrow: Callable[[int, int, int], bool] | None = None  # (layer, expert, level): in place?
 
     def prepare(self, layer: int, expert: int, payloads: list) -> ExpertWeights:
         """Compute-ready weights of one expert from its level chunks' payloads."""
         e = self.reader.expert(layer, expert)
-        return prepare_expert(self.reader, e, payloads, self.dtype, self.fused)
+        slab = getattr(payloads, "slab", None)
+        return prepare_expert(self.reader, e, payloads, self.dtype, self.fused, slab=slab)
 
     def local(self) -> LocalExecutor:
         """The default executor: this file, this plan's cache, this machine's flash."""
@@ -59,6 +61,7 @@ class ExecutorContext:
             self.prepare,
             self.level,
             self.expert_nbytes,
+            self.borrow,
         )
 
 

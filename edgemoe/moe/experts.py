@@ -21,10 +21,13 @@ class ExpertWeights:
     up: Linear  # [I, D]
     down: Linear  # [D, I]
     level: int = 0
+    slab: object = None  # the read buffer its kernels compute on in place (edgemoe/store.py)
 
     @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        """Memory it holds: its kernels' own tensors, and the slab they borrow."""
+        own = self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        return own + (len(self.slab) if self.slab is not None else 0)
 
 
 def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:

@@ -49,6 +49,8 @@ class LocalExecutor(ExpertExecutor):
     prepare: (layer, expert, payloads) -> ExpertWeights (runs on a reader thread).
     level: (layer, expert) -> the level to compute that expert at.
     expert_nbytes: (layer) -> prepared bytes of one expert of that layer (for wave sizes).
+    borrow: (layer, expert, level) -> whether the expert computes on its read buffer in place
+        (reads then land in a slab the expert keeps until the cache evicts it).
     """
 
     def __init__(
@@ -58,9 +60,12 @@ class LocalExecutor(ExpertExecutor):
         prepare: Callable,
         level: Callable[[int, int], int],
         expert_nbytes: Callable[[int], int],
+        borrow: Callable[[int, int, int], bool] | None = None,
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
         self.level, self.expert_nbytes = level, expert_nbytes
+        self.borrow = borrow or (lambda layer, expert, level: False)
+        cache.on_evict = self._recycle
         self._reads = self._uncached = 0
         self._io_wait = 0.0
         self._prefetched: dict[int, set[Key]] = {}
@@ -82,7 +87,17 @@ class LocalExecutor(ExpertExecutor):
     def _fetch(self, key: Key) -> Future:
         layer, expert, level = key
         self._reads += 1
-        return self.store.fetch(layer, expert, level, then=lambda p: self.prepare(layer, expert, p))
+        own = self.borrow(layer, expert, level)
+        return self.store.fetch(
+            layer, expert, level, then=lambda p: self.prepare(layer, expert, p), own=own
+        )
+
+    def _recycle(self, ew) -> None:
+        """An expert left memory: its read buffer serves the next read."""
+        slab = getattr(ew, "slab", None)
+        if slab is not None:
+            ew.slab = None
+            self.store.recycle(slab)
 
     def _wait(self, fut: Future) -> ExpertWeights:
         t0 = time.perf_counter()
@@ -162,6 +177,8 @@ class LocalExecutor(ExpertExecutor):
             if entry is not None:
                 self.cache.release(key)
                 h.held.remove(key)
+            else:
+                self._recycle(ew)
             del ew
 
     def _value(self, key: Key, entry: Entry) -> ExpertWeights:

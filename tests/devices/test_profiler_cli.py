@@ -13,6 +13,7 @@ import pytest
 
 import edgemoe
 from devices.profile import known_devices, parse_profile
+from edgemoe.engine import RunStats
 
 CLI = [sys.executable, "-m", "edgemoe.cli"]
 
@@ -179,10 +180,11 @@ def test_plan_reports_the_fit_and_a_bound():
 def test_run_reports_achieved_against_the_bound(emulated_device):
     dev = emulated_device("rpi5-8gb-nvme")
     m = edgemoe.load(ctx=128, mem="8GiB", **dev.load_kwargs)
-    m.generate("The function returns", max_tokens=12)
-    s = m.summary()
+    st = RunStats()
+    m.generate("The function returns", max_tokens=12, stats=st)
+    s = m.summary(st)
     assert s["bound_tok_s"] and s["decode_tok_s"] <= s["bound_tok_s"]
-    assert "bound" in m.summary_line()
+    assert "bound" in m.summary_line(st)
 
 
 def test_a_run_does_not_beat_the_plan_bound(emulated_device):
