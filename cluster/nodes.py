@@ -6,6 +6,7 @@
     budget = "1GiB"                   # the host process's memory (default: the profile's usable)
     link = "wifi"                     # loopback | ethernet | wifi | lte, or rtt_ms + mbit_s
     paging = true                     # may serve more experts than its cache holds
+    model = "/data/m.emoe"            # this host's copy (default: the coordinator's path)
 
 Every problem is one `BadNodesFile` line naming the file, the node and the key.
 """
@@ -33,7 +34,7 @@ from formats.errors import EmoeError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 NO_BYTES = Bytes(0)
-_KEYS = {"name", "profile", "budget", "link", "rtt_ms", "mbit_s", "paging"}
+_KEYS = {"name", "profile", "budget", "link", "rtt_ms", "mbit_s", "paging", "model"}
 
 
 def _link(where: str, node: dict) -> Link:
@@ -112,7 +113,10 @@ def parse_nodes(text: str, source: str = "<nodes>") -> tuple[NodeSpec, ...]:
         paging = node.get("paging", True)
         if not isinstance(paging, bool):
             raise BadNodesFile(f"{where}, key 'paging': {paging!r} is not true or false")
-        out.append(NodeSpec(name, prof, Bytes(budget), _link(where, node), paging))
+        model = node.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise BadNodesFile(f"{where}, key 'model': {model!r} is not a path")
+        out.append(NodeSpec(name, prof, Bytes(budget), _link(where, node), paging, model))
     return tuple(out)
 
 

@@ -86,6 +86,7 @@ class NodeSpec:
     profile: a device profile name or path (devices/profiles); budget: the host process's
     memory budget; link: its network to the coordinator. paging: whether the host may be
     given more experts than its cache holds (it pages them from its flash, as one device does).
+    model: the path of the host's own copy of the .emoe (checked against the coordinator's).
     """
 
     name: str
@@ -93,6 +94,7 @@ class NodeSpec:
     budget: Bytes
     link: Link = field(default_factory=Link)
     paging: bool = True
+    model: str | None = None  # this host's copy of the .emoe (None: the coordinator's path)
 
     @property
     def resource(self) -> str:

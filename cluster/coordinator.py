@@ -1,0 +1,299 @@
+"""The coordinator: the resident model here, routed experts on the hosts.
+
+    co = Coordinator("model.emoe", load_nodes("nodes.toml")).start()   # inside ray.init(...)
+    print(co.model.generate("The capital of France is", max_tokens=16))
+    co.join(new_spec)          # elastic scale-up while requests are served
+    co.status()                # every host's real state
+    co.close()
+
+The coordinator process loads the model with `edgemoe.load(..., executor=...)`:
+embeddings, attention, routers and shared experts stay here, each MoE layer's
+routed pairs go to the hosts through a RemoteExecutor. Placement is
+cluster/placement.py on the hosts' measured rooms.
+
+Failure: a failed call marks its host dead; `_on_failure` repairs the map
+(redundant copies serve at once; experts left with no copy are re-placed on
+survivors, which page them from their own file) and the executor re-issues
+the pairs. Join: the new host opens (same header CRC), placement is recomputed,
+hosts warm what they gain, the map switches by version, the old map drains,
+then hosts drop what they lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import edgemoe
+from cluster.model import ModelInfo, model_info
+from cluster.nodes import capacity
+from cluster.placement import node_loads, place, repair
+from cluster.raynet import RayPool, cause, import_ray, start_host
+from cluster.remote import RemoteExecutor
+from cluster.types import ClusterError, ExpertMap, HostStatus, NodeCapacity, NodeSpec
+from edgemoe.units import Bytes
+
+OPEN_TIMEOUT_S = 120.0  # a host's start: a worker process importing torch, opening its file
+
+
+@dataclass(frozen=True)
+class JoinReport:
+    """Times of one elastic join, seconds from the join call."""
+
+    node: str
+    opened_s: float  # the host is up and checked
+    warmed_s: float  # every host holds what the new map gives it
+    switched_s: float  # the new map serves
+    drained_s: float  # no call of the old map is in flight; old copies dropped
+    version: int
+    moved: int  # experts warmed on a host that did not hold them
+
+
+class Coordinator:
+    """Args:
+    model: the .emoe (the coordinator's copy; hosts use theirs, NodeSpec.model).
+    nodes: the hosts.
+    copies, spare, affinity: placement (cluster/placement.py).
+    dtype, level, ctx, batch: as edgemoe.load.
+    timeout, retries: per call (RemoteExecutor).
+    warm: read every host's experts before serving.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        nodes: Sequence[NodeSpec],
+        *,
+        copies: int = 1,
+        spare: int = 0,
+        affinity: float = 0.0,
+        dtype: str = "auto",
+        level: int | None = None,
+        ctx: int | None = None,
+        batch: int = 1,
+        timeout: float = 30.0,
+        retries: int = 3,
+        warm: bool = True,
+    ):
+        self.path = Path(model)
+        self.specs: dict[str, NodeSpec] = {}
+        self._pending = list(nodes)
+        self.copies, self.spare, self.affinity = copies, spare, affinity
+        self.dtype, self.level, self.ctx, self.batch = dtype, level, ctx, batch
+        self.timeout, self.retries, self.warm = timeout, retries, warm
+        self.actors: dict = {}
+        self.caps: dict[str, NodeCapacity] = {}
+        self.dead: dict[str, str] = {}  # name -> why
+        self.lost: tuple = ()
+        self.executor: RemoteExecutor | None = None
+        self.model = None
+        self.info: ModelInfo | None = None
+        self._lock = threading.Lock()  # map changes (repair, join) one at a time
+
+    # ---- start and stop
+    def _open(self, specs: Sequence[NodeSpec]) -> dict[str, HostStatus]:
+        """Start and open hosts; on any failure stop them all and raise the named error."""
+        ray = import_ray()
+        info = self.info
+        started = {}
+        try:
+            for s in specs:
+                started[s.name] = start_host(s, str(self.path), info.dtype, info.level, info.crc)
+            names = list(started)
+            refs = [started[n].open.remote() for n in names]
+            try:
+                got = ray.get(refs, timeout=OPEN_TIMEOUT_S)
+            except Exception as e:
+                raise cause(e) from None
+        except BaseException:
+            for a in started.values():
+                ray.kill(a)
+            raise
+        self.actors.update(started)
+        return dict(zip(names, got))
+
+    def _capacity(self, spec: NodeSpec, st: HostStatus) -> NodeCapacity:
+        cap = capacity(spec, self.info.shape, floor=st.floor)
+        return NodeCapacity(cap.name, st.room, cap.speed, cap.rtt_s, cap.paging)
+
+    def start(self) -> Coordinator:
+        """Start the hosts, place the experts, warm them, load the resident model."""
+        self.info = info = model_info(self.path, self.dtype, self.level)
+        specs, self._pending = self._pending, []
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names) or not specs:
+            raise ClusterError(f"nodes {names}: need one or more, each name once")
+        statuses = self._open(specs)
+        for s in specs:
+            self.specs[s.name] = s
+            self.caps[s.name] = self._capacity(s, statuses[s.name])
+        try:
+            emap = place(
+                info.shape,
+                list(self.caps.values()),
+                info.stats,
+                copies=self.copies,
+                spare=self.spare,
+                affinity=self.affinity,
+            )
+            if self.warm:
+                self._warm(emap, ExpertMap(0, {}))
+            pool = RayPool(self.actors, self.specs)
+            self.executor = RemoteExecutor(
+                pool, emap, self._on_failure, timeout=self.timeout, retries=self.retries
+            )
+            # no cache is made here: the factory returns the remote executor, not ctx.local()
+            self.model = edgemoe.load(
+                self.path,
+                None,
+                ctx=self.ctx,
+                batch=self.batch,
+                dtype=info.dtype,
+                level=info.level,
+                executor=lambda context: self.executor,
+            )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop every host and free the model (idempotent)."""
+        ray = import_ray()
+        for a in self.actors.values():
+            try:
+                ray.kill(a)
+            except Exception:  # already dead
+                pass
+        self.actors.clear()
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    def __enter__(self) -> Coordinator:
+        return self.start() if self.model is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- placement changes
+    def live(self) -> list[str]:
+        return [n for n in self.specs if n not in self.dead]
+
+    def _warm(self, new: ExpertMap, old: ExpertMap) -> int:
+        """Each host reads what `new` gives it and `old` did not; returns how many."""
+        ray = import_ray()
+        refs, moved = [], 0
+        for n in self.live():
+            gain = sorted(set(new.experts_on(n)) - set(old.experts_on(n)))
+            moved += len(gain)
+            if gain:
+                refs.append(self.actors[n].warm.remote(gain))
+        ray.get(refs, timeout=OPEN_TIMEOUT_S)
+        return moved
+
+    def _on_failure(self, dead: set[str]) -> ExpertMap:
+        """The executor lost hosts: repair the map and switch to it."""
+        ray = import_ray()
+        with self._lock:
+            new_dead = dead - set(self.dead)
+            for n in new_dead:
+                self.dead[n] = "failed a call"
+                a = self.actors.get(n)
+                if a is not None:
+                    try:
+                        ray.kill(a)  # a timed-out host may live on: nothing left running
+                    except Exception:
+                        pass
+            cur = self.executor.map
+            if not new_dead and not any(h in dead for hs in cur.replicas.values() for h in hs):
+                return cur
+            caps = [self.caps[n] for n in self.live()]
+            emap, self.lost = repair(cur, set(self.dead), caps, self.info.shape, self.info.stats)
+            self.executor.set_map(emap)
+            return emap
+
+    def join(self, spec: NodeSpec) -> JoinReport:
+        """Add a host while requests are served (see the module docstring).
+
+        Raises:
+            ModelMismatch, BudgetBelowFloor, NodeNotInCluster: the host is refused and stopped.
+        """
+        ray = import_ray()
+        t0 = time.perf_counter()
+        if spec.name in self.specs and spec.name not in self.dead:
+            raise ClusterError(
+                f"node {spec.name!r} is already a host", "give the new node a new name"
+            )
+        st = self._open([spec])[spec.name]
+        opened = time.perf_counter() - t0
+        with self._lock:
+            self.specs[spec.name] = spec
+            self.dead.pop(spec.name, None)
+            self.caps[spec.name] = self._capacity(spec, st)
+            self.executor.pool.actors = self.actors
+            old = self.executor.map
+            new = place(
+                self.info.shape,
+                [self.caps[n] for n in self.live()],
+                self.info.stats,
+                copies=self.copies,
+                spare=self.spare,
+                affinity=self.affinity,
+                version=old.version + 1,
+            )
+        moved = self._warm(new, old)
+        warmed = time.perf_counter() - t0
+        self.executor.set_map(new)
+        switched = time.perf_counter() - t0
+        self.executor.drained(new.version, timeout=OPEN_TIMEOUT_S)
+        refs = []
+        for n in self.live():
+            lose = sorted(set(old.experts_on(n)) - set(new.experts_on(n)))
+            if lose:
+                refs.append(self.actors[n].drop.remote(lose))
+        ray.get(refs, timeout=OPEN_TIMEOUT_S)
+        drained = time.perf_counter() - t0
+        return JoinReport(spec.name, opened, warmed, switched, drained, new.version, moved)
+
+    # ---- state
+    def status(self, timeout: float = 5.0) -> dict:
+        """Every host's real state (each asked, with a timeout), the map and the loads."""
+        ray = import_ray()
+        hosts = []
+        for name, spec in self.specs.items():
+            if name in self.dead:
+                hosts.append(
+                    HostStatus(
+                        name, False, profile=spec.profile, budget=spec.budget, error=self.dead[name]
+                    )
+                )
+                continue
+            try:
+                hosts.append(ray.get(self.actors[name].status.remote(), timeout=timeout))
+            except Exception as e:
+                why = (
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                    if str(e)
+                    else type(e).__name__
+                )
+                hosts.append(
+                    HostStatus(name, False, profile=spec.profile, budget=spec.budget, error=why)
+                )
+        emap = self.executor.map
+        caps = [self.caps[n] for n in self.live()]
+        return {
+            "model": str(self.path),
+            "version": emap.version,
+            "healthy": all(h.alive for h in hosts if h.name not in self.dead) and not self.lost,
+            "hosts": [h.as_dict() for h in hosts],
+            "loads": [
+                nl.as_dict() for nl in node_loads(emap, caps, self.info.shape, self.info.stats)
+            ],
+            "lost_experts": [f"{k[0]}.{k[1]}" for k in self.lost],
+            "failures": len(self.executor.failures),
+            "bytes_moved": int(Bytes(self.executor.stats().bytes_read)),
+        }

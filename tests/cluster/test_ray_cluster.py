@@ -1,0 +1,175 @@
+"""The cluster on a real Ray cluster (ray.cluster_utils.Cluster, loopback): exactness
+against the single device, node loss, an unrecoverable loss, elastic join, bad joins."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import edgemoe
+from cluster.coordinator import Coordinator
+from cluster.types import BudgetBelowFloor, ExpertLost, Link, ModelMismatch, NodeSpec
+from edgemoe.sampling import Sampling
+from edgemoe.units import Bytes
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PROMPTS = [[5, 17, 42, 99, 7], [3, 3, 8], [11, 12, 13, 14], [200, 1, 77]]
+GB = Bytes.parse("1GiB")
+
+
+def spec(name, profile="devbox", link=None, **kw):
+    return NodeSpec(name, profile, kw.pop("budget", GB), link or Link(), **kw)
+
+
+NODES = [
+    spec("a", "devbox"),
+    spec("b", "rpi5-8gb-nvme", Link(0.005, Bytes(12_500_000))),  # Wi-Fi: 5 ms, 100 Mbit/s
+    spec("c", "jetson-orin-nano-8gb", Link(0.0005, Bytes(125_000_000))),
+]
+
+
+def single(path, info_dtype, prompts=PROMPTS, n=10):
+    with edgemoe.load(path, None, dtype=info_dtype, batch=len(prompts)) as m:
+        return [c.token_ids for c in m.complete(prompts, n, Sampling.greedy())]
+
+
+def cluster_tokens(co, prompts=PROMPTS, n=10):
+    return [c.token_ids for c in co.model.complete(prompts, n, Sampling.greedy())]
+
+
+def alive_hosts():
+    import ray
+
+    return sorted(n for n in ray.util.list_named_actors() if n.startswith("edgemoe-host-"))
+
+
+@pytest.mark.parametrize(
+    "family, experts, dense", [("qwen3_moe", "int8", "bf16"), ("deepseek_v3", "f32", "f32")]
+)
+def test_greedy_equals_single_device(ray_nodes, tiny_emoe, family, experts, dense):
+    ray_nodes.ensure("a", "b", "c")
+    path = tiny_emoe(family, experts=experts, dense=dense)
+    with Coordinator(path, NODES, batch=len(PROMPTS), timeout=20) as co:
+        got = cluster_tokens(co)
+        st = co.status()
+        assert got == single(path, co.info.dtype)
+        assert st["healthy"] and all(h["alive"] and h["calls"] > 0 for h in st["hosts"])
+    assert alive_hosts() == []  # close() stopped every host
+
+
+def test_node_loss_mid_generation(ray_nodes, tiny_emoe):
+    """copies=2: a raylet killed mid-generation; its experts' second copies answer at once."""
+    ray_nodes.ensure("a", "b", "c")
+    path = tiny_emoe("qwen3_moe")
+    with Coordinator(path, NODES, copies=2, batch=len(PROMPTS), timeout=10) as co:
+        want = single(path, co.info.dtype)
+        calls = {"n": 0}
+
+        def kill_midway(layer, ids):
+            calls["n"] += 1
+            if calls["n"] == 12:
+                ray_nodes.remove("b")
+
+        co.executor.observe(kill_midway)
+        t0 = time.perf_counter()
+        assert cluster_tokens(co) == want
+        took = time.perf_counter() - t0
+        f = co.executor.failures
+        assert f and f[-1].recovered_s >= 0 and {x.node for x in f} == {"b"}
+        st = co.status()
+        assert {h["name"]: h["alive"] for h in st["hosts"]} == {"a": True, "b": False, "c": True}
+        print(f"node loss: recovered in {f[-1].recovered_s:.2f} s, generation {took:.1f} s")
+
+
+def test_host_sigkill_replaced_on_survivors(ray_nodes, tiny_emoe):
+    """copies=1: a host process SIGKILLed; its experts are re-placed on the survivors."""
+    import ray
+
+    ray_nodes.ensure("a", "b", "c")
+    path = tiny_emoe("deepseek_v3")
+    with Coordinator(path, NODES, batch=len(PROMPTS), timeout=10) as co:
+        want = single(path, co.info.dtype)
+        pid = ray.get(co.actors["a"].pid.remote())
+        lost_experts = co.executor.map.experts_on("a")
+        calls = {"n": 0}
+
+        def kill_midway(layer, ids):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                os.kill(pid, signal.SIGKILL)
+
+        co.executor.observe(kill_midway)
+        assert cluster_tokens(co) == want
+        m = co.executor.map
+        assert "a" not in m.nodes() and all(m.hosts(k) for k in lost_experts)
+        assert co.status()["hosts"][0]["alive"] is False
+
+
+def test_unrecoverable_is_named_then_serving_resumes(ray_nodes, tiny_emoe):
+    """Every host gone: the request fails with ExpertLost in bounded time (no hang); the
+    coordinator lives on, reports it, and serves again once a node joins."""
+    ray_nodes.ensure("a", "b")
+    path = tiny_emoe("qwen3_moe")
+    co = Coordinator(path, NODES[:2], batch=len(PROMPTS), timeout=5, retries=1).start()
+    try:
+        want = single(path, co.info.dtype)
+        import ray
+
+        for a in co.actors.values():
+            ray.kill(a)
+        t0 = time.perf_counter()
+        with pytest.raises(ExpertLost):
+            cluster_tokens(co)
+        assert time.perf_counter() - t0 < 30
+        st = co.status()
+        assert not st["healthy"] and not any(h["alive"] for h in st["hosts"])
+        ray_nodes.ensure("c")
+        co.join(NODES[2])
+        assert cluster_tokens(co) == want
+    finally:
+        co.close()
+
+
+def test_join_while_serving(ray_nodes, tiny_emoe):
+    ray_nodes.ensure("a", "b", "c")
+    path = tiny_emoe("qwen3_moe")
+    prompts = PROMPTS * 2  # 8 streams
+    with Coordinator(path, NODES[:2], batch=len(prompts), timeout=20) as co:
+        want = single(path, co.info.dtype, prompts, 24)
+        out, errors = {}, []
+
+        def serve():
+            try:
+                out["tokens"] = cluster_tokens(co, prompts, 24)
+            except Exception as e:  # noqa: BLE001 - the test reports it
+                errors.append(e)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        time.sleep(0.5)
+        v0 = co.executor.map.version
+        report = co.join(NODES[2])
+        t.join(120)
+        assert not errors and out["tokens"] == want
+        assert report.version == v0 + 1 and co.executor.map.version == v0 + 1
+        assert "c" in co.executor.map.nodes() and report.moved > 0
+        assert report.opened_s <= report.warmed_s <= report.switched_s <= report.drained_s
+        assert not co.executor.failures
+
+
+def test_bad_joins_are_named_and_leave_nothing(ray_nodes, tiny_emoe, tmp_path):
+    ray_nodes.ensure("a", "b", "c")
+    path = tiny_emoe("qwen3_moe")
+    other = tiny_emoe("mixtral")
+    with Coordinator(path, NODES[:2], batch=1, timeout=20) as co:
+        with pytest.raises(ModelMismatch, match="header CRC"):
+            co.join(spec("c", model=str(other)))
+        with pytest.raises(BudgetBelowFloor, match="smallest budget"):
+            co.join(spec("c", budget=Bytes.parse("300MiB")))
+        assert alive_hosts() == ["edgemoe-host-a", "edgemoe-host-b"]
+        assert co.status()["healthy"]

@@ -1,0 +1,113 @@
+"""RemoteExecutor over in-process hosts (no Ray): greedy output equals the single device's,
+failed calls are retried on another copy, an expert with no copy left is a named error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import edgemoe
+from cluster.host import ExpertHost
+from cluster.model import model_info
+from cluster.placement import place, repair
+from cluster.remote import LocalPool, RemoteExecutor
+from cluster.types import ExpertLost, Link, NodeCapacity, NodeSpec
+from edgemoe.sampling import Sampling
+from edgemoe.units import Bytes
+
+PROMPTS = [[5, 17, 42, 99, 7], [3, 3, 8]]
+
+
+def _hosts(path, info, n, **kw):
+    hosts = {}
+    for i in range(n):
+        spec = NodeSpec(f"h{i}", "devbox", Bytes.parse("16GiB"), Link(), **kw)
+        h = ExpertHost(spec, str(path), info.dtype, info.level, info.crc)
+        h.open()
+        hosts[spec.name] = h
+    return hosts
+
+
+def _single(path, info):
+    with edgemoe.load(path, None, dtype=info.dtype, batch=len(PROMPTS)) as m:
+        return [c.token_ids for c in m.complete(PROMPTS, 12, Sampling.greedy())]
+
+
+def _remote(path, info, ex):
+    with edgemoe.load(path, None, dtype=info.dtype, batch=len(PROMPTS), executor=lambda c: ex) as m:
+        return [c.token_ids for c in m.complete(PROMPTS, 12, Sampling.greedy())]
+
+
+@pytest.mark.parametrize(
+    "family, experts, dense",
+    [("qwen3_moe", "int8", "bf16"), ("deepseek_v3", "f32", "f32"), ("mixtral", "f32", "f32")],
+)
+def test_greedy_equals_single_device(tiny_emoe, family, experts, dense):
+    path = tiny_emoe(family, experts=experts, dense=dense)
+    info = model_info(path)
+    hosts = _hosts(path, info, 3)
+    caps = [NodeCapacity(n, h.room) for n, h in hosts.items()]
+    pool = LocalPool(hosts)
+    ex = RemoteExecutor(pool, place(info.shape, caps, info.stats))
+    try:
+        assert _remote(path, info, ex) == _single(path, info)
+        assert ex.stats().reads > 0 and all(h.status().calls > 0 for h in hosts.values())
+    finally:
+        pool.close()
+        for h in hosts.values():
+            h.close()
+
+
+def test_failed_host_retried_on_survivors(tiny_emoe):
+    path = tiny_emoe("qwen3_moe")
+    info = model_info(path)
+    hosts = _hosts(path, info, 3)
+    caps = [NodeCapacity(n, h.room) for n, h in hosts.items()]
+    pool = LocalPool(hosts)
+    ex = RemoteExecutor(pool, place(info.shape, caps, info.stats))
+
+    def on_failure(dead):
+        new, lost = repair(ex.map, dead, caps, info.shape, info.stats)
+        ex.set_map(new)
+        return new
+
+    ex.on_failure = on_failure
+    calls = {"n": 0}
+    real = pool.submit
+
+    def flaky(node, *a):  # h1 dies after its 5th call
+        if node == "h1":
+            calls["n"] += 1
+            if calls["n"] > 5:
+                pool.killed.add("h1")
+        return real(node, *a)
+
+    pool.submit = flaky
+    try:
+        assert _remote(path, info, ex) == _single(path, info)
+        assert ex.dead == {"h1"} and ex.failures and ex.failures[-1].recovered_s >= 0
+        assert ex.map.version > 1 and "h1" not in ex.map.nodes()
+    finally:
+        pool.close()
+        for h in hosts.values():
+            h.close()
+
+
+def test_no_copy_left_is_named_and_bounded(tiny_emoe):
+    path = tiny_emoe("qwen3_moe")
+    info = model_info(path)
+    hosts = _hosts(path, info, 2)
+    pool = LocalPool(hosts)
+    caps = [NodeCapacity(n, h.room) for n, h in hosts.items()]
+    ex = RemoteExecutor(pool, place(info.shape, caps, info.stats), retries=1)
+    pool.killed.update(hosts)  # every host gone; nobody repairs
+    x = torch.zeros(2, 64)  # the tiny models are 64 wide
+    try:
+        h = ex.begin(info.shape.layers[0], x, torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2))
+        with pytest.raises(ExpertLost, match="every host that held it is gone"):
+            ex.finish(h)
+        assert ex.drained(ex.map.version + 1, timeout=1)
+    finally:
+        pool.close()
+        for h in hosts.values():
+            h.close()
