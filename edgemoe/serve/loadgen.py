@@ -90,8 +90,10 @@ class Result:
     error: str = ""
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict, path: str) -> Result:
-    """One streaming request; TTFT is the first chunk that carries text."""
+async def one(
+    client: httpx.AsyncClient, url: str, body: dict, path: str, text: list | None = None
+) -> Result:
+    """One streaming request; TTFT is the first chunk that carries text (appended to `text`)."""
     t0 = time.perf_counter()
     ttft, use = None, None
     try:
@@ -111,6 +113,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, path: str) -> Res
                     piece = c.get("text") or (c.get("delta") or {}).get("content")
                     if ttft is None and (piece or c.get("finish_reason")):
                         ttft = time.perf_counter() - t0
+                    if piece and text is not None:
+                        text.append(piece)
                 use = chunk.get("usage") or use
     except httpx.HTTPError as e:
         return Result(False, 0, ttft, time.perf_counter() - t0, error=repr(e))
@@ -153,6 +157,36 @@ def run_load(
             return out, time.perf_counter() - t0
 
     return asyncio.run(main())
+
+
+def converse(
+    url: str, conversations: int, turns: int, max_tokens: int = 32, seed: int = 0
+) -> list[list[Result]]:
+    """Chats of `turns` turns each, turn by turn in rotation (one request at a time, so TTFT
+    is the prefill's own): results[conversation][turn]. Each turn's user message is ~40
+    words, each reply at most max_tokens long (greedy)."""
+    rng = random.Random(seed)
+    chats = [[] for _ in range(conversations)]
+    out: list[list[Result]] = [[] for _ in range(conversations)]
+
+    async def main():
+        async with httpx.AsyncClient(timeout=600) as client:
+            for _ in range(turns):
+                for i, msgs in enumerate(chats):
+                    msgs.append({"role": "user", "content": prompt_of(40, rng)})
+                    body = {
+                        "messages": msgs,
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                        "stream": True,
+                    }
+                    reply: list[str] = []
+                    r = await one(client, url, body, "/v1/chat/completions", reply)
+                    out[i].append(r)
+                    msgs.append({"role": "assistant", "content": "".join(reply)})
+
+    asyncio.run(main())
+    return out
 
 
 def percentile(xs: list[float], q: float) -> float | None:

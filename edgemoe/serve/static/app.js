@@ -127,7 +127,8 @@ function drawSeries(canvas, points, fmt, max) {
     ctx.fillText("no tokens yet", 8, h / 2);
     return;
   }
-  const now = Math.floor(Date.now() / 1000), span = 120;
+  const now = Math.floor(Date.now() / 1000);
+  const span = Math.min(120, Math.max(20, now - pts[0].t + 4)); // seconds shown: grows to 2 min
   const top = max || Math.max(...pts.map((v) => v.y)) * 1.15 || 1;
   ctx.strokeStyle = "#dde1e8";
   ctx.beginPath(); ctx.moveTo(0, h - 14); ctx.lineTo(w, h - 14); ctx.stroke();
@@ -144,7 +145,8 @@ function drawSeries(canvas, points, fmt, max) {
   });
   ctx.fillStyle = "#6b7385"; ctx.font = "10px system-ui, sans-serif";
   ctx.fillText(fmt(top), 4, 10);
-  ctx.fillText("last 2 minutes", w - 76, h - 3);
+  const label = span >= 120 ? "last 2 minutes" : `last ${span} s`;
+  ctx.fillText(label, w - ctx.measureText(label).width - 4, h - 3);
 }
 
 async function refresh() {
@@ -245,7 +247,7 @@ async function send(text) {
           reply += piece;
           if (c.finish_reason) finish = c.finish_reason;
         }
-        out.textContent = reply.replace(/\s+$/, "");
+        out.textContent = reply.trim();
         $("messages").scrollTop = $("messages").scrollHeight;
       }
     }
