@@ -101,7 +101,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             return
         b.steps += n
         if b.steps > MAX_STEPS:
-            raise ChatTemplateLimit(f"the chat template took more than {MAX_STEPS} steps")
+            raise ChatTemplateLimit(
+                f"the chat template passed the sandbox's limit of {MAX_STEPS} steps"
+            )
         if b.steps % 256 == 0 and time.monotonic() > b.deadline:
             raise ChatTemplateLimit(f"the chat template ran past its {TIME_LIMIT_S:g} s limit")
 
@@ -114,14 +116,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         b = self.budget
         if b is not None and n > b.text_limit:
             raise ChatTemplateLimit(
-                f"the chat template built {what} of {n} items, over the {b.text_limit} limit"
+                f"the chat template built {what} of {n} items, over the sandbox's limit of {b.text_limit}"
             )
 
     def _check_args(self, args, kwargs, what: str) -> None:
         for a in (*args, *kwargs.values()):
             if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_INT_ARG:
                 raise ChatTemplateLimit(
-                    f"the chat template passed {a} to {what}, over the sandbox's {MAX_INT_ARG}"
+                    f"the chat template passed {a} to {what}, over the sandbox's limit of {MAX_INT_ARG}"
                 )
 
     # ---- hooks jinja2 calls
@@ -141,7 +143,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         self.charge()
         if operator == "**" and isinstance(right, int) and abs(right) > MAX_POW_EXP:
-            raise ChatTemplateLimit(f"the chat template raises to the power {right}")
+            raise ChatTemplateLimit(
+                f"the chat template raises to the power {right}, over the sandbox's limit of {MAX_POW_EXP}"
+            )
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
@@ -149,7 +153,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "%" and isinstance(left, str):
             for width, prec in _FORMAT_WIDTH.findall(left):
                 if max(int(width or 0), int(prec or 0)) > MAX_INT_ARG:
-                    raise ChatTemplateLimit("the chat template formats a field too wide")
+                    raise ChatTemplateLimit(
+                        f"the chat template formats a field wider than the sandbox's limit of {MAX_INT_ARG}"
+                    )
         return self.check_size(super().call_binop(context, operator, left, right), "a value")
 
     def checked_concat(self, parts):
@@ -162,7 +168,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         r = range(*args)
         if len(r) > MAX_RANGE:
             raise ChatTemplateLimit(
-                f"the chat template asks for range of {len(r)} items, over the sandbox's {MAX_RANGE}"
+                f"the chat template asks for a range of {len(r)} items, over the sandbox's limit of {MAX_RANGE}"
             )
         return _BoundedRange(r, self)
 
@@ -258,7 +264,9 @@ def render(
             for piece in template.generate(**variables):
                 size += len(piece)
                 if size > limit:
-                    raise ChatTemplateLimit(f"the chat template's output passed {limit} characters")
+                    raise ChatTemplateLimit(
+                        f"the chat template's output passed the limit of {limit} characters"
+                    )
                 pieces.append(piece)
             result["text"] = "".join(pieces)
         except _Abort:
@@ -283,9 +291,13 @@ def render(
     if isinstance(err, BadChatTemplate):
         raise err
     if isinstance(err, RecursionError):
-        raise ChatTemplateLimit("the chat template recursed too deeply") from None
+        raise ChatTemplateLimit(
+            "the chat template recursed past the interpreter's depth limit"
+        ) from None
     if isinstance(err, MemoryError):
-        raise ChatTemplateLimit("the chat template ran out of memory") from None
+        raise ChatTemplateLimit(
+            "the chat template ran out of memory (no limit could stop it)"
+        ) from None
     raise BadChatTemplate(f"the chat template failed: {type(err).__name__}: {err}") from None
 
 

@@ -177,7 +177,7 @@ def test_chat_template_that_never_ends(model, tmp_path, template):
     t = time.monotonic()
     line = _one_line_error(_run(bad, "--chat", "-p", "hi", "-n", "2", timeout=120), "chat template")
     assert time.monotonic() - t < 100
-    assert "limit" in line or "recursed" in line
+    assert "limit" in line
     # interactive chat too: the line is refused, nothing hangs
     p = _run(bad, "--chat", "-n", "2", input="hello\n", timeout=120)
     assert p.returncode == 2 and "chat template" in p.stderr and "Traceback" not in p.stderr

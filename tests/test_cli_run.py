@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import edgemoe
@@ -94,6 +97,7 @@ def test_calibrate_shows_progress_per_segment(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("The function returns a list of the values in the table. " * 40)
     controller, terminal = pty.openpty()  # tqdm draws its bar on a terminal only
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
     try:
         p = subprocess.run(
             CLI
