@@ -5,8 +5,7 @@ checks the model inside it, from the header alone: every config value the
 runtime reads has the right type and range, the values agree with each other
 (experts per token <= experts, heads that divide), and every tensor the
 runtime will look up exists with the shape the config implies. The rules are
-data per family, mirroring the ModelArgs defaults in edgemoe/models/*.py (a
-key the config lacks takes the same default there and here). The runtime
+data per family (formats/model_rules.py). The runtime
 calls it when it opens a file (EmoeReader(path, check_model=True)), the
 converter before it writes anything; the tokenizer and chat template checks
 here are run by the converter, by `edgemoe verify`, and by the runtime's
@@ -22,8 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 from formats.errors import (
@@ -35,241 +33,20 @@ from formats.errors import (
     ShapeMismatch,
     UnsupportedArchitecture,
 )
+from formats.model_rules import (
+    DENSE_MLP,
+    FAMILIES,
+    GLOBAL,
+    INT,
+    NORMS,
+    REQUIRED,
+    RULES,
+    FamilyRules,
+    Key,
+)
 
 MAX_DIM = 2**31  # any size or count in a config; a larger one is a corrupt value, not a model
 EXPERT_ROLES = ("gate", "up", "down")
-
-_REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Key:
-    """One config key the runtime reads.
-
-    kind: "int", "num" (finite int or float), "bool", "str", "ints" (list of ints),
-    "int?" (an int, or an explicit null that means something: DeepSeek's q_lora_rank),
-    "num?" (a number or null), "map?" (a map or null).
-    """
-
-    kind: str
-    default: object = _REQUIRED
-    lo: float = 1
-    gt: bool = False  # the value must be strictly greater than lo
-    choices: tuple = ()
-
-
-_INT = Key("int")
-_COMMON = {
-    "hidden_size": _INT,
-    "num_hidden_layers": _INT,
-    "num_attention_heads": _INT,
-    "num_experts_per_tok": _INT,
-    "vocab_size": _INT,
-    "rms_norm_eps": Key("num", 1e-6, lo=0, gt=True),
-    "rope_theta": Key("num", 10000.0, lo=0, gt=True),
-    "rope_parameters": Key("map?", None),
-    "tie_word_embeddings": Key("bool", False),
-    "max_position_embeddings": Key("int", 4096),
-    "bos_token_id": Key("int?", None, lo=0),
-}
-_STANDARD = {
-    **_COMMON,
-    "num_key_value_heads": Key("int", 0, lo=0),  # 0: as many as attention heads
-    "head_dim": Key("int", 0, lo=0),  # 0: hidden_size // num_attention_heads
-    "intermediate_size": Key("int", 0, lo=0),
-    "norm_topk_prob": Key("bool", False),
-}
-_QWEN = {
-    **_STANDARD,
-    "num_key_value_heads": _INT,
-    "moe_intermediate_size": Key("int", 0, lo=0),
-    "shared_expert_intermediate_size": Key("int", 0, lo=0),
-    "decoder_sparse_step": Key("int", 1),
-    "mlp_only_layers": Key("ints", ()),
-}
-_DEEPSEEK = {
-    **_COMMON,
-    "intermediate_size": _INT,
-    "moe_intermediate_size": Key("int", 1407),
-    "n_routed_experts": Key("int", 64),
-    "n_shared_experts": Key("int", 2, lo=0),
-    "first_k_dense_replace": Key("int", 0, lo=0),
-    "moe_layer_freq": Key("int", 1),
-    "q_lora_rank": Key("int?", 1536),
-    "kv_lora_rank": Key("int", 512),
-    "qk_nope_head_dim": Key("int", 128),
-    "qk_rope_head_dim": Key("int", 64),
-    "v_head_dim": Key("int", 128),
-    "topk_method": Key("str", "greedy", choices=("greedy", "group_limited_greedy")),
-    "n_group": Key("int", 1),
-    "topk_group": Key("int", 1),
-    "routed_scaling_factor": Key("num", 1.0, lo=0, gt=True),
-    "norm_topk_prob": Key("bool", False),
-    "mlp_bias": Key("bool", False, choices=(False,)),
-    "rope_scaling": Key("map?", None),
-    "max_position_embeddings": Key("int", 2048),
-}
-_DEEPSEEK_V3 = {
-    **_DEEPSEEK,
-    "moe_intermediate_size": Key("int", 2048),
-    "n_routed_experts": Key("int", 256),
-    "n_shared_experts": Key("int", 1, lo=0),
-    "first_k_dense_replace": Key("int", 3, lo=0),
-    "topk_method": Key("str", "noaux_tc"),  # V3 always routes noaux_tc, whatever it says
-    "n_group": Key("int", 8),
-    "topk_group": Key("int", 4),
-    "routed_scaling_factor": Key("num", 2.5, lo=0, gt=True),
-    "norm_topk_prob": Key("bool", True),
-    "mlp_bias": Key("bool", False),
-    "max_position_embeddings": Key("int", 4096),
-    "rope_interleave": Key("bool", True),
-}
-
-# A tensor rule: (name under the layer prefix, shape from the dims, when it must exist).
-# need: True (always), False (checked only when present), or a function of (dims, has).
-Rule = tuple[str, Callable[[SimpleNamespace], tuple], object]
-
-_GQA: list[Rule] = [
-    ("self_attn.q_proj.weight", lambda d: (d.H * d.Dh, d.D), True),
-    ("self_attn.k_proj.weight", lambda d: (d.Hkv * d.Dh, d.D), True),
-    ("self_attn.v_proj.weight", lambda d: (d.Hkv * d.Dh, d.D), True),
-    ("self_attn.o_proj.weight", lambda d: (d.D, d.H * d.Dh), True),
-    ("self_attn.q_proj.bias", lambda d: (d.H * d.Dh,), False),
-    ("self_attn.k_proj.bias", lambda d: (d.Hkv * d.Dh,), False),
-    ("self_attn.v_proj.bias", lambda d: (d.Hkv * d.Dh,), False),
-    ("self_attn.o_proj.bias", lambda d: (d.D,), False),
-]
-_QK_NORM_HEAD: list[Rule] = [  # Qwen3: RMSNorm over each head
-    ("self_attn.q_norm.weight", lambda d: (d.Dh,), True),
-    ("self_attn.k_norm.weight", lambda d: (d.Dh,), True),
-]
-_QK_NORM_FULL: list[Rule] = [  # OLMoE: RMSNorm over the whole projection
-    ("self_attn.q_norm.weight", lambda d: (d.H * d.Dh,), True),
-    ("self_attn.k_norm.weight", lambda d: (d.Hkv * d.Dh,), True),
-]
-_MLA: list[Rule] = [
-    ("self_attn.q_proj.weight", lambda d: (d.H * (d.N + d.R), d.D), lambda d, has: d.Q is None),
-    ("self_attn.q_a_proj.weight", lambda d: (d.Q, d.D), lambda d, has: d.Q is not None),
-    ("self_attn.q_a_layernorm.weight", lambda d: (d.Q,), lambda d, has: d.Q is not None),
-    (
-        "self_attn.q_b_proj.weight",
-        lambda d: (d.H * (d.N + d.R), d.Q),
-        lambda d, has: d.Q is not None,
-    ),
-    ("self_attn.kv_a_proj_with_mqa.weight", lambda d: (d.C + d.R, d.D), True),
-    ("self_attn.kv_a_layernorm.weight", lambda d: (d.C,), True),
-    ("self_attn.kv_b_proj.weight", lambda d: (d.H * (d.N + d.Dv), d.C), True),
-    ("self_attn.o_proj.weight", lambda d: (d.D, d.H * d.Dv), True),
-    ("self_attn.q_proj.bias", lambda d: (d.H * (d.N + d.R),), False),
-    ("self_attn.q_a_proj.bias", lambda d: (d.Q,), False),
-    ("self_attn.q_b_proj.bias", lambda d: (d.H * (d.N + d.R),), False),
-    ("self_attn.kv_a_proj_with_mqa.bias", lambda d: (d.C + d.R,), False),
-    ("self_attn.kv_b_proj.bias", lambda d: (d.H * (d.N + d.Dv),), False),
-    ("self_attn.o_proj.bias", lambda d: (d.D,), False),
-]
-_NORMS: list[Rule] = [
-    ("input_layernorm.weight", lambda d: (d.D,), True),
-    ("post_attention_layernorm.weight", lambda d: (d.D,), True),
-]
-_DENSE_MLP: list[Rule] = [
-    ("mlp.gate_proj.weight", lambda d: (d.I, d.D), True),
-    ("mlp.up_proj.weight", lambda d: (d.I, d.D), True),
-    ("mlp.down_proj.weight", lambda d: (d.D, d.I), True),
-]
-
-
-def _router(prefix: str) -> list[Rule]:
-    return [(f"{prefix}.weight", lambda d: (d.E, d.D), True)]
-
-
-def _has_qwen_shared(d, has) -> bool:
-    return has("mlp.shared_expert.gate_proj.weight")
-
-
-_QWEN2_SHARED: list[Rule] = [
-    ("mlp.shared_expert.gate_proj.weight", lambda d: (d.S, d.D), False),
-    ("mlp.shared_expert.up_proj.weight", lambda d: (d.S, d.D), _has_qwen_shared),
-    ("mlp.shared_expert.down_proj.weight", lambda d: (d.D, d.S), _has_qwen_shared),
-    ("mlp.shared_expert_gate.weight", lambda d: (1, d.D), _has_qwen_shared),
-]
-_DEEPSEEK_SHARED: list[Rule] = [
-    ("mlp.shared_experts.gate_proj.weight", lambda d: (d.S, d.D), lambda d, has: d.S > 0),
-    ("mlp.shared_experts.up_proj.weight", lambda d: (d.S, d.D), lambda d, has: d.S > 0),
-    ("mlp.shared_experts.down_proj.weight", lambda d: (d.D, d.S), lambda d, has: d.S > 0),
-]
-_V3_BIAS: list[Rule] = [("mlp.gate.e_score_correction_bias", lambda d: (d.E,), True)]
-_GLOBAL: list[Rule] = [
-    ("model.embed_tokens.weight", lambda d: (d.V, d.D), True),
-    ("model.norm.weight", lambda d: (d.D,), True),
-    ("lm_head.weight", lambda d: (d.V, d.D), False),  # absent: tied to the embedding
-]
-
-
-@dataclass(frozen=True)
-class FamilyRules:
-    keys: dict[str, Key]
-    experts_keys: tuple[str, ...]  # the config key of E, with the names transformers also used
-    width_key: str  # the config key of W
-    attention: list[Rule]
-    moe: list[Rule]  # in a sparse layer, besides the routed experts
-    mla: bool = False
-
-
-RULES: dict[str, FamilyRules] = {
-    "mixtral": FamilyRules(
-        {**_STANDARD, "num_key_value_heads": _INT, "rope_theta": Key("num", 1e6, lo=0, gt=True)},
-        ("num_local_experts",),
-        "intermediate_size",
-        _GQA,
-        _router("block_sparse_moe.gate"),
-    ),
-    "qwen2_moe": FamilyRules(
-        {**_QWEN, "rope_theta": Key("num", 1e6, lo=0, gt=True)},
-        ("num_experts",),
-        "moe_intermediate_size",
-        _GQA,
-        _router("mlp.gate") + _QWEN2_SHARED,
-    ),
-    "qwen3_moe": FamilyRules(
-        {
-            **_QWEN,
-            "rope_theta": Key("num", 1e6, lo=0, gt=True),
-            "norm_topk_prob": Key("bool", True),
-        },
-        ("num_experts", "num_local_experts"),
-        "moe_intermediate_size",
-        _GQA + _QK_NORM_HEAD,
-        _router("mlp.gate"),
-    ),
-    "olmoe": FamilyRules(
-        {
-            **_STANDARD,
-            "rms_norm_eps": Key("num", 1e-5, lo=0, gt=True),
-            "clip_qkv": Key("num?", None, lo=0, gt=True),
-        },
-        ("num_experts",),
-        "intermediate_size",
-        _GQA + _QK_NORM_FULL,
-        _router("mlp.gate"),
-    ),
-    "deepseek_v2": FamilyRules(
-        _DEEPSEEK,
-        ("n_routed_experts",),
-        "moe_intermediate_size",
-        _MLA,
-        _router("mlp.gate") + _DEEPSEEK_SHARED,
-        mla=True,
-    ),
-    "deepseek_v3": FamilyRules(
-        _DEEPSEEK_V3,
-        ("n_routed_experts",),
-        "moe_intermediate_size",
-        _MLA,
-        _router("mlp.gate") + _V3_BIAS + _DEEPSEEK_SHARED,
-        mla=True,
-    ),
-}
-FAMILIES = tuple(RULES)
 
 
 class _Context:
@@ -310,7 +87,7 @@ def _value(cfg: Mapping, name: str, key: Key, ctx: _Context):
     if not present and key.kind in ("int?",) and name in cfg:
         return None  # an explicit null that means something
     if not present:
-        if key.default is _REQUIRED:
+        if key.default is REQUIRED:
             raise ctx.bad(f"{name!r} is missing")
         return key.default
     v = cfg[name]
@@ -349,10 +126,10 @@ def _experts_value(cfg: Mapping, rules: FamilyRules, ctx: _Context) -> tuple[str
     """(the key that holds it, the number of routed experts)."""
     for name in rules.experts_keys:
         if cfg.get(name) is not None:
-            return name, _value(cfg, name, _INT, ctx)
+            return name, _value(cfg, name, INT, ctx)
     name = rules.experts_keys[0]
-    default = rules.keys[name].default if name in rules.keys else _REQUIRED
-    if default is _REQUIRED:
+    default = rules.keys[name].default if name in rules.keys else REQUIRED
+    if default is REQUIRED:
         raise ctx.bad(f"{name!r} (the number of routed experts) is missing")
     return name, default
 
@@ -381,7 +158,7 @@ def _rope(cfg: Mapping, rules: FamilyRules, ctx: _Context) -> None:
             if p.get(k) is not None:
                 _value(p, k, Key("num", lo=0, gt=True), sub)
         if p.get("original_max_position_embeddings") is not None:
-            _value(p, "original_max_position_embeddings", _INT, sub)
+            _value(p, "original_max_position_embeddings", INT, sub)
 
 
 class _Sub(_Context):
@@ -431,7 +208,7 @@ def dims(family: str, cfg: Mapping, where: str = "file") -> SimpleNamespace:
     if rules.width_key in v:
         d.W = v[rules.width_key]
     else:
-        d.W = _value(cfg, rules.width_key, _INT, ctx)
+        d.W = _value(cfg, rules.width_key, INT, ctx)
     if d.W < 1:
         raise ctx.bad(
             f"{rules.width_key!r} (the routed experts' width) is {d.W}, expected at least 1"
@@ -516,17 +293,17 @@ def check_model(
         missing = next(i for i in range(d.L) if i not in has_layer)
         raise ctx.bad(f"'num_hidden_layers' is {d.L}, but there are no tensors for layer {missing}")
     _check_expert_table(d, experts, rules, ctx)
-    for name, shape_of, need in _GLOBAL:
+    for name, shape_of, need in GLOBAL:
         _check_tensor(name, shape_of, need, d, shapes, lambda n: n in shapes, ctx)
     for i in range(d.L):
         prefix = f"model.layers.{i}."
-        table = _NORMS + rules.attention
+        table = NORMS + rules.attention
         if d.sparse(i):
             table = table + rules.moe
         else:
             if d.I < 1:
                 raise ctx.bad(f"layer {i} is a dense layer but 'intermediate_size' is {d.I}")
-            table = table + _DENSE_MLP
+            table = table + DENSE_MLP
 
         def has(n, p=prefix):
             return p + n in shapes
