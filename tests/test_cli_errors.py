@@ -342,3 +342,26 @@ def test_inspect_into_head(model):
         timeout=120,
     )
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 1 and p.stderr == "", p.stderr
+
+
+def test_api_names_become_flags_once_for_every_error():
+    from edgemoe.cli_args import FLAGS, flag_message
+    from formats.errors import EmoeError
+
+    class Bad(EmoeError):
+        pass
+
+    e = Bad("ctx=9000 and max_tokens=5 exceed mem=1GB", "raise mem or lower max_tokens")
+    e.param = "mem"
+    assert flag_message(e) == (
+        "--ctx 9000 and --max-tokens 5 exceed --mem 1GB; raise --mem or lower --max-tokens"
+    )
+    e = Bad("the prompt is empty", "give a non-empty prompt")
+    e.param = "prompt"
+    assert flag_message(e) == "the prompt is empty; give a non-empty --prompt"
+    # no param (or a foreign one): the message as it is, still one line
+    assert flag_message(ValueError("mem=3\nctx")) == "mem=3 ctx"
+    e = Bad("top_k=3 is odd", "see help(edgemoe.load)")
+    e.param = 7
+    assert flag_message(e) == "top_k=3 is odd; see help(edgemoe.load)"
+    assert all(f.startswith("--") for f in FLAGS.values())
