@@ -270,6 +270,7 @@ def _echo(pieces):
 def _cmd_profile(args) -> int:
     from devices.profile import parse_profile, user_profile_dir
     from devices.profiler import profile, profile_text
+    from edgemoe.kernel_timing import expert_times
 
     out = Path(args.out) if args.out else user_profile_dir() / f"{args.name}.profile"
     if out.exists() and not args.force:
@@ -281,6 +282,7 @@ def _cmd_profile(args) -> int:
         Bytes.parse(args.scratch_size),
         args.model,
         progress=not args.quiet,
+        expert_timer=expert_times,
     )
     text = profile_text(result, args.name)
     parse_profile(text, str(out))  # what we write must read back
