@@ -572,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # never a traceback for a character the terminal lacks
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+    # --debug anywhere before a `--`, for every subcommand (those added by hooks too)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if i >= end or a != "--debug"]
     try:
         args = build_parser().parse_args(argv)
     except BrokenPipeError:  # --help or --version into `head`
@@ -584,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`edgemoe inspect FILE | head -1`): stop quietly
         return _broken_pipe()
     except (EmoeError, ValueError, OSError) as e:
-        if args.debug:
+        if debug:
             raise
         print(f"edgemoe: error: {flag_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
