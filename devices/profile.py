@@ -24,6 +24,7 @@ _SIZE_KEYS = (
     "flash_rand_read",
 )
 _KEYS = ("name", *_SIZE_KEYS, "cores", "compute_factor")
+_OPTIONAL_KEYS = ("watts",)  # power under load, for the cluster's energy costs (MoE²)
 
 
 class UnknownDevice(EmoeError):
@@ -46,6 +47,7 @@ class DeviceProfile:
     flash_rand_read: Bytes
     cores: int
     compute_factor: float
+    watts: float | None = None  # optional: power drawn while computing
     source: str = field(default="", compare=False)
 
     @property
@@ -64,7 +66,7 @@ def _read_value(key: str, text: str) -> object:
             value = int(text)
         except ValueError:
             raise ValueError(f"cannot read {text!r} as a whole number of cores") from None
-    elif key == "compute_factor":
+    elif key in ("compute_factor", "watts"):
         try:
             value = float(text)
         except ValueError:
@@ -102,9 +104,9 @@ def parse_profile(text: str, source: str = "<text>") -> DeviceProfile:
         where = f"{source}, line {number}"
         if not sep or not key:
             raise MalformedProfile(f"{where}: {line!r} is not a `key = value` line")
-        if key not in _KEYS:
+        if key not in _KEYS + _OPTIONAL_KEYS:
             raise MalformedProfile(
-                f"{where}, key {key!r}: unknown key (known keys: {', '.join(_KEYS)})"
+                f"{where}, key {key!r}: unknown key (known keys: {', '.join(_KEYS + _OPTIONAL_KEYS)})"
             )
         if key in values:
             raise MalformedProfile(

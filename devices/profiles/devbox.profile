@@ -17,3 +17,4 @@ flash_seq_read = 2.5GB  # measured on 2026-11-23, O_DIRECT 4 MiB sequential read
 flash_rand_read = 1.4GB  # measured on 2026-11-23, O_DIRECT 256 KiB random reads
 cores = 2  # measured on 2026-11-23: nproc
 compute_factor = 1.0  # the reference by definition; numpy FP32 2048x2048 GEMM ran at ~70 GFLOPS
+watts = 9  # estimate: AMD EPYC 7763 (Zen 3) TDP 280 W / 64 cores = 4.4 W a core, x 2 vCPUs (amd.com EPYC 7763 product page)

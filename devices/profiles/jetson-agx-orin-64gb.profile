@@ -15,3 +15,4 @@ cores = 12  # technical brief: 12-core Arm Cortex-A78AE
 # GPU: 2048 CUDA cores, 5.3 TFLOPS FP32, 64 tensor cores (~85 TFLOPS dense FP16), 4x the
 # Orin Nano; credited ~12x the devbox's ~70 GFLOPS for small decode matmuls.
 compute_factor = 0.08  # estimate from technical brief peak figures vs the devbox's measured GEMM
+watts = 60  # NVIDIA Jetson AGX Orin Series Technical Brief v1.2: 15 W to 60 W; MAXN is 60 W

@@ -16,3 +16,4 @@ cores = 6  # datasheet: 6-core Arm Cortex-A78AE
 # 40 sparse INT8 TOPS); the devbox reaches ~70 GFLOPS FP32. Small decode-time matmuls use a
 # fraction of that, so we credit ~4x rather than the 18x peak ratio.
 compute_factor = 0.25  # estimate from datasheet peak figures vs the devbox's measured GEMM
+watts = 15  # NVIDIA Jetson Orin Nano series datasheet: module power 7 W to 15 W; the default mode is 15 W

@@ -13,3 +13,4 @@ cores = 4  # typical mobile Core i5 / Ryzen 5 class (physical cores)
 # 4 cores with AVX2 FMA at ~3-4 GHz boost vs the devbox's 2 Zen 3 cores at 2.45 GHz:
 # ~2-3x on paper, less once laptop power limits kick in.
 compute_factor = 0.5  # estimate from core count and clock, not a benchmark
+watts = 15  # Intel Core i5-8250U TDP 15 W (ark.intel.com), a typical 8 GB laptop's U-series CPU

@@ -11,3 +11,4 @@ flash_seq_read = 450MB  # https://iambillmeyer.com/posts/2025-01-02-raspberrypi5
 flash_rand_read = 400MB  # estimate: the x1 Gen 2 link, not the SSD, limits 256 KiB-4 MiB reads
 cores = 4  # product brief: quad-core Arm Cortex-A76 at 2.4 GHz
 compute_factor = 1.5  # estimate, as rpi5-8gb-sd (same SoC)
+watts = 8  # estimate: Raspberry Pi 5 product brief's 5 V / 5 A supply; ~7-8 W measured at full CPU load in public reviews (Jeff Geerling, 2023)

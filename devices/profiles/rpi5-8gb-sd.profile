@@ -15,3 +15,4 @@ cores = 4  # product brief: quad-core Arm Cortex-A76 at 2.4 GHz
 # devbox's 2 Zen 3 cores on paper, but A76 GEMM kernels reach a smaller share of peak and
 # the memory system is 1.5x slower: ~1.5x slower in practice.
 compute_factor = 1.5  # estimate from Cortex-A76 peak FLOPs vs the devbox's measured GEMM
+watts = 8  # estimate: Raspberry Pi 5 product brief's 5 V / 5 A supply; ~7-8 W measured at full CPU load in public reviews (Jeff Geerling, 2023)

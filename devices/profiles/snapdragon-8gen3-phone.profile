@@ -17,3 +17,4 @@ cores = 8  # product brief: 1x Cortex-X4 3.3 GHz + 5x A720 + 2x A520
 # Geekbench 6 multi-core ~7000 (https://fyss.in/processor-specs/mobile-processor-specs/snapdragon-8-gen-3-specs),
 # roughly 2.5x a 2-core Zen 3 server slice; phones throttle under sustained load, so ~2x.
 compute_factor = 0.5  # estimate from Geekbench 6 scores, CPU path only (no Adreno/Hexagon)
+watts = 8  # estimate: sustained SoC power of flagship phones under CPU load in public reviews (Geekerwan's Snapdragon 8 Gen 3 test, 2023)
