@@ -39,12 +39,12 @@ from edgemoe.serve.loadgen import (  # noqa: E402
 from edgemoe.units import Bytes  # noqa: E402
 
 
-def serve_args(a, batch: int, *extra: str) -> list[str]:
+def serve_args(a, batch: int, *extra: str, ctx: int | None = None) -> list[str]:
     return [
         "--mem",
         a.mem,
         "--ctx",
-        str(a.ctx),
+        str(ctx or a.ctx),
         "--max-batch",
         str(batch),
         "--max-queue",
@@ -124,8 +124,13 @@ def main() -> int:
     reuse = {}
     for on in (True, False):
         extra = () if on else ("--no-prefix-reuse",)
-        with ServerProcess(serve_args(a, 4, *extra), cap=cap) as srv:
+        # a longer context: the chats grow by ~100 tokens a turn
+        with ServerProcess(serve_args(a, 4, *extra, ctx=1024), cap=cap) as srv:
             chats = converse(srv.url, a.conversations, a.turns)
+        bad = [r.error for c in chats for r in c if not r.ok]
+        if bad:
+            print(f"serve_load: chat turns failed: {bad[:3]}", file=sys.stderr)
+            return 1
         reuse[on] = [
             {
                 "ttft": statistics.median(c[t].ttft_s for c in chats),
@@ -203,7 +208,8 @@ def report(a, cap, why, load, cont, static, reuse) -> list[str]:
         f"{fmt_s(cont['ttft_p99_s'])} s against {fmt_s(static['ttft_p99_s'])} s.",
         "",
         f"Prompt-prefix reuse: {a.conversations} chats of {a.turns} turns (each turn ~40 words "
-        "of user text and a reply of up to 32 tokens), one request at a time, `--max-batch 4`; "
+        "of user text and a reply of up to 32 tokens), one request at a time, `--max-batch 4 "
+        "--ctx 1024`; "
         "medians "
         "over the chats:",
         "",

@@ -197,14 +197,21 @@ class Server:
         return JSONResponse(body)
 
     # ---- generation
+    def _body_limit(self) -> int:
+        """Bytes a request body may have: plenty for a context of text or token ids, little
+        enough that every connection at once cannot crowd the budget."""
+        m = self.worker.model
+        ctx = m.ctx if m is not None else 2048
+        return min(max(64 * ctx, 64 * 1024), 8 * 1024 * 1024)
+
     async def chat(self, request):
-        parsed = P.parse_chat(await _body(request))
+        parsed = P.parse_chat(await _body(request, self._body_limit()))
         return await self._generate(request, parsed)
 
     async def completions(self, request):
         self._serving()
         vocab = self.worker.model.facts.args.vocab_size
-        parsed = P.parse_completion(await _body(request), vocab)
+        parsed = P.parse_completion(await _body(request, self._body_limit()), vocab)
         return await self._generate(request, parsed)
 
     async def _generate(self, request, parsed: P.Parsed):
@@ -373,11 +380,19 @@ def _piece(tokenizer, tid: int) -> str:
     return tokenizer.tok.decode([tid], skip_special_tokens=False)
 
 
-async def _body(request: HttpRequest):
-    raw = await request.body()
+async def _body(request: HttpRequest, limit: int):
+    """The JSON body, read up to `limit` bytes (a bigger one is refused before it is held)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise P.ApiError(
+                413, f"the request body is over {limit} bytes, more than this context needs"
+            )
+        chunks.append(chunk)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise P.bad(None, f"the request body is not valid JSON: {e}") from None
 
 
@@ -413,8 +428,17 @@ def serve(cfg: ServeConfig) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.host, cfg.port))
     port = sock.getsockname()[1]
+    # connections past the running batch, the queue and a few probes get uvicorn's 503, so
+    # request bodies in flight stay bounded too
+    concurrency = cfg.max_batch + cfg.max_queue + 16
     uv = uvicorn.Server(
-        uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="off")
+        uvicorn.Config(
+            server.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            limit_concurrency=concurrency,
+        )
     )
     w = server.worker
 

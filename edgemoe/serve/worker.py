@@ -162,6 +162,7 @@ class Worker:
         self.steps = 0
         self.served = 0
         self.generated = 0
+        self.prefill_s = self.decode_s = 0.0  # time in the model's prefill and decode passes
         self._series: deque[list] = deque(maxlen=180)  # [t, tokens, hits, misses, bytes] per second
         self._series_lock = threading.Lock()
         self._last_use: np.ndarray | None = None  # [layers, experts] step of last use, -1 never
@@ -255,10 +256,16 @@ class Worker:
             tokens = 0
             try:
                 if newcomers:
-                    tokens += self._deliver(prefill(m, cache, [j.seq for j in newcomers]))
+                    t0 = time.perf_counter()
+                    records = prefill(m, cache, [j.seq for j in newcomers])
+                    self.prefill_s += time.perf_counter() - t0
+                    tokens += self._deliver(records)
                 self._retire()
                 if self.running:
-                    tokens += self._deliver(decode_step(m, cache, [j.seq for j in self.running]))
+                    t0 = time.perf_counter()
+                    records = decode_step(m, cache, [j.seq for j in self.running])
+                    self.decode_s += time.perf_counter() - t0
+                    tokens += self._deliver(records)
                     self._retire()
             except Exception as e:  # noqa: BLE001 (fail this batch's requests, keep serving)
                 for job in list(self.running):
@@ -297,6 +304,8 @@ class Worker:
         for job in [j for j in self.running if j.cancelled]:
             job.seq.finish_reason = job.seq.finish_reason or "cancelled"
             self._release(job)
+            if self.metrics:
+                self.metrics.on_finish(job, job.seq)
             job.emit(Failed("cancelled"))
 
     def _deliver(self, records: list[Record]) -> int:
@@ -366,7 +375,8 @@ class Worker:
         peak = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         budget = "unlimited" if m.mem is None else str(m.mem)
         return (
-            f"{self.served} requests, {self.generated} tokens in {self.steps} steps | expert hits {100 * ex.hit_rate:.0f}% | read "
+            f"{self.served} requests, {self.generated} tokens in {self.steps} steps (prefill "
+            f"{self.prefill_s:.1f} s, decode {self.decode_s:.1f} s) | expert hits {100 * ex.hit_rate:.0f}% | read "
             f"{Bytes(ex.bytes_read)} from flash | peak {peak} of {budget}"
         )
 

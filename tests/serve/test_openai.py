@@ -163,6 +163,11 @@ def test_malformed_chat_and_bad_json(client, server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completions", json=[1, 2], timeout=30)
     assert r.status_code == 400
+    r = httpx.post(server.url + "/v1/completions", content=b"[" * 5000 + b"]" * 5000, timeout=30)
+    assert r.status_code == 400  # nested too deep for the parser: refused, not a crash
+    big = {"prompt": "word " * 40000, "max_tokens": 1}  # 200 KB: more than any 1024-token prompt
+    r = httpx.post(server.url + "/v1/completions", json=big, timeout=30)
+    assert r.status_code == 413 and "body is over" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing", timeout=30)
     assert r.status_code == 404 and "error" in r.json()
 
