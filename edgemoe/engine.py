@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from edgemoe import budget
+from edgemoe.cache import DEFAULT_POLICY, POLICIES
 from edgemoe.demo import DEMO
 from edgemoe.facts import ModelFacts, resolve_dtype
 from edgemoe.generate import Record, Request, SeqStats, stream
@@ -102,6 +103,9 @@ class EdgeModel:
             compute is slowed by its compute factor.
         executor: a factory given an ExecutorContext (reader, plan, store...) returning the
             ExpertExecutor to use (default: ExecutorContext.local, this machine's flash).
+        policy: the expert cache's eviction policy ("lfu", "lru": edgemoe.cache.POLICIES).
+        prefetch: each MoE layer predicts the next one's experts with that layer's router and
+            hints the executor, which starts their reads early.
     Raises:
         EmoeError (and subclasses): a bad file, an unknown family, a budget too small;
         BadRequest names the parameter (`err.param`).
@@ -121,6 +125,8 @@ class EdgeModel:
         expert_cache=None,
         device: str | None = None,
         executor: ExecutorFactory | None = None,
+        policy: str = DEFAULT_POLICY,
+        prefetch: bool = True,
     ):
         floor = budget.process_floor()
         self.device, throttle, self.slowdown = None, None, None
@@ -171,6 +177,12 @@ class EdgeModel:
         )
         if expert_cache is not None:
             self.plan = dataclasses.replace(self.plan, expert_cache=self._cache_size(expert_cache))
+        if policy not in POLICIES:
+            raise BadRequest(
+                f"policy={policy!r} is not a cache policy",
+                f"use one of {sorted(POLICIES)}",
+                "policy",
+            )
         self._tokenizer: Tokenizer | None = None
         self.store = ExpertStore(r, threads=threads, throttle=throttle)
         context = ExecutorContext(
@@ -182,10 +194,14 @@ class EdgeModel:
             lambda layer: f.expert_nbytes(layer, self.level),
             fused,
             f.borrows,
+            policy,
         )
         self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)
         self.model = build_model(r.family, f.args, self.weights, self.executor)
+        for layer in self.model.layers:
+            if hasattr(layer.mlp, "predict"):
+                layer.mlp.predict = prefetch
         self.weights.drop_page_cache()
         self._lock = threading.Lock()  # one forward pass at a time
         self._kv: KVCache | None = None

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgemoe.cache import LRU, Belady, ExpertCache
+from edgemoe.cache import DEFAULT_POLICY, POLICIES, Belady, ExpertCache
 from edgemoe.moe.schedule import simulate
 from formats import constants as C
 from formats.errors import EmoeError
@@ -117,14 +117,18 @@ Call = tuple[int, np.ndarray]  # (layer, [n, K] expert ids of one executor call)
 
 
 def replay(
-    calls: list[Call], slots: int, belady: bool = False, count_from: int = 0
+    calls: list[Call],
+    slots: int,
+    belady: bool = False,
+    count_from: int = 0,
+    policy: str = DEFAULT_POLICY,
 ) -> tuple[int, int]:
     """Put a stream of executor calls through the runtime's cache protocol with room for
-    `slots` experts, evicting by LRU (the runtime's policy) or by Belady (the fewest misses
-    any policy could have). Returns (hits, misses) of calls[count_from:], what LocalExecutor
-    would count."""
+    `slots` experts, evicting by `policy` (the runtime's, cache.POLICIES) or by Belady (the
+    fewest misses any policy could have). Returns (hits, misses) of calls[count_from:], what
+    LocalExecutor would count."""
     keys = [[(layer, e, 0) for e in np.unique(ids).tolist()] for layer, ids in calls]
-    policy = Belady([set(k) for k in keys]) if belady else LRU()
+    policy = Belady([set(k) for k in keys]) if belady else POLICIES[policy]()
     cache = ExpertCache(max(0, int(slots)), policy)
     h0 = m0 = 0
     for i, step in enumerate(keys):  # np.unique sorts: dispatch's order, ascending expert
@@ -160,10 +164,15 @@ def _calls(trace: RoutingTrace, group: np.ndarray, a: int, b: int) -> list[Call]
 
 
 def expected_uses(
-    trace: RoutingTrace, slots: float, batch: int = 1, belady: bool = False
+    trace: RoutingTrace,
+    slots: float,
+    batch: int = 1,
+    belady: bool = False,
+    policy: str = DEFAULT_POLICY,
 ) -> Expected:
     """Hits and misses per decode step for `batch` sequences and a cache of `slots` experts,
-    under the runtime's LRU or (belady=True) the fewest misses any eviction policy could have.
+    under the runtime's `policy` or (belady=True) the fewest misses any eviction policy could
+    have. Prefetch is not simulated (hints come from hidden states, which a trace lacks).
 
     Segments are taken `batch` at a time; a batch wider than the trace uses all its
     segments and scales the per-step counts by batch / segments.
@@ -177,7 +186,7 @@ def expected_uses(
         calls = _calls(trace, group, 0, warm)  # the prompt: one prefill pass
         for step in range(warm, t):
             calls += _calls(trace, group, step, step + 1)
-        h, m = replay(calls, int(slots), belady, count_from=len(trace.layers))
+        h, m = replay(calls, int(slots), belady, count_from=len(trace.layers), policy=policy)
         hits, misses, steps = hits + h, misses + m, steps + t - warm
     scale = batch / width
     return Expected(scale * hits / steps, scale * misses / steps, width * (s // width), steps)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgemoe.engine import DEMO, EdgeModel
 from edgemoe.calibrate import NotEnoughText, record, text_segments
+from edgemoe.engine import DEMO, EdgeModel
 from edgemoe.routing import (
     BadRoutingStats,
     RoutingTrace,
@@ -57,17 +57,22 @@ def test_replay_counts_what_the_runtime_counts():
     probe = EdgeModel(DEMO)
     size = probe.executor.expert_nbytes(0)
     probe.close()
-    for slots in (3, 11, 40):
-        m = EdgeModel(DEMO, batch=2, expert_cache=size * slots)
+    for slots, policy in [(3, "lru"), (3, "lfu"), (11, "lfu"), (40, "lru")]:
+        # prefetch off: the replay has the routing, not the hidden states hints come from
+        m = EdgeModel(DEMO, batch=2, expert_cache=size * slots, policy=policy, prefetch=False)
         calls: list = []
         stop = m.executor.observe(
             lambda layer, ids, calls=calls: calls.append((layer, ids.numpy().copy()))
         )
         m.generate(["The function returns", "In the beginning"], max_tokens=12)
         stop()
-        assert replay(calls, slots) == (m.executor.cache.hits, m.executor.cache.misses), slots
+        got = (m.executor.cache.hits, m.executor.cache.misses)
+        assert replay(calls, slots, policy=policy) == got, (slots, policy)
         fewest = replay(calls, slots, belady=True)
-        assert fewest[1] <= m.executor.cache.misses and sum(fewest) == m.executor.cache.hits + m.executor.cache.misses
+        assert (
+            fewest[1] <= m.executor.cache.misses
+            and sum(fewest) == m.executor.cache.hits + m.executor.cache.misses
+        )
         assert m.executor.cache.misses > 0
         m.close()
 
@@ -88,8 +93,11 @@ def test_expected_uses_on_known_patterns():
     # always evicts the expert needed next, so nothing hits
     cyc = np.stack([(np.arange(t)[:, None] * k + np.arange(k)) % e] * layers, axis=1)
     cyc = np.broadcast_to(cyc, (s, t, layers, k))
-    u = expected_uses(_trace(cyc), slots=3 * layers, batch=1)
+    u = expected_uses(_trace(cyc), slots=3 * layers, batch=1, policy="lru")
     assert u.hits == 0 and u.misses == layers * k
+    # LFU keeps the often used and lets newcomers go: the cycle no longer defeats the cache
+    u = expected_uses(_trace(cyc), slots=3 * layers, batch=1, policy="lfu")
+    assert u.hits > 0.2 * layers * k
 
     # uniform routing, no locality: LRU hits with probability slots / experts
     rng = np.random.default_rng(1)
@@ -100,7 +108,7 @@ def test_expected_uses_on_known_patterns():
         ]
     )
     for slots in (6, 12, 18):
-        u = expected_uses(_trace(uni), slots=slots, batch=1)
+        u = expected_uses(_trace(uni), slots=slots, batch=1, policy="lru")
         assert abs(u.hit_rate - slots / (layers * e)) < 0.06, slots
         assert abs(u.hits + u.misses - layers * k) < 1e-9
 
@@ -176,17 +184,18 @@ def test_bad_stored_trace_is_named(tmp_path, tiny_emoe, change, blob, msg):
     assert "edgemoe calibrate" in str(e.value)
 
 
-def test_belady_never_misses_more_than_lru():
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_belady_never_misses_more_than_a_policy(policy):
     rng = np.random.default_rng(3)
     # a cycle: LRU always evicts the expert needed next and hits nothing; Belady keeps some
     cyc = np.stack([(np.arange(120)[:, None] * 2 + np.arange(2)) % 8] * 2, axis=1)[None]
-    assert expected_uses(_trace(cyc), slots=6).hits == 0
+    assert expected_uses(_trace(cyc), slots=6, policy="lru").hits == 0
     assert expected_uses(_trace(cyc), slots=6, belady=True).hits > 0
     skew = rng.choice(8, size=(4, 120, 2, 2), p=[0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
     skew[..., 1] = (skew[..., 0] + 1 + rng.integers(0, 7, size=skew.shape[:3])) % 8  # distinct
     for slots in (2, 5, 9, 16):
         for batch in (1, 3):
-            lru = expected_uses(_trace(skew), slots, batch)
+            lru = expected_uses(_trace(skew), slots, batch, policy=policy)
             opt = expected_uses(_trace(skew), slots, batch, belady=True)
             assert opt.misses <= lru.misses and opt.hits + opt.misses == pytest.approx(
                 lru.hits + lru.misses

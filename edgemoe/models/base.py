@@ -211,6 +211,9 @@ class CausalLM(ABC):
         self.dtype = weights.dtype
         self.embed = weights.tensor("model.embed_tokens.weight")
         self.layers = [self.make_layer(i) for i in range(args.num_hidden_layers)]
+        moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, RoutedMoE)]
+        for a, b in zip(moes, moes[1:]):
+            a.next = b  # a MoE layer predicts the next one's experts (prefetch hints)
         self.norm = weights.tensor("model.norm.weight")
         if weights.has("lm_head.weight"):
             self.lm_head = weights.linear("lm_head.weight")
@@ -272,6 +275,8 @@ class RoutedMoE:
     ):
         self.router, self.route, self.executor, self.layer = router, route, executor, layer
         self.shared, self.shared_gate = shared, shared_gate
+        self.next: RoutedMoE | None = None  # the next MoE layer, whose experts this one predicts
+        self.predict = True
 
     def __call__(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D]; keep: flat indices of the real tokens (None: all), pads get zeros."""
@@ -281,9 +286,12 @@ class RoutedMoE:
             flat = flat[keep]  # [T, D]
         logits = flat.float() @ self.router.float().T  # [T, E]
         ids, w = self.route(logits)  # [T, K]
-        handle = self.executor.begin(
-            self.layer, flat, ids, w
-        )  # reads fly while the shared expert computes
+        handle = self.executor.begin(self.layer, flat, ids, w)  # reads fly from here on
+        if self.next is not None and self.predict:
+            # the next layer's router on this layer's input guesses its experts (Fate): their
+            # reads start now, behind this layer's, instead of after it
+            nxt = self.next
+            self.executor.hint(nxt.layer, nxt.route(flat.float() @ nxt.router.float().T)[0])
         y = None
         if self.shared is not None:
             y = self.shared(flat)

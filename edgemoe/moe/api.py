@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from edgemoe.budget import Plan
-from edgemoe.cache import ExpertCache
+from edgemoe.cache import DEFAULT_POLICY, POLICIES, ExpertCache
 from edgemoe.moe.combine import combine_into
 from edgemoe.moe.dispatch import Assignment, dispatch
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor, ResidentExecutor
@@ -46,6 +46,7 @@ class ExecutorContext:
     expert_nbytes: Callable[[int], int]
     fused: bool = True
     borrow: Callable[[int, int, int], bool] | None = None  # (layer, expert, level): in place?
+    policy: str = DEFAULT_POLICY  # the expert cache's eviction policy (cache.POLICIES)
 
     def prepare(self, layer: int, expert: int, payloads: list) -> ExpertWeights:
         """Compute-ready weights of one expert from its level chunks' payloads."""
@@ -57,7 +58,7 @@ class ExecutorContext:
         """The default executor: this file, this plan's cache, this machine's flash."""
         return LocalExecutor(
             self.store,
-            ExpertCache(self.plan.expert_cache),
+            ExpertCache(self.plan.expert_cache, POLICIES[self.policy]()),
             self.prepare,
             self.level,
             self.expert_nbytes,

@@ -37,9 +37,11 @@ class ExecutorStats:
     misses: int = 0  # expert uses that had to be read
     uncached: int = 0  # experts computed without a cache slot (the cache holds less than one)
     io_wait_s: float = 0.0  # time the computing thread blocked on reads
-    prefetch_issued: int = 0
+    prefetch_issued: int = 0  # reads started by hints
     prefetch_used: int = 0  # prefetched experts their layer then used
-    prefetch_wasted: int = 0  # prefetched experts their layer did not use
+    prefetch_wasted: int = 0  # prefetched experts their layer did not use (their bytes wasted)
+    predicted: int = 0  # expert uses in hinted layers that the hint had named
+    routed_hinted: int = 0  # expert uses in hinted layers (predicted / this: the accuracy)
 
     def __sub__(self, other: ExecutorStats) -> ExecutorStats:
         return ExecutorStats(
@@ -54,8 +56,16 @@ class ExecutorStats:
         total = self.hits + self.misses
         return self.hits / total if total else 1.0
 
+    @property
+    def prediction_accuracy(self) -> float | None:
+        return self.predicted / self.routed_hinted if self.routed_hinted else None
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "hit_rate": self.hit_rate}
+        return {
+            **dataclasses.asdict(self),
+            "hit_rate": self.hit_rate,
+            "prediction_accuracy": self.prediction_accuracy,
+        }
 
 
 class ExpertExecutor(ABC):

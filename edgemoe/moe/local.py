@@ -68,8 +68,11 @@ class LocalExecutor(ExpertExecutor):
         cache.on_evict = self._recycle
         self._reads = self._uncached = 0
         self._io_wait = 0.0
-        self._prefetched: dict[int, set[Key]] = {}
+        self._prefetched: dict[int, set[Key]] = {}  # held for a later layer, by that layer
+        self._hinted: dict[int, set[Key]] = {}  # the last prediction for each layer
+        self._issued: set[Key] = set()  # reads started by hints, not yet used or dropped
         self._pf_issued = self._pf_used = self._pf_wasted = 0
+        self._predicted = self._routed_hinted = 0
 
     def stats(self) -> ExecutorStats:
         return ExecutorStats(
@@ -82,6 +85,8 @@ class LocalExecutor(ExpertExecutor):
             prefetch_issued=self._pf_issued,
             prefetch_used=self._pf_used,
             prefetch_wasted=self._pf_wasted,
+            predicted=self._predicted,
+            routed_hinted=self._routed_hinted,
         )
 
     def _fetch(self, key: Key) -> Future:
@@ -108,16 +113,20 @@ class LocalExecutor(ExpertExecutor):
     # ---- prefetch
     def hint(self, layer, predicted_ids):
         size = max(1, self.expert_nbytes(layer))
-        mine = self._prefetched.setdefault(layer, set())
-        for e in torch.unique(predicted_ids).tolist():
-            key = (layer, e, self.level(layer, e))
-            if key in self.cache:
+        held = self._prefetched.setdefault(layer, set())
+        keys = [(layer, e, self.level(layer, e)) for e in torch.unique(predicted_ids).tolist()]
+        self._hinted[layer] = set(keys)
+        for key in keys:
+            if key in held:
                 continue
-            entry = self.cache.reserve(key, size)
-            if entry is None:
-                break  # no room that is not held: prefetching further would evict the wanted
+            if self.cache.hold(key):  # cached: kept until its layer comes
+                held.add(key)
+                continue
+            if self.cache.reserve(key, size) is None:
+                continue  # no room that is not held
             self.cache.fill(key, self._fetch(key))
-            mine.add(key)
+            held.add(key)
+            self._issued.add(key)
             self._pf_issued += 1
 
     # ---- one layer
@@ -128,13 +137,17 @@ class LocalExecutor(ExpertExecutor):
             for a in dispatch(expert_ids, expert_weights)
         }
         plan = schedule(self.cache, list(by_key), self.expert_nbytes(layer))
-        # this layer now holds what it uses; its prefetch reservations end here
-        hinted = self._prefetched.pop(layer, set())
-        used = hinted & {key for key, _ in plan.hits}
-        self._pf_used += len(used)
-        self._pf_wasted += len(hinted) - len(used)
-        for key in hinted:
+        # this layer now holds what it uses; the holds its prediction took end here
+        for key in self._prefetched.pop(layer, set()):
             self.cache.release(key)
+        guess = self._hinted.pop(layer, None)
+        if guess is not None:
+            self._predicted += len(guess & by_key.keys())
+            self._routed_hinted += len(by_key)
+            read = {k for k in guess if k in self._issued}
+            self._issued -= read
+            self._pf_used += len(read & by_key.keys())
+            self._pf_wasted += len(read - by_key.keys())
         first = [self._fetch(key) for key in plan.first.keys]
         held = [key for key, _ in plan.hits] + [
             k for k, e in zip(plan.first.keys, plan.first.entries) if e is not None
