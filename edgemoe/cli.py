@@ -201,10 +201,19 @@ def _cmd_run(args) -> int:
         level=args.level,
         threads=args.threads,
         device=args.device,
+        expert_cache=args.expert_cache,
+        engine=args.engine,
+        **({"policy": args.cache_policy} if args.cache_policy else {}),
+        **({"prefetch": False} if args.no_prefetch else {}),
     )
     kw = dict(
         max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop or ()), chat=args.chat
     )
+    if args.trace:
+        from edgemoe import trace
+
+        tracer = trace.Tracer()
+        trace.install(tracer)
     try:
         if not prompts:
             return _interactive(m, kw, args)
@@ -229,6 +238,9 @@ def _cmd_run(args) -> int:
         print(m.summary_line(st), file=sys.stderr)
         return 0
     finally:
+        if args.trace:
+            trace.install(None)
+            print(f"edgemoe: trace written to {tracer.write(args.trace)}", file=sys.stderr)
         m.close()
 
 
@@ -446,6 +458,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--device",
         help="emulate a device profile: its memory as the budget, its flash and compute speed",
+    )
+    r.add_argument(
+        "--expert-cache",
+        metavar="SIZE",
+        help="size the expert cache (e.g. 3MiB, or 33%% of all experts) instead of giving it "
+        "all the room --mem leaves: shows paging on any machine",
+    )
+    r.add_argument(
+        "--engine",
+        choices=("fast", "naive"),
+        default="fast",
+        help="naive: the engine before the fast path (LRU, no prefetch, copies, CRC on every "
+        "read), kept for comparison (default fast)",
+    )
+    r.add_argument("--cache-policy", choices=("lfu", "lru"), help="expert eviction (default lfu)")
+    r.add_argument(
+        "--no-prefetch", action="store_true", help="do not predict the next layer's experts"
+    )
+    r.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write a Chrome/Perfetto trace: compute, reads per thread, stalls, prefetches",
     )
     r.add_argument(
         "--json", action="store_true", help="print one JSON record: outputs and the run summary"

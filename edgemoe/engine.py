@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from edgemoe import budget
+from edgemoe import budget, trace
 from edgemoe.cache import DEFAULT_POLICY, POLICIES
 from edgemoe.demo import DEMO
 from edgemoe.facts import ModelFacts, resolve_dtype
@@ -106,6 +106,8 @@ class EdgeModel:
         policy: the expert cache's eviction policy ("lfu", "lru": edgemoe.cache.POLICIES).
         prefetch: each MoE layer predicts the next one's experts with that layer's router and
             hints the executor, which starts their reads early.
+        engine: "naive" runs the engine as it was before the fast path (LRU, no prefetch,
+            experts copied out of the read buffer, every read's CRC checked), for comparison.
     Raises:
         EmoeError (and subclasses): a bad file, an unknown family, a budget too small;
         BadRequest names the parameter (`err.param`).
@@ -127,6 +129,7 @@ class EdgeModel:
         executor: ExecutorFactory | None = None,
         policy: str = DEFAULT_POLICY,
         prefetch: bool = True,
+        engine: str = "fast",
     ):
         floor = budget.process_floor()
         self.device, throttle, self.slowdown = None, None, None
@@ -177,6 +180,11 @@ class EdgeModel:
         )
         if expert_cache is not None:
             self.plan = dataclasses.replace(self.plan, expert_cache=self._cache_size(expert_cache))
+        if engine not in ("fast", "naive"):
+            raise BadRequest(f"engine={engine!r}", "use engine='fast' or 'naive'", "engine")
+        naive = engine == "naive"
+        if naive:
+            policy, prefetch = "lru", False
         if policy not in POLICIES:
             raise BadRequest(
                 f"policy={policy!r} is not a cache policy",
@@ -184,7 +192,7 @@ class EdgeModel:
                 "policy",
             )
         self._tokenizer: Tokenizer | None = None
-        self.store = ExpertStore(r, threads=threads, throttle=throttle)
+        self.store = ExpertStore(r, threads=threads, throttle=throttle, check_every_read=naive)
         context = ExecutorContext(
             r,
             self.plan,
@@ -193,7 +201,7 @@ class EdgeModel:
             lambda layer, e: self.level,
             lambda layer: f.expert_nbytes(layer, self.level),
             fused,
-            f.borrows,
+            None if naive else f.borrows,
             policy,
         )
         self.executor = (executor or ExecutorContext.local)(context)
@@ -239,7 +247,11 @@ class EdgeModel:
     def forward(self, tokens, cache, valid=None, slots=None) -> torch.Tensor:
         """One forward pass (passes from several threads take turns); under device
         emulation its compute, not its I/O wait, is stretched."""
-        with self._lock, torch.inference_mode():
+        with (
+            self._lock,
+            torch.inference_mode(),
+            trace.span("forward", "step", tokens=tokens.numel()),
+        ):
             if self.slowdown is None:
                 return self.model.forward(tokens, cache, valid, slots)
             t0, io0 = time.perf_counter(), self.executor.stats().io_wait_s

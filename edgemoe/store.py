@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from edgemoe import trace
 from edgemoe.units import Bytes
 from formats.constants import align_up
 from formats.reader import EmoeReader
@@ -47,6 +48,7 @@ class ExpertStore:
         direct: try O_DIRECT first.
         throttle: called with each read's byte count before it is issued
             (device emulation plugs a token bucket in here).
+        check_every_read: check a chunk's CRC on every read, not only on the first.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ExpertStore:
         threads: int = 2,
         direct: bool = True,
         throttle: Callable[[int], None] | None = None,
+        check_every_read: bool = False,
     ):
         self.reader, self.throttle = reader, throttle
         self.max_span = max(
@@ -78,6 +81,7 @@ class ExpertStore:
         self.bytes_read = Bytes(0)
         self.reads = 0
         self._verified: set[int] = set()  # chunks whose CRC this process has checked
+        self.check_every_read = check_every_read
         self._slabs: list[mmap.mmap] = []  # free slabs of max_span bytes
         self.slabs_made = 0
 
@@ -124,8 +128,12 @@ class ExpertStore:
         """
 
         def job():
-            out = self._read(layer, expert, level, have, own)
-            return out if then is None else then(out)
+            with trace.span(f"read L{layer} E{expert}", "io", level=level):
+                out = self._read(layer, expert, level, have, own)
+            if then is None:
+                return out
+            with trace.span(f"prepare L{layer} E{expert}", "prepare"):
+                return then(out)
 
         return self._pool.submit(job)
 
@@ -160,7 +168,8 @@ class ExpertStore:
             payload = self.reader.payload(
                 ci, view[rel : rel + c.length], check=ci not in self._verified
             )
-            self._verified.add(ci)
+            if not self.check_every_read:
+                self._verified.add(ci)
             # owned: a view into the slab; else copied out, as the buffer serves the next read
             out.append(payload if own else bytes(payload))
         if own:

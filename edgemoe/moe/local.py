@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from edgemoe import trace
 from edgemoe.cache import Entry, ExpertCache, Key
 from edgemoe.moe.combine import combine_into
 from edgemoe.moe.dispatch import Assignment, dispatch
@@ -40,6 +41,7 @@ class _Handle:
     plan: LayerSchedule
     first: list[Future]
     held: list[Key] = field(default_factory=list)  # released when the layer is done
+    t0: float = 0.0  # when begin was called (the trace's MoE span)
 
 
 class LocalExecutor(ExpertExecutor):
@@ -99,6 +101,7 @@ class LocalExecutor(ExpertExecutor):
 
     def _recycle(self, ew) -> None:
         """An expert left memory: its read buffer serves the next read."""
+        trace.instant("evict", "evict")
         slab = getattr(ew, "slab", None)
         if slab is not None:
             ew.slab = None
@@ -106,7 +109,8 @@ class LocalExecutor(ExpertExecutor):
 
     def _wait(self, fut: Future) -> ExpertWeights:
         t0 = time.perf_counter()
-        ew = fut.result()
+        with trace.span("stall", "stall"):
+            ew = fut.result()
         self._io_wait += time.perf_counter() - t0
         return ew
 
@@ -125,6 +129,7 @@ class LocalExecutor(ExpertExecutor):
             if self.cache.reserve(key, size) is None:
                 continue  # no room that is not held
             self.cache.fill(key, self._fetch(key))
+            trace.instant(f"prefetch L{key[0]} E{key[1]}", "prefetch")
             held.add(key)
             self._issued.add(key)
             self._pf_issued += 1
@@ -152,7 +157,7 @@ class LocalExecutor(ExpertExecutor):
         held = [key for key, _ in plan.hits] + [
             k for k, e in zip(plan.first.keys, plan.first.entries) if e is not None
         ]
-        return _Handle(layer, x, by_key, plan, first, held)
+        return _Handle(layer, x, by_key, plan, first, held, time.perf_counter())
 
     def finish(self, handle: _Handle) -> torch.Tensor:
         h, cache = handle, self.cache
@@ -176,6 +181,11 @@ class LocalExecutor(ExpertExecutor):
         except BaseException:
             self._abandon(h)
             raise
+        t = trace.current()
+        if t is not None:
+            start = (h.t0 - t.t0) * 1e6
+            t.complete(f"moe L{h.layer}", "moe", start, (time.perf_counter() - h.t0) * 1e6,
+                       experts=len(h.by_key), hits=len(h.plan.hits))  # fmt: skip
         return out.to(h.x.dtype)
 
     def _serve(self, h: _Handle, wave: Wave, reads: list[Future], compute) -> None:
