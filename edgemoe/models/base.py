@@ -255,6 +255,11 @@ class CausalLM(ABC):
         return self.lm_head(hidden).float()
 
 
+# decode steps predict; a prompt's tokens route to most experts of a layer anyway, and reading
+# them ahead would only evict what the prompt's own layers need
+PREDICT_TOKENS = 16
+
+
 class RoutedMoE:
     """A sparse MoE block: float32 router -> routing rule -> executor (+ shared expert).
 
@@ -287,7 +292,7 @@ class RoutedMoE:
         logits = flat.float() @ self.router.float().T  # [T, E]
         ids, w = self.route(logits)  # [T, K]
         handle = self.executor.begin(self.layer, flat, ids, w)  # reads fly from here on
-        if self.next is not None and self.predict:
+        if self.next is not None and self.predict and flat.shape[0] <= PREDICT_TOKENS:
             # the next layer's router on this layer's input guesses its experts (Fate): their
             # reads start now, behind this layer's, instead of after it
             nxt = self.next
