@@ -14,10 +14,11 @@ Nothing a request asks for can allocate past the plan.
 
 Prompt-prefix reuse: an idle slot keeps the KV of the tokens its last
 sequence left there (prompt and reply). A new request takes the idle slot
-whose tokens share the longest prefix with its prompt and computes only
-the rest, so the next turn of a conversation prefills its new message, not
-the whole history. Slots with no match go least recently used first, so the
-budget (the planned slots) bounds what is kept.
+that saves the most (the longest shared prefix, less what it would throw away
+of another conversation) and computes only the rest, so the next turn of a
+conversation prefills its new message, not the whole history. Slots that
+match nothing go least recently used first, so the budget (the planned
+slots) bounds what is kept.
 
 Everything here runs on the worker thread except `submit`, `cancel` (a flag
 the next step reads) and the read-only `panel` / `load_figures`.
@@ -87,8 +88,8 @@ class Job:
 class Slots:
     """The KV slots and the tokens each idle slot's cache still holds.
 
-    take(ids) gives the idle slot sharing the longest prefix with ids (None if all are
-    busy) and how many tokens of it are reusable; give(slot, tokens) returns a slot.
+    take(ids) gives an idle slot for ids (None if all are busy) and how many of its kept
+    tokens are reusable; give(slot, tokens) returns a slot with the tokens its KV holds.
     """
 
     def __init__(self, slots: list[int], reuse: bool):
@@ -98,13 +99,23 @@ class Slots:
         self.freed_at: dict[int, float] = dict.fromkeys(slots, 0.0)
 
     def take(self, ids: tuple[int, ...]) -> tuple[int, int] | None:
+        """The slot to run ids in and how many of its kept tokens they reuse.
+
+        A slot scores what it saves now (the shared prefix) less what taking it throws away
+        (its kept tokens past that prefix: the next turn of another conversation would have
+        reused them): the continuation of a kept conversation wins, a long shared system
+        prompt is worth taking over, and a shared chat-template header alone never costs
+        another conversation its prefix. Ties go to the slot idle longest.
+        """
         if not self.idle:
             return None
-        best, best_n = None, -1
+        best, best_score, best_n = None, None, 0
         for slot in sorted(self.idle, key=self.freed_at.__getitem__):  # oldest first
-            n = _common_prefix(self.kept.get(slot, ()), ids) if self.reuse else 0
-            if n > best_n:
-                best, best_n = slot, n
+            kept = self.kept.get(slot, ()) if self.reuse else ()
+            n = _common_prefix(kept, ids)
+            score = 2 * n - len(kept)
+            if best_score is None or score > best_score:
+                best, best_score, best_n = slot, score, n
         self.idle.remove(best)
         self.kept.pop(best, None)
         return best, best_n

@@ -134,16 +134,20 @@ def test_prefix_reuse_computes_only_the_new_turn(demo_f32):
     assert b1.seq.out == b0.seq.out  # the same tokens as a full prefill
 
 
-def test_slots_pick_the_longest_prefix_then_the_least_recently_used():
+def test_slots_keep_conversations_apart():
     s = Slots([0, 1, 2], reuse=True)
-    a, _ = s.take((1, 2, 3))
-    b, _ = s.take((1, 2, 9))
-    s.give(a, (1, 2, 3, 4))
-    s.give(b, (1, 2, 9))
-    assert s.take((1, 2, 3, 4, 5)) == (a, 4)
-    s.give(a, (7,))
-    slot, n = s.take((5, 5))  # no match: the slot idle longest (never used)
-    assert n == 0 and slot not in (a, b)
+    header = (7, 7, 7)  # a chat template's opening, shared by every conversation
+    a, _ = s.take(header + (1, 2, 3))
+    s.give(a, header + (1, 2, 3, 4, 5, 6))
+    b, n = s.take(header + (9,))  # another conversation: not at the cost of the first one's KV
+    assert b != a and n == 0
+    s.give(b, header + (9, 9))
+    assert s.take(header + (1, 2, 3, 4, 5, 6, 8)) == (a, 9)  # the next turn: its own slot
+    s.give(a, header + (1, 2, 3, 4, 5, 6, 8))
+    system = tuple(range(100, 140))  # a long shared system prompt is worth taking over
+    c, _ = s.take(system + (1,))
+    s.give(c, system + (1, 2))
+    assert s.take(system + (5,)) == (c, 40)
     off = Slots([0], reuse=False)
     slot, _ = off.take((1, 2))
     off.give(slot, (1, 2))
