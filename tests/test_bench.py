@@ -303,3 +303,14 @@ def test_the_doc_shows_the_command_less_its_output_paths():
         "none,50",
     ]
     assert _measured_args(args) == ["--make", "mixtral-2b", "--caps", "none,50"]
+
+
+def test_from_json_redoes_the_table_without_running(tmp_path, capsys):
+    runs = [
+        _run("edgemoe", "none", r, 5.0 + r, tokens=10, bytes_read=100).to_dict() for r in range(3)
+    ]
+    saved = tmp_path / "runs.json"
+    saved.write_text(json.dumps({"systems": ["edgemoe"], "runs": runs, "date": 0}))
+    argv = ["bench", str(DEMO), "--baseline", "none", "--caps", "none", "--no-doc"]
+    assert main([*argv, "--from-json", str(saved)]) == 0
+    assert "| none | 6.00 |" in capsys.readouterr().out  # the median of 5, 6, 7

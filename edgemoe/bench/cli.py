@@ -105,6 +105,12 @@ def add_parser(sub) -> None:
     b.add_argument("--llama-bench", help="llama-bench binary (default: PATH or the build cache)")
     b.add_argument("--llama-convert", help="llama.cpp's convert_hf_to_gguf.py")
     b.add_argument("--json", help="write every raw run here")
+    b.add_argument(
+        "--from-json",
+        metavar="RUNS",
+        help="run nothing: redo the table, plot and doc from a --json file of a bench with "
+        "these same options",
+    )
     b.add_argument("--plot", help="write the plot here (default with the doc: docs/bench-NAME.png)")
     b.add_argument("--no-doc", action="store_true", help="do not write docs/BENCHMARKS.md")
     b.add_argument(
@@ -184,10 +190,10 @@ def _git_head() -> str:
 
 def cmd_bench(a) -> int:
     caps, batches, wanted = _validate(a)
-    if (why := memcap.available()) is not None:
+    if not a.from_json and (why := memcap.available()) is not None:
         raise OSError(f"edgemoe bench runs every system inside a memory cgroup, and here is {why}")
     baseline = None if a.baseline == "none" else LLAMA_CPP
-    bench_bin = find_llama_bench(a.llama_bench) if baseline else None
+    bench_bin = find_llama_bench(a.llama_bench) if baseline and not a.from_json else None
     help_text = edgemoe_run_flags()
     skipped = [s for s in wanted if SYSTEMS[s].needs and SYSTEMS[s].needs not in help_text]
     systems = ([baseline] if baseline else []) + [s for s in wanted if s not in skipped]
@@ -210,6 +216,13 @@ def cmd_bench(a) -> int:
     prompts = {b: prompts_of(prep.emoe, a.prompt_tokens, b) for b in batches}
     runs: list[Run] = []
     plan = report.schedule(systems, caps, batches, a.repeats)
+    when = datetime.datetime.now(datetime.UTC)
+    if a.from_json:
+        record = json.loads(Path(a.from_json).read_text())
+        runs = [Run(**r) for r in record["runs"]]
+        systems, plan = record["systems"], []
+        stamp = record.get("date") or Path(a.from_json).stat().st_mtime
+        when = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
     for i, (rep, cap, b, order) in enumerate(plan):
         limit = cap.bytes(base)
         for pos, name in enumerate(order):
@@ -232,7 +245,7 @@ def cmd_bench(a) -> int:
                 flush=True,
             )
             if a.json:
-                _dump(a.json, prep, systems, caps, base, runs)
+                _dump(a.json, prep, systems, caps, base, runs, when)
     lines = report.table(runs, systems, baseline, caps, batches)
     print("\n".join(lines))
     plot_path = a.plot or (None if a.no_doc else str(Path(a.doc).parent / f"bench-{prep.name}.png"))
@@ -243,12 +256,14 @@ def cmd_bench(a) -> int:
             f"bench: {plot_note}" if plot_note else f"bench: plot -> {plot_path}", file=sys.stderr
         )
     if not a.no_doc:
-        _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note)
+        _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when)
     return 0
 
 
-def _dump(path, prep, systems, caps, base, runs) -> None:
+def _dump(path, prep, systems, caps, base, runs, when) -> None:
     record = {
+        "date": when.timestamp(),
+        "commit": _git_head(),
         "model": prep.name,
         "emoe": str(prep.emoe),
         "gguf": str(prep.gguf) if prep.gguf else None,
@@ -277,15 +292,15 @@ def _measured_args(args: list[str]) -> list[str]:
     for arg in args:
         if skip:
             skip = False
-        elif arg in ("--json", "--plot", "--doc"):
+        elif arg in ("--json", "--plot", "--doc", "--from-json"):
             skip = True
-        elif not arg.startswith(("--json=", "--plot=", "--doc=")):
+        elif not arg.startswith(("--json=", "--plot=", "--doc=", "--from-json=")):
             out.append(arg)
     return out
 
 
-def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note) -> None:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when):
+    now = when.strftime("%Y-%m-%d %H:%M UTC")
     argv = " ".join(shlex.quote(x) for x in ["edgemoe", "bench", *_measured_args(sys.argv[2:])])
     llama = next(
         (r.extra for r in runs if r.system == LLAMA_CPP and r.extra.get("build_commit")), {}
@@ -321,7 +336,9 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         )
         + f"Medians over {a.repeats} repeat(s); within a repeat the systems run back to back at each cap, "
         "their order alternating; the ratio is the median of the paired ratios. Disk read / token: the "
-        "process tree's block reads over every token it forwarded (warm-ups included). Peak: the cgroup's.",
+        "process tree's block reads over every token it forwarded (warm-ups included; edgemoe's include "
+        "torch's libraries when the page cache was dropped). Peak: the cgroup's, page cache included, "
+        "so a run that streams the model fills it to the cap (edgemoe's own peak RSS is in the JSON).",
         "",
         *lines,
     ]
