@@ -134,16 +134,18 @@ def select_experts(
 
 
 def restrict(
-    ids: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor
+    ids: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor, keep_top: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Level 2: keep the choices in S, renormalised; returns (ids, weights, kept [T, K] bool).
 
     Dropped choices become the token's first kept expert with weight 0 (the [T, K] shape
-    stays), so an executor computes nothing new for them and adds nothing.
+    stays), so an executor adds nothing for them. A token none of whose choices is served
+    gets no routed output (its shared expert and residual remain), unless keep_top, which
+    keeps its top choice outside the budgets.
     """
     kept = allowed[ids]  # [T, K]
     none = ~kept.any(dim=1)
-    if none.any():  # a token with no served choice keeps its top one
+    if keep_top and none.any():
         top = weights.argmax(dim=1)
         kept[none, top[none]] = True
     w = torch.where(kept, weights, torch.zeros_like(weights))
