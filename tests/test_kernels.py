@@ -177,3 +177,32 @@ def test_upgrade_expert_equals_prepare_at_the_higher_level(tiny_emoe, experts):
         assert torch.equal(expert_forward(x, ew), expert_forward(x, want))
         with pytest.raises(NotUpgradable, match="past its last level"):
             upgrade_expert(r, e, ew, chunks[:1], torch.bfloat16)
+
+
+def test_the_avx2_int8_kernel_matches_torch_and_is_used_for_one_token():
+    """One token through an INT8 Linear runs the compiled AVX2 kernel where the CPU has AVX2
+    and FMA (a build failure there fails under CI) and computes what torch's kernel does."""
+    import os
+
+    from edgemoe.fastkernels import _cpu_has, int8_gemv
+    from edgemoe.kernels import Int8Linear
+
+    gemv = int8_gemv()
+    if gemv is None:
+        if os.environ.get("CI") == "true" and _cpu_has("avx2", "fma"):
+            pytest.fail("the AVX2 INT8 kernel did not build on an AVX2 machine")
+        pytest.skip("no AVX2/FMA here or the kernel did not build")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (1000, 264), dtype=torch.int8, generator=g)  # 1000 % 4 != 0
+    s = torch.rand(1000, generator=g) * 0.01
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = Int8Linear(q, s, dtype)
+        x = torch.randn(1, 264, generator=g)
+        want = (x @ (q.float() * s.to(dtype).float()[:, None]).T).to(dtype)
+        torch_y = torch.ops.aten._weight_int8pack_mm(x.to(dtype), q, s.to(dtype))
+        got = lin(x.to(dtype))
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 10)
+        assert torch.allclose(got.float(), torch_y.float(), rtol=0.05, atol=0.5)
+        batch = lin(torch.randn(3, 264, generator=g).to(dtype))  # more tokens: torch's kernel
+        assert batch.shape == (3, 1000)

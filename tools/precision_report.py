@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 VARIANTS = [
     ("bf16 everything", "bf16", "bf16", None, "bf16"),
     ("int8 experts", "bf16", "int8", None, "bf16"),
+    ("int8 dense and experts", "int8", "int8", None, "bf16"),
     ("int4 experts", "bf16", "int4@32", None, "bf16"),
 ]
 VARIANTS += [(f"mwq 2-3-4 level {k}", "bf16", "mwq:2,3,4@32", k, "bf16") for k in (1, 2, 3)]
@@ -66,7 +67,7 @@ def main() -> None:
         hf = make_tiny_hf(fam, work / fam)
         refs = [greedy_hf(hf, p, a.new) for p in PROMPTS]
         for name, dense, experts, level, dtype in VARIANTS:
-            out = work / f"{fam}-{experts.replace(':', '_')}.emoe"
+            out = work / f"{fam}-{dense}-{experts.replace(':', '_')}.emoe"
             if not out.exists():
                 with open_source(hf) as src:
                     convert(src, out, ConvertOptions(dense=dense, experts=experts, progress=False))
