@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemoe.bench.models import tensor_shapes  # every tensor of a Mixtral checkpoint
+
 
 def mixtral_config(
     hidden: int, intermediate: int, layers: int, experts: int, vocab: int, top_k: int = 2
@@ -43,32 +45,6 @@ def mixtral_config(
         "eos_token_id": 2,
         "torch_dtype": "bfloat16",
     }
-
-
-def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    d, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd, h, kv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    out = [("model.embed_tokens.weight", (v, d))]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        out += [
-            (f"{p}.input_layernorm.weight", (d,)),
-            (f"{p}.post_attention_layernorm.weight", (d,)),
-            (f"{p}.self_attn.q_proj.weight", (h * hd, d)),
-            (f"{p}.self_attn.k_proj.weight", (kv * hd, d)),
-            (f"{p}.self_attn.v_proj.weight", (kv * hd, d)),
-            (f"{p}.self_attn.o_proj.weight", (d, h * hd)),
-            (f"{p}.block_sparse_moe.gate.weight", (cfg["num_local_experts"], d)),
-        ]
-        for e in range(cfg["num_local_experts"]):
-            q = f"{p}.block_sparse_moe.experts.{e}"
-            out += [
-                (f"{q}.w1.weight", (i, d)),
-                (f"{q}.w3.weight", (i, d)),
-                (f"{q}.w2.weight", (d, i)),
-            ]
-    out += [("model.norm.weight", (d,)), ("lm_head.weight", (v, d))]
-    return out
 
 
 def write_checkpoint(out: Path, cfg: dict, shard_bytes: int, seed: int = 0) -> int:
