@@ -91,7 +91,8 @@ class Coordinator:
         self.executor: RemoteExecutor | None = None
         self.model = None
         self.info: ModelInfo | None = None
-        self._lock = threading.Lock()  # map changes (repair, join) one at a time
+        self._lock = threading.Lock()  # map changes (repair, join, restart) one at a time
+        self._version = 1  # the last map version handed out (under _lock)
 
     # ---- start and stop
     def _open(self, specs: Sequence[NodeSpec]) -> dict[str, HostStatus]:
@@ -213,8 +214,13 @@ class Coordinator:
                 return cur
             caps = [self.caps[n] for n in self.live()]
             emap, self.lost = repair(cur, set(self.dead), caps, self.info.shape, self.info.stats)
+            emap = ExpertMap(self._next_version(), emap.replicas)
             self.executor.set_map(emap)
             return emap
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
 
     def join(self, spec: NodeSpec) -> JoinReport:
         """Add a host while requests are served (see the module docstring).
@@ -235,6 +241,8 @@ class Coordinator:
             self.dead.pop(spec.name, None)
             self.caps[spec.name] = self._capacity(spec, st)
             self.executor.pool.actors = self.actors
+            self.executor.pool.specs = self.specs
+            self.executor.dead.discard(spec.name)
             old = self.executor.map
             new = place(
                 self.info.shape,
@@ -243,7 +251,7 @@ class Coordinator:
                 copies=self.copies,
                 spare=self.spare,
                 affinity=self.affinity,
-                version=old.version + 1,
+                version=self._next_version(),
             )
         moved = self._warm(new, old)
         warmed = time.perf_counter() - t0
@@ -258,6 +266,37 @@ class Coordinator:
         ray.get(refs, timeout=OPEN_TIMEOUT_S)
         drained = time.perf_counter() - t0
         return JoinReport(spec.name, opened, warmed, switched, drained, new.version, moved)
+
+    def restart_with(self, specs: Sequence[NodeSpec]) -> float:
+        """Stop-the-world re-placement, the baseline `join` is measured against: every host
+        stopped, hosts started on `specs`, experts placed and warmed, then serving resumes.
+        The caller drains (no forward pass in flight) first. Returns the seconds it took."""
+        ray = import_ray()
+        t0 = time.perf_counter()
+        with self._lock:
+            for a in self.actors.values():
+                ray.kill(a)
+            self.actors.clear()
+            self.specs, self.caps, self.dead = {}, {}, {}
+            statuses = self._open(specs)
+            for s in specs:
+                self.specs[s.name] = s
+                self.caps[s.name] = self._capacity(s, statuses[s.name])
+            new = place(
+                self.info.shape,
+                list(self.caps.values()),
+                self.info.stats,
+                copies=self.copies,
+                spare=self.spare,
+                affinity=self.affinity,
+                version=self._next_version(),
+            )
+            self._warm(new, ExpertMap(0, {}))
+            self.executor.pool.actors = self.actors
+            self.executor.pool.specs = self.specs
+            self.executor.dead.clear()
+            self.executor.set_map(new)
+        return time.perf_counter() - t0
 
     # ---- state
     def status(self, timeout: float = 5.0) -> dict:

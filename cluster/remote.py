@@ -181,8 +181,14 @@ class RemoteExecutor(ExpertExecutor):
             self._pairs += len(experts)
             self._bytes += xs.nbytes + len(experts) * xs.shape[1] * xs.element_size()  # out, back
 
-    def _repair(self, layer: int, failed: list[tuple[_Call, str]]) -> ExpertMap:
+    def _repair(self, version: int, failed: list[tuple[_Call, str]]) -> ExpertMap:
+        """Mark the failed hosts dead and get a repaired map; a call made on an older map
+        than the current one is first retried on the current one (its host may have been
+        replaced, as a stop-the-world restart does), and marks nothing."""
         with self._lock:
+            cur = self._map
+            if cur.version > version and all(c.node in cur.nodes() for c, _ in failed):
+                return cur
             for c, _ in failed:
                 self.dead.add(c.node)
         if self.on_failure is not None:
@@ -215,6 +221,7 @@ class RemoteExecutor(ExpertExecutor):
         out = torch.zeros(h.x.shape, dtype=torch.float32)  # [T, D]
         try:
             pending, tries, first_fail = h.calls, 0, None
+            version = h.emap.version  # the map the pending calls were made on
             while pending:
                 failed: list[tuple[_Call, str]] = []
                 for c in pending:
@@ -243,7 +250,8 @@ class RemoteExecutor(ExpertExecutor):
                         f"layer {h.layer}: {len(failed)} call(s) failed {tries} times "
                         f"({failed[0][1]})"
                     )
-                emap = self._repair(h.layer, failed)
+                emap = self._repair(version, failed)
+                version = emap.version
                 redo = [a for c, _ in failed for a in c.assigns]
                 pending = self._plan_calls(emap, h.layer, redo)
                 self._submit(emap, h.layer, h.x, pending)
