@@ -347,9 +347,3 @@ def add_parser(sub) -> None:
     st.add_argument("--json", action="store_true")
     st.add_argument("--state", help=argparse.SUPPRESS)
     st.set_defaults(fn=_cmd_status)
-
-
-def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `python -m cluster.cli`
-    from edgemoe.cli import main as edgemoe_main
-
-    return edgemoe_main(["cluster", *(argv if argv is not None else sys.argv[1:])])
