@@ -128,8 +128,14 @@ def plan(
     sizes = [facts.expert_nbytes(e.layer, level or len(e.levels)) for e in r.experts.values()]
     largest = Bytes(max(sizes, default=0))
     # per reader thread: its aligned read buffer and the payloads copied out of it (the expert
-    # prepared from them fills a reserved cache slot, counted in the expert cache)
-    io = Bytes(threads * (facts.largest_span() + 4096) * 2)
+    # prepared from them fills a reserved cache slot, counted in the expert cache). Experts
+    # computed in place are read straight into their slot's slab: a thread then holds at most
+    # one slab of its own, for an expert read without a slot (no room that is not held)
+    borrow = all(
+        facts.borrows(e.layer, e.expert, level or len(e.levels)) for e in r.experts.values()
+    )
+    per_thread = facts.largest_span() if borrow else (facts.largest_span() + 4096) * 2
+    io = Bytes(threads * per_thread)
     d, vocab = cfg["hidden_size"], cfg["vocab_size"]
     n_heads = cfg.get("num_attention_heads", 1)
     width = max(cfg.get("intermediate_size", 0) or 0, cfg.get("moe_intermediate_size", 0) or 0)
