@@ -340,7 +340,7 @@ def _cmd_plan(args) -> int:
         f"{rt['fewest_misses_per_step']:.1f} of {rt['uses_per_step']:.1f} expert uses {per}"
     )
     print(
-        f"expected {rep['expected_tok_s']:.1f} tok/s with the runtime's LRU cache: "
+        f"expected {rep['expected_tok_s']:.1f} tok/s with the runtime's cache ({rep['policy']}): "
         f"{rt['misses_per_step']:.1f} misses {per}, hit rate {100 * rep['expected_hit_rate']:.0f}%"
     )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgemoe import budget
 from edgemoe.bound import expected_bound
+from edgemoe.cache import DEFAULT_POLICY
 from edgemoe.demo import DEMO
 from edgemoe.facts import ModelFacts, resolve_dtype
 from edgemoe.models import parse_args
@@ -61,6 +62,7 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
             "plan": p.as_dict(),
             "slots_per_level": slots,
             "routing": routing,
+            "policy": DEFAULT_POLICY,
             "expected_tok_s": lru.tokens_per_s,
             "expected_hit_rate": lru.hit_rate,
             **b.as_dict(),

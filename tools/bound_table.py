@@ -72,7 +72,7 @@ def main() -> None:
         f"- **plan bound**: `edgemoe plan` before the run, with the fewest misses any cache "
         f"policy could have (Belady) on the file's routing trace ({rt['segments']} sequences of "
         f"held-out text, `{rt['source']}`, stored by `edgemoe calibrate`).",
-        "- **plan expected**: the same trace through the runtime's LRU cache.",
+        "- **plan expected**: the same trace through the runtime's cache (LFU by default).",
         "- **run bound**: the bound for the run's own measured misses (bytes read per decode step).",
         "- **hits**: the run's expert-cache hit rate, prefill included.",
         "",
