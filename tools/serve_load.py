@@ -50,6 +50,7 @@ def serve_args(a, batch: int, *extra: str, ctx: int | None = None) -> list[str]:
         "--max-queue",
         str(a.requests),
         *(["--expert-cache", a.expert_cache] if a.expert_cache else []),
+        *(["--compute-threads", str(a.compute_threads)] if a.compute_threads else []),
         *extra,
     ]
 
@@ -84,6 +85,11 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument(
         "--expert-cache", default=None, help="pass --expert-cache to the server (e.g. 50%%)"
+    )
+    p.add_argument(
+        "--compute-threads",
+        type=int,
+        help="pass --compute-threads to every server (1 on cores other work keeps busy)",
     )
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--clients", type=int, default=16)
@@ -168,11 +174,14 @@ def report(a, cap, why, load, cont, static, reuse) -> list[str]:
     when = datetime.date.today().isoformat()
     cap_text = f"a memory cgroup of {a.mem} (= `--mem`)" if cap else f"no cgroup ({why})"
     cache = f" --expert-cache {a.expert_cache}" if a.expert_cache else ""
+    cache += f" --compute-threads {a.compute_threads}" if a.compute_threads else ""
     cmd = "python tools/serve_load.py" + (
         f" --requests {a.requests} --clients {a.clients} --bench-requests {a.bench_requests}"
         if (a.requests, a.clients, a.bench_requests) != (200, 16, 64)
         else ""
     )
+    cmd += f" --repeats {a.repeats}" if a.repeats != 2 else ""
+    cmd += f" --compute-threads {a.compute_threads}" if a.compute_threads else ""
     ratio = cont["tokens_per_s"] / static["tokens_per_s"] if static["tokens_per_s"] else 0
     out = [
         f"### edgemoe serve under load (demo model, {when})",

@@ -64,6 +64,7 @@ class ServeConfig:
     prefix_reuse: bool = True
     static_batching: bool = False
     expert_cache: str | None = None
+    compute_threads: int | None = None
 
 
 class Server:
@@ -79,21 +80,26 @@ class Server:
         self.cfg = cfg
         self.name = cfg.name or (Path(cfg.model).stem if cfg.model else "demo")
         self.metrics = ServerMetrics(lambda: self.worker)
+
+        def default_load():
+            if cfg.compute_threads:  # on the worker thread, the one that computes
+                import torch
+
+                torch.set_num_threads(cfg.compute_threads)
+            return edgemoe.load(
+                cfg.model,
+                cfg.mem,
+                ctx=cfg.ctx,
+                batch=cfg.max_batch,
+                dtype=cfg.dtype,
+                level=cfg.level,
+                threads=cfg.threads,
+                device=cfg.device,
+                expert_cache=cfg.expert_cache,
+            )
+
         self.worker = Worker(
-            load
-            or (
-                lambda: edgemoe.load(
-                    cfg.model,
-                    cfg.mem,
-                    ctx=cfg.ctx,
-                    batch=cfg.max_batch,
-                    dtype=cfg.dtype,
-                    level=cfg.level,
-                    threads=cfg.threads,
-                    device=cfg.device,
-                    expert_cache=cfg.expert_cache,
-                )
-            ),
+            load or default_load,
             max_queue=cfg.max_queue,
             prefix_reuse=cfg.prefix_reuse,
             static=cfg.static_batching,

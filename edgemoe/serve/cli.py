@@ -55,6 +55,12 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", default="auto", help="auto, f32 or bf16")
     s.add_argument("--level", type=count(1), help="expert precision level (default: the highest)")
     s.add_argument("--threads", type=count(1, 256), default=2, help="I/O threads (default 2)")
+    s.add_argument(
+        "--compute-threads",
+        type=count(1, 1024),
+        help="threads torch computes with (default: torch's, one per core); 1 can be faster "
+        "on cores other work keeps busy",
+    )
     s.add_argument("--name", help="the model id clients send (default: the file's stem)")
     s.add_argument(
         "--no-prefix-reuse",
@@ -95,5 +101,6 @@ def _cmd_serve(args) -> int:
         prefix_reuse=not args.no_prefix_reuse,
         static_batching=args.batching == "static",
         expert_cache=args.expert_cache,
+        compute_threads=args.compute_threads,
     )
     return serve(cfg)

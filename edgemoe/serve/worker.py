@@ -139,6 +139,19 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
+def _prefill_groups(jobs: list[Job]) -> list[list[Job]]:
+    """Newcomers in passes of similar prompt lengths: a pass pads every row to its longest,
+    so a 6-token prompt beside a 360-token one would cost 360 positions of attention."""
+    groups: list[list[Job]] = []
+    for job in sorted(jobs, key=lambda j: len(j.request.ids) - j.seq.cached):
+        n = max(16, len(job.request.ids) - job.seq.cached)
+        if groups and n <= 2 * max(16, len(groups[-1][0].request.ids) - groups[-1][0].seq.cached):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
 class Worker:
     """Owns an EdgeModel on its own thread and serves Jobs by continuous batching.
 
@@ -266,9 +279,9 @@ class Worker:
             self._drop_cancelled()
             tokens = 0
             try:
-                if newcomers:
+                for group in _prefill_groups(newcomers):
                     t0 = time.perf_counter()
-                    records = prefill(m, cache, [j.seq for j in newcomers])
+                    records = prefill(m, cache, [j.seq for j in group])
                     self.prefill_s += time.perf_counter() - t0
                     tokens += self._deliver(records)
                 self._retire()
