@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -221,6 +222,7 @@ def cmd_bench(a) -> int:
         record = json.loads(Path(a.from_json).read_text())
         runs = [Run(**r) for r in record["runs"]]
         systems, plan = record["systems"], []
+        skipped = [s for s in wanted if s not in systems]
         stamp = record.get("date") or Path(a.from_json).stat().st_mtime
         when = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
     for i, (rep, cap, b, order) in enumerate(plan):
@@ -233,6 +235,7 @@ def cmd_bench(a) -> int:
                     SYSTEMS[name], prep.emoe, prompts[b], cap.label, limit, rep, settings
                 )
             run.position = pos
+            run.extra["loadavg"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
             runs.append(run)
             if run.status == report.FAILED:
                 print(
@@ -286,6 +289,13 @@ def _section_writer(doc: Path):
     return mod.write_section
 
 
+def _llama_source(a) -> str:
+    """Where llama-bench came from: the llama-cpp-python sdist folder it was built in."""
+    path = str(find_llama_bench(a.llama_bench)) if a.baseline != "none" else ""
+    m = re.search(r"llama-bench-([0-9.]+)", path)
+    return f"llama-bench built from the llama-cpp-python {m.group(1)} sdist" if m else path
+
+
 def _measured_args(args: list[str]) -> list[str]:
     """The command line less the output paths (--json, --plot, --doc), which change nothing."""
     out, skip = [], False
@@ -316,7 +326,9 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         "",
         f"`{argv}` on {machine()}, edgemoe {_git_head()}"
         + (
-            f", llama.cpp {llama.get('build_commit')} (llama-cpp-python 0.3.36 sdist, GGML_NATIVE)"
+            ", llama.cpp"
+            + (f" {llama['build_commit']}" if llama.get("build_commit") != "unknown" else "")
+            + f" ({_llama_source(a)}, GGML_NATIVE)"
             if llama
             else ""
         )
@@ -346,6 +358,14 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         out += [
             "",
             f"Not run: {', '.join(skipped)} (`edgemoe run` has no {SYSTEMS[skipped[0]].needs} flag yet).",
+        ]
+    loads = sorted(r.extra["loadavg"] for r in runs if "loadavg" in r.extra)
+    if loads:
+        out += [
+            "",
+            f"The machine is shared: 1-minute load average at the start of each run {loads[0]:.1f} to "
+            f"{loads[-1]:.1f}, median {loads[len(loads) // 2]:.1f}, on {os.cpu_count()} cores "
+            "(the bench's previous run counts too).",
         ]
     if plot_path and not plot_note:
         rel = Path(plot_path).resolve()

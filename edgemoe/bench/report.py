@@ -291,7 +291,8 @@ def plot(runs: list[Run], systems: list[str], caps: list[Cap], base: int, out) -
     sized = [(c, c.bytes(base)) for c in caps]
     top = max([b for _, b in sized if b] + [base]) * 1.15
     xs = {c.label: (b if b else top) / 2**20 for c, b in sized}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharex=True)
+    colors = {s: f"C{i}" for i, s in enumerate(systems)}  # one colour per system in every panel
     panels = [
         ("decode", "decode tok/s", 1),
         ("read_per_token", "disk read per token (MiB)", 2**20),
@@ -307,7 +308,7 @@ def plot(runs: list[Run], systems: list[str], caps: list[Cap], base: int, out) -
                 and getattr(cells[(c.label, batch, s)], attr) is not None
             )
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[s], label=s)
         ax.set_ylim(0, 1.02 if attr == "hit_rate" else None)
         if any(c.bytes(base) is None for c in caps):
             ax.axvline(top / 2**20, color="grey", linestyle=":", linewidth=1)
