@@ -36,7 +36,7 @@ from cluster.remote import RemoteExecutor
 from cluster.types import ClusterError, ExpertMap, HostStatus, NodeCapacity, NodeSpec
 from edgemoe.units import Bytes
 
-OPEN_TIMEOUT_S = 120.0  # a host's start: a worker process importing torch, opening its file
+OPEN_TIMEOUT_S = 300.0  # a host's start: a worker process importing torch, opening its file
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,15 @@ class Coordinator:
                 started[s.name] = start_host(s, str(self.path), info.dtype, info.level, info.crc)
             names = list(started)
             refs = [started[n].open.remote() for n in names]
+            from ray.exceptions import GetTimeoutError
+
             try:
                 got = ray.get(refs, timeout=OPEN_TIMEOUT_S)
+            except GetTimeoutError:
+                raise ClusterError(
+                    f"hosts {', '.join(names)} did not start within {OPEN_TIMEOUT_S:.0f} s",
+                    "check that their raylets are alive and not starved (`edgemoe cluster status`)",
+                ) from None
             except Exception as e:
                 raise cause(e) from None
         except BaseException:
@@ -297,6 +304,25 @@ class Coordinator:
             self.executor.dead.clear()
             self.executor.set_map(new)
         return time.perf_counter() - t0
+
+    def set_class(self, klass) -> object:
+        """Serve from now on under a MoE² request class (cluster/selection.py): the experts
+        whose replica meets its latency budget, within its energy budget, each at that
+        replica, the gate renormalised over them; None serves every choice. Applies to the
+        whole model (every sequence of a batch). Returns the Selection (or None)."""
+        from cluster.selection import loads_per_token, node_costs, select_experts
+
+        if klass is None:
+            self.executor.selection = None
+            return None
+        cfg = self.model.reader.config
+        width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        item = 4 if self.info.dtype == "f32" else 2
+        costs = node_costs([self.specs[n] for n in self.live()], cfg["hidden_size"], width, item)
+        loads = loads_per_token(self.info.shape, self.info.stats.load)
+        sel = select_experts(self.executor.map, costs, loads, klass, self.info.shape)
+        self.executor.selection = sel
+        return sel
 
     # ---- state
     def status(self, timeout: float = 5.0) -> dict:

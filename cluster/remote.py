@@ -110,6 +110,7 @@ class RemoteExecutor(ExpertExecutor):
         self.timeout, self.retries = timeout, retries
         self.dead: set[str] = set()
         self.failures: list[Failure] = []
+        self.selection = None  # a MoE² Selection (cluster/selection.py): served set, replicas
         self._lock = threading.Condition()
         self._inflight: Counter[int] = Counter()  # calls in flight per map version
         self._calls = self._pairs = 0
@@ -147,6 +148,9 @@ class RemoteExecutor(ExpertExecutor):
         hosts = [h for h in emap.hosts(key) if h not in self.dead]
         if not hosts:
             return None
+        sel = self.selection
+        if sel is not None and sel.replica.get(key) in hosts:
+            return sel.replica[key]  # the class's replica: within its latency, least energy
         return min(hosts, key=lambda h: (load[h] == 0, self.pool.rtt(h), load[h], h))
 
     def _plan_calls(self, emap: ExpertMap, layer: int, assigns: list[Assignment]) -> list[_Call]:
@@ -202,12 +206,24 @@ class RemoteExecutor(ExpertExecutor):
             self._inflight[emap.version] += 1
         try:
             h = _Handle(layer, x, emap)
-            h.calls = self._plan_calls(emap, layer, dispatch(expert_ids, expert_weights))
+            assigns = self._select(layer, expert_ids, expert_weights)
+            h.calls = self._plan_calls(emap, layer, assigns)
             self._submit(emap, layer, x, h.calls)
         except BaseException:
             self._done(emap.version)
             raise
         return h
+
+    def _select(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Assignment]:
+        """The layer's assignments; under a MoE² selection only the served choices, with the
+        gate's weights renormalised over them (a dropped choice gets no call at all)."""
+        sel = self.selection
+        if sel is None:
+            return dispatch(ids, weights)
+        from cluster.selection import restrict
+
+        ids, w, kept = restrict(ids, weights, sel.allowed[layer])
+        return [a for a in dispatch(torch.where(kept, ids, -1), w) if a.expert >= 0]
 
     def _done(self, version: int) -> None:
         with self._lock:

@@ -111,3 +111,38 @@ def test_no_copy_left_is_named_and_bounded(tiny_emoe):
         pool.close()
         for h in hosts.values():
             h.close()
+
+
+def test_selection_in_the_remote_executor_matches_selecting_executor(tiny_emoe):
+    """A MoE² selection applied by the RemoteExecutor (no call for a dropped choice) gives the
+    tokens the SelectingExecutor gives over the local executor."""
+    from cluster.selection import NodeCost, RequestClass, SelectingExecutor, select_experts
+
+    path = tiny_emoe("qwen3_moe")
+    info = model_info(path)
+    hosts = _hosts(path, info, 2)
+    caps = [NodeCapacity(n, h.room) for n, h in hosts.items()]
+    emap = place(info.shape, caps, info.stats)
+    costs = {"h0": NodeCost("h0", 0.001, 1.0), "h1": NodeCost("h1", 0.050, 1.0)}
+    loads = {k: 1.0 for k in info.shape.keys()}
+    sel = select_experts(emap, costs, loads, RequestClass("rt", latency_s=0.01), info.shape)
+    assert 0 < sel.served() < len(loads)
+    pool = LocalPool(hosts)
+    ex = RemoteExecutor(pool, emap)
+    ex.selection = sel
+    try:
+        got = _remote(path, info, ex)
+        with edgemoe.load(
+            path,
+            None,
+            dtype=info.dtype,
+            batch=len(PROMPTS),
+            executor=lambda c: SelectingExecutor(c.local(), emap, costs, "moe2", sel),
+        ) as m:
+            want = [c.token_ids for c in m.complete(PROMPTS, 12, Sampling.greedy())]
+        assert got == want
+        assert hosts["h1"].status().calls == 0  # the slow node is outside the budget
+    finally:
+        pool.close()
+        for h in hosts.values():
+            h.close()
