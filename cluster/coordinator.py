@@ -50,6 +50,9 @@ class JoinReport:
     drained_s: float  # no call of the old map is in flight; old copies dropped
     version: int
     moved: int  # experts warmed on a host that did not hold them
+    source: str = "file"  # where most were warmed from: "file" or "peer" (the faster, measured)
+    file_ms: float = -1.0  # measured ms an expert from the host's own flash (-1: not measured)
+    peer_ms: float = -1.0  # measured ms an expert from a peer's memory via the object store
 
 
 class Coordinator:
@@ -191,17 +194,57 @@ class Coordinator:
     def live(self) -> list[str]:
         return [n for n in self.specs if n not in self.dead]
 
-    def _warm(self, new: ExpertMap, old: ExpertMap) -> int:
-        """Each host reads what `new` gives it and `old` did not; returns how many."""
+    def _warm(
+        self, new: ExpertMap, old: ExpertMap, probe: int = 4
+    ) -> tuple[int, str, float, float]:
+        """Each host gets what `new` gives it and `old` did not, from its own file or from a
+        peer's memory through the Ray object store, whichever a probe of `probe` experts
+        each way measures faster. Returns (experts moved, source, file ms, peer ms)."""
         ray = import_ray()
-        refs, moved = [], 0
-        for n in self.live():
-            gain = sorted(set(new.experts_on(n)) - set(old.experts_on(n)))
-            moved += len(gain)
-            if gain:
-                refs.append(self.actors[n].warm.remote(gain))
+        gains = {n: sorted(set(new.experts_on(n)) - set(old.experts_on(n))) for n in self.live()}
+        gains = {n: g for n, g in gains.items() if g}
+        moved = sum(len(g) for g in gains.values())
+        cached = {}
+        if old.replicas:  # peers' caches: what could come from memory
+            names = [n for n in self.live() if old.experts_on(n)]
+            got = ray.get([self.actors[n].cached.remote() for n in names], timeout=OPEN_TIMEOUT_S)
+            cached = {n: set(ks) for n, ks in zip(names, got)}
+
+        def peer_of(key, host):
+            return next((p for p, ks in cached.items() if p != host and key in ks), None)
+
+        def from_peers(host, keys):
+            by_peer: dict[str, list] = {}
+            for k in keys:
+                by_peer.setdefault(peer_of(k, host), []).append(k)
+            refs = [self.actors[host].warm.remote(by_peer.pop(None, []))] if None in by_peer else []
+            for p, ks in by_peer.items():  # the weights go peer -> host through the object store
+                refs.append(self.actors[host].adopt.remote(self.actors[p].export.remote(ks)))
+            return refs
+
+        source, file_ms, peer_ms = "file", -1.0, -1.0
+        host = next(
+            (n for n, g in gains.items() if sum(peer_of(k, n) is not None for k in g) >= 2 * probe),
+            None,
+        )
+        if host is not None:  # measure both ways on this host's first experts
+            g = gains[host]
+            peerable = [k for k in g if peer_of(k, host) is not None]
+            a, b = peerable[:probe], peerable[probe : 2 * probe]
+            t0 = time.perf_counter()
+            ray.get(from_peers(host, a), timeout=OPEN_TIMEOUT_S)
+            peer_ms = 1e3 * (time.perf_counter() - t0) / len(a)
+            t0 = time.perf_counter()
+            ray.get(self.actors[host].warm.remote(b), timeout=OPEN_TIMEOUT_S)
+            file_ms = 1e3 * (time.perf_counter() - t0) / len(b)
+            source = "peer" if peer_ms < file_ms else "file"
+            gains[host] = [k for k in g if k not in a and k not in b]
+        refs = []
+        for n, g in gains.items():
+            if g:
+                refs += from_peers(n, g) if source == "peer" else [self.actors[n].warm.remote(g)]
         ray.get(refs, timeout=OPEN_TIMEOUT_S)
-        return moved
+        return moved, source, file_ms, peer_ms
 
     def _on_failure(self, dead: set[str]) -> ExpertMap:
         """The executor lost hosts: repair the map and switch to it."""
@@ -260,7 +303,7 @@ class Coordinator:
                 affinity=self.affinity,
                 version=self._next_version(),
             )
-        moved = self._warm(new, old)
+        moved, source, file_ms, peer_ms = self._warm(new, old)
         warmed = time.perf_counter() - t0
         self.executor.set_map(new)
         switched = time.perf_counter() - t0
@@ -272,7 +315,18 @@ class Coordinator:
                 refs.append(self.actors[n].drop.remote(lose))
         ray.get(refs, timeout=OPEN_TIMEOUT_S)
         drained = time.perf_counter() - t0
-        return JoinReport(spec.name, opened, warmed, switched, drained, new.version, moved)
+        return JoinReport(
+            spec.name,
+            opened,
+            warmed,
+            switched,
+            drained,
+            new.version,
+            moved,
+            source,
+            file_ms,
+            peer_ms,
+        )
 
     def restart_with(self, specs: Sequence[NodeSpec]) -> float:
         """Stop-the-world re-placement, the baseline `join` is measured against: every host

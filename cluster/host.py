@@ -158,6 +158,26 @@ class ExpertHost:
                     self.executor.run(layer, x, ids, torch.ones(len(ids), 1))
         return time.perf_counter() - t0
 
+    def export(self, keys: list[ExpertKey]) -> dict:
+        """The prepared weights of those of these experts this host has cached (a joining
+        peer adopts them through the object store instead of reading its flash)."""
+        out = {}
+        with self._lock:
+            cache = self.executor.cache
+            for layer, e in keys:
+                entry = cache.peek((layer, e, self.level))
+                if entry is not None and entry.value is not None and not entry.in_flight:
+                    out[(layer, e)] = entry.value
+        return out
+
+    def adopt(self, weights: dict) -> int:
+        """Cache experts a peer exported; returns how many fitted."""
+        n = 0
+        with self._lock:
+            for (layer, e), ew in weights.items():
+                n += bool(self.executor.cache.put((layer, e, self.level), ew, ew.nbytes))
+        return n
+
     def drop(self, keys: list[ExpertKey]) -> int:
         """Free the cached copies of these experts (no longer this host's after a new map)."""
         n = 0

@@ -168,6 +168,9 @@ def test_join_while_serving(ray_nodes, tiny_emoe):
         assert "c" in co.executor.map.nodes() and report.moved > 0
         assert report.opened_s <= report.warmed_s <= report.switched_s <= report.drained_s
         assert not co.executor.failures
+        # warming measured both ways (own flash vs a peer's memory via the object store)
+        assert report.file_ms > 0 and report.peer_ms > 0 and report.source in ("file", "peer")
+        print(f"join: {report}")
 
 
 def test_bad_joins_are_named_and_leave_nothing(ray_nodes, tiny_emoe, tmp_path):
