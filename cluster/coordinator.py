@@ -414,5 +414,9 @@ class Coordinator:
             ],
             "lost_experts": [f"{k[0]}.{k[1]}" for k in self.lost],
             "failures": len(self.executor.failures),
+            # seconds from a failed call to its pairs answered elsewhere, per recovered layer
+            "recoveries_s": [
+                round(f.recovered_s, 3) for f in self.executor.failures if f.recovered_s >= 0
+            ],
             "bytes_moved": int(Bytes(self.executor.stats().bytes_read)),
         }

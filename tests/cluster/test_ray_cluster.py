@@ -91,7 +91,34 @@ def test_node_loss_mid_generation(ray_nodes, tiny_emoe):
         assert f and f[-1].recovered_s >= 0 and {x.node for x in f} == {"a"}
         st = co.status()
         assert {h["name"]: h["alive"] for h in st["hosts"]} == {"a": False, "b": True, "c": True}
+        assert st["recoveries_s"] and max(st["recoveries_s"]) < 10
         print(f"node loss: recovered in {f[-1].recovered_s:.2f} s, generation {took:.1f} s")
+
+
+def test_raylet_killed_mid_generation(ray_nodes, tiny_emoe):
+    """node.kill_raylet() mid-generation: the tokens are those of a run without the failure,
+    and the status soon reports the host down (its worker dies with its raylet)."""
+    ray_nodes.ensure("a", "b", "c")
+    path = tiny_emoe("qwen3_moe")
+    with Coordinator(path, NODES, copies=2, batch=len(PROMPTS), timeout=10) as co:
+        want = single(path, co.info.dtype)
+        calls = {"n": 0}
+
+        def kill_midway(layer, ids):
+            calls["n"] += 1
+            if calls["n"] == 9:
+                ray_nodes.nodes.pop("a").kill_raylet()
+
+        co.executor.observe(kill_midway)
+        assert cluster_tokens(co) == want
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            if not {h["name"]: h["alive"] for h in co.status()["hosts"]}["a"]:
+                break
+            time.sleep(1)
+        st = co.status()
+        assert {h["name"]: h["alive"] for h in st["hosts"]} == {"a": False, "b": True, "c": True}
+        assert cluster_tokens(co) == want  # and it serves on
 
 
 def test_host_sigkill_replaced_on_survivors(ray_nodes, tiny_emoe):
