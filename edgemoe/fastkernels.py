@@ -1,10 +1,13 @@
 """Kernels torch lacks for this CPU class, compiled once on first use and cached.
 
 `int8_gemv` (csrc/int8_gemv.cpp): INT8 weights times f32 activations for a few
-tokens, AVX2 + FMA, OpenMP over rows. Where the CPU lacks AVX2/FMA, the build
-fails, or EDGEMOE_NO_EXT=1 is set, `int8_gemv` is None and callers use torch's
-`_weight_int8pack_mm`. The build (~30-60 s, gcc and ninja) lands in the torch
-extensions cache ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+tokens, AVX2 + FMA, OpenMP over rows: 1.65x torch's `_weight_int8pack_mm` for
+one token here (one core). Opt-in with EDGEMOE_INT8_KERNEL=1 (and the `kernels`
+extra, which brings ninja): the build takes 1-2 minutes and ~900 MB of compiler
+memory, which must not happen unasked inside a run's memory budget. Where it
+is off, the CPU lacks AVX2/FMA or the build fails, `int8_gemv()` is None and
+callers use torch's kernel. The build lands in the torch extensions cache
+($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _cpu_has(*flags: str) -> bool:
 
 
 def _build():
-    if os.environ.get("EDGEMOE_NO_EXT") == "1" or not _cpu_has("avx2", "fma"):
+    if os.environ.get("EDGEMOE_INT8_KERNEL") != "1" or not _cpu_has("avx2", "fma"):
         return None
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
