@@ -204,7 +204,7 @@ def _cmd_run(args) -> int:
         expert_cache=args.expert_cache,
         engine=args.engine,
         **({"policy": args.cache_policy} if args.cache_policy else {}),
-        **({"prefetch": False} if args.no_prefetch else {}),
+        prefetch=args.prefetch,
     )
     kw = dict(
         max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop or ()), chat=args.chat
@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--cache-policy", choices=("lfu", "lru"), help="expert eviction (default lfu)")
     r.add_argument(
-        "--no-prefetch", action="store_true", help="do not predict the next layer's experts"
+        "--prefetch",
+        action="store_true",
+        help="predict the next layer's experts with its router and read them early",
     )
     r.add_argument(
         "--trace",
