@@ -359,6 +359,9 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
             "",
             f"Not run: {', '.join(skipped)} (`edgemoe run` has no {SYSTEMS[skipped[0]].needs} flag yet).",
         ]
+    planned = len(systems) * len(caps) * len({r.batch for r in runs} or {1}) * a.repeats
+    if len(runs) < planned:
+        out += ["", f"Stopped early: {len(runs)} of the {planned} planned runs were made."]
     loads = sorted(r.extra["loadavg"] for r in runs if "loadavg" in r.extra)
     if loads:
         out += [
