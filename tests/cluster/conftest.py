@@ -47,6 +47,7 @@ class RayNodes:
             },
         )
         self.nodes: dict = {}
+        self.killed: list = []
 
     def add(self, name: str):
         node = self.cluster.add_node(
@@ -62,7 +63,16 @@ class RayNodes:
         node = self.nodes.pop(name)
         self.cluster.remove_node(node, allow_graceful=graceful)
 
+    def kill_raylet(self, name: str) -> None:
+        """Kill only the node's raylet (its workers die with it); removed from the cluster's
+        books at the next ensure()."""
+        node = self.nodes.pop(name)
+        node.kill_raylet()
+        self.killed.append(node)
+
     def ensure(self, *names: str) -> None:
+        while self.killed:  # wait_for_nodes counts every node the cluster started
+            self.cluster.remove_node(self.killed.pop(), allow_graceful=False)
         for n in names:
             if n not in self.nodes:
                 self.add(n)

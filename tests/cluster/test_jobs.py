@@ -123,7 +123,12 @@ def test_ray_start_head_and_job_submit_cli(tmp_path):
          "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dash), "--resources", json.dumps({s.resource: 1}),
          "--labels", labels, "--temp-dir", tmpdir, "--object-store-memory", str(80 * 2**20),
-         "--disable-usage-stats"],
+         "--disable-usage-stats",
+         # its own agent ports: another cluster on this machine (the session's) holds the defaults
+         "--dashboard-agent-listen-port", str(_free_port()),
+         "--dashboard-agent-grpc-port", str(_free_port()),
+         "--metrics-export-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port())],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -134,7 +139,7 @@ def test_ray_start_head_and_job_submit_cli(tmp_path):
         submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                   "--working-dir", str(work), "--", "edgemoe", "cluster", "generate",
                   "--prompts", "in.jsonl", "--out", str(out), "--max-tokens", "6"]  # fmt: skip
-        end, r = time.monotonic() + 120, None
+        end, r = time.monotonic() + 300, None
         while time.monotonic() < end:  # the job server and its agent take a while to come up
             r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
             said = r.stdout + r.stderr

@@ -107,7 +107,7 @@ def test_raylet_killed_mid_generation(ray_nodes, tiny_emoe):
         def kill_midway(layer, ids):
             calls["n"] += 1
             if calls["n"] == 9:
-                ray_nodes.nodes.pop("a").kill_raylet()
+                ray_nodes.kill_raylet("a")
 
         co.executor.observe(kill_midway)
         assert cluster_tokens(co) == want
