@@ -52,27 +52,54 @@ class LFU:
     """Evicts the least used key (uses decay by half every `half_life` touches), the most
     recently used among equals. On a cycle longer than the cache (a model's layers are one)
     LRU evicts exactly the key the cycle needs next and hits nothing; here the often used
-    stay, and among equals the one just used goes, which is what Belady does on a cycle."""
+    stay, and among equals the one just used goes, which is what Belady does on a cycle.
+
+    Decay without touching every key: a use adds 2 ** (half-lives so far), so older uses
+    weigh half as much per half-life (scores are rebased when they grow large). A min-heap on
+    (score, -last touch) keeps a victim O(log n); entries made stale by a later touch or a
+    removal are dropped when they surface.
+    """
 
     def __init__(self, half_life: int = 4096):
-        self._uses: dict[Key, float] = {}
-        self._last: dict[Key, int] = {}
-        self._tick = 0
+        self._score: dict[Key, float] = {}  # kept after removal: a key that comes back is known
+        self._last: dict[Key, int] = {}  # held keys -> their last touch
+        self._heap: list[tuple[float, int, Key]] = []
+        self._tick = self._base = 0
         self._half = half_life
 
     def touch(self, key):
         self._tick += 1
-        if self._tick % self._half == 0:
-            self._uses = {k: u / 2 for k, u in self._uses.items()}
-        self._uses[key] = self._uses.get(key, 0.0) + 1.0
+        # whole half-lives only: uses within one weigh alike, so ties (a cycle) fall to recency
+        weight = 2.0 ** ((self._tick - self._base) // self._half)
+        if weight > 1e200:  # rebase every score (order is unchanged) and rebuild the heap
+            self._score = {k: v / weight for k, v in self._score.items()}
+            self._heap = [(self._score[k], -t, k) for k, t in self._last.items()]
+            heapq.heapify(self._heap)
+            self._base, weight = self._tick, 1.0
+        self._score[key] = self._score.get(key, 0.0) + weight
         self._last[key] = self._tick
+        heapq.heappush(self._heap, (self._score[key], -self._tick, key))
+        if len(self._heap) > 4 * len(self._last) + 1024:  # drop the stale entries
+            self._heap = [(self._score[k], -t, k) for k, t in self._last.items()]
+            heapq.heapify(self._heap)
 
     def remove(self, key):
-        self._last.pop(key, None)  # the use count stays: a key that comes back is known
+        self._last.pop(key, None)
 
     def victim(self, pinned):
-        held = [k for k in self._last if k not in pinned]
-        return min(held, key=lambda k: (self._uses[k], -self._last[k]), default=None)
+        held_back, found = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            score, neg_last, key = entry
+            if self._last.get(key) != -neg_last or self._score.get(key) != score:
+                continue  # stale: removed, or touched again since
+            held_back.append(entry)  # stays until the cache calls remove()
+            if key not in pinned:
+                found = key
+                break
+        for entry in held_back:
+            heapq.heappush(self._heap, entry)
+        return found
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}
