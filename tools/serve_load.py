@@ -57,8 +57,11 @@ def serve_args(a, batch: int, *extra: str, ctx: int | None = None) -> list[str]:
 
 def loaded(a, batch: int, bodies: list[dict], clients: int, cap, *extra: str) -> dict:
     with ServerProcess(serve_args(a, batch, *extra), cap=cap) as srv:
+        before = os.getloadavg()[0]
         results, wall = run_load(srv.url, bodies, clients, timeout=a.timeout)
+        after = os.getloadavg()[0]
     s = summarize(results, wall)
+    s["load_average"] = [round(before, 2), round(after, 2)]  # the machine is shared
     s["returncode"] = srv.returncode
     if srv.cap is not None:
         s.update(peak=int(srv.cap.peak), oom_killed=srv.cap.oom_killed, cap=int(srv.cap.limit))
@@ -183,6 +186,7 @@ def report(a, cap, why, load, cont, static, reuse) -> list[str]:
     cmd += f" --repeats {a.repeats}" if a.repeats != 2 else ""
     cmd += f" --compute-threads {a.compute_threads}" if a.compute_threads else ""
     ratio = cont["tokens_per_s"] / static["tokens_per_s"] if static["tokens_per_s"] else 0
+    loads = [x for s in (load, cont, static) for x in s.get("load_average", ())]
     out = [
         f"### edgemoe serve under load (demo model, {when})",
         "",
@@ -190,7 +194,8 @@ def report(a, cap, why, load, cont, static, reuse) -> list[str]:
         f"The server: `edgemoe serve --mem {a.mem} --ctx {a.ctx} --max-batch {a.max_batch}{cache}` "
         f"inside {cap_text}; greedy requests of mixed lengths (prompts of 4-240 words, "
         "8-128 new tokens, `ignore_eos`), streamed; TTFT is measured at the client, queueing "
-        "included.",
+        "included."
+        + (f" Load average {min(loads):.1f}-{max(loads):.1f} during the runs." if loads else ""),
         "",
         "| run | requests | failed | OOM kills | peak / cap | TTFT p50 | TTFT p99 | tokens/s |",
         "|---|---|---|---|---|---|---|---|",
