@@ -337,10 +337,10 @@ class Kernel:
         return False
 
     def _build_fused(self, shape, params, segments, dtype) -> Linear:
-        raise NotImplementedError
+        return self._build_dense(shape, params, segments, dtype)  # no fused path of its own
 
     def _fused_nbytes(self, shape, params, levels, dtype) -> int:
-        raise NotImplementedError
+        return self._dense_nbytes(shape, params, levels, dtype)
 
     def _build_dense(self, shape, params, segments, dtype) -> Linear:
         return DenseLinear(
@@ -436,7 +436,7 @@ class Int4Kernel(Kernel):
         return _int4_part_nbytes(int(shape[0]), int(shape[1]), params["group"], _item(dtype))
 
 
-class _NestedKernel(Kernel):
+class _NestedKernel(Kernel, ABC):
     """Shared by the nested codecs: fused parts appended per level, or a dense weight that
     keeps the decoder's state while a higher level remains."""
 
@@ -503,21 +503,21 @@ class _NestedKernel(Kernel):
         return to
 
     # per codec
+    @abstractmethod
     def _parts(self, shape, params, segment, level: int, dtype, lin=None) -> list:
         """The int4 parts level `level` (0-based) adds to `lin` (None while building level 1)."""
-        raise NotImplementedError
 
-    def _state(self, shape, params, segment) -> dict:
-        raise NotImplementedError
+    @abstractmethod
+    def _state(self, shape, params, segment) -> dict: ...
 
-    def _advance(self, shape, params, state: dict, segment, level: int) -> dict:
-        raise NotImplementedError
+    @abstractmethod
+    def _advance(self, shape, params, state: dict, segment, level: int) -> dict: ...
 
-    def _weight(self, shape, params, state: dict, level: int) -> np.ndarray:
-        raise NotImplementedError
+    @abstractmethod
+    def _weight(self, shape, params, state: dict, level: int) -> np.ndarray: ...
 
-    def _state_nbytes(self, shape, params, dtype) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def _state_nbytes(self, shape, params, dtype) -> int: ...
 
 
 @register_kernel(CodecId.MWQ)
