@@ -89,6 +89,19 @@ def describe(cfg: dict) -> str:
     )
 
 
+def converter_stamp() -> str:
+    """A key of the code that decides an .emoe's bytes (writer, constants, codecs, converters):
+    a cached conversion made by an older converter (say, zstd on INT8 experts) is not reused."""
+    import formats
+
+    root = Path(formats.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def content_key(path: Path, extra: str = "") -> str:
     """A hex key of a file's or folder's bytes (memoized by name, size and mtime).
 
@@ -197,7 +210,7 @@ def to_emoe(src: Path, experts: str = "int8", dense: str = "bf16") -> Path:
         CACHE
         / "bench"
         / "conv"
-        / content_key(src, f"emoe:{experts}:{dense}")
+        / content_key(src, f"emoe:{experts}:{dense}:{converter_stamp()}")
         / f"model-{experts}.emoe"
     )
     if not out.is_file():
