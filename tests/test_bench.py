@@ -99,6 +99,7 @@ def test_medians_ignore_failed_runs_and_keep_the_failure_when_all_fail():
     c = cells[("50%", 1, "edgemoe")]
     assert (c.runs, c.ok, c.status) == (4, 3, OK)
     assert c.decode == 6.0 and c.read_per_token == 20 and c.hit_rate == 0.6 and c.peak == 90
+    assert report._rate(c) == "6.00 (1 of 4 timeout (10 s))"  # a median of 3 says 1 run failed
     bad = cells[("25%", 1, "llama.cpp")]
     assert (bad.ok, bad.status, bad.note, bad.decode) == (0, "oom", "OOM-killed", None)
 

@@ -146,6 +146,7 @@ class Cell:
     read_per_token: float | None
     expert_per_token: float | None
     hit_rate: float | None
+    failures: str = ""  # how the runs that failed ended, e.g. "OOM-killed"
 
 
 def summarize(runs: list[Run]) -> dict[tuple[str, int, str], Cell]:
@@ -179,6 +180,7 @@ def summarize(runs: list[Run]) -> dict[tuple[str, int, str], Cell]:
             read_per_token=_median([per_token(r, "bytes_read") for r in good]),
             expert_per_token=_median([per_token(r, "expert_bytes") for r in good]),
             hit_rate=_median([r.hit_rate for r in good]),
+            failures=", ".join(sorted({r.note or r.status for r in rs if r.status != OK})),
         )
     return out
 
@@ -203,7 +205,10 @@ def _rate(cell: Cell | None) -> str:
         return "-"
     if cell.status != OK:
         return cell.note or cell.status
-    return f"{cell.decode:.2f}" if cell.decode is not None else "-"
+    rate = f"{cell.decode:.2f}" if cell.decode is not None else "-"
+    if cell.ok < cell.runs:  # a median of the runs that finished: say how many did not
+        rate += f" ({cell.runs - cell.ok} of {cell.runs} {cell.failures})"
+    return rate
 
 
 def _fmt(v, kind: str) -> str:
