@@ -101,17 +101,24 @@ class Settings:
         )
 
 
-def _capped(cmd: list[str], limit: Bytes | None, files: list[Path], s: Settings):
-    """(CapResult or None on timeout, whether the page cache was dropped)."""
+def _capped(run: Run, cmd: list[str], limit: Bytes | None, files: list[Path], s: Settings):
+    """Run cmd cold inside the cap and record the cgroup's figures in `run`: the CapResult, or
+    None when it timed out or was OOM-killed (run.status and run.note say which)."""
     dropped = evict(files) if s.drop_caches else False
     if not s.drop_caches:
         for f in files:
             memcap.evict_page_cache(f)
+    run.extra["dropped_caches"] = dropped
     try:
         res = memcap.run_capped(cmd, limit or _mem_total(), timeout=s.timeout, env=s.environ())
     except subprocess.TimeoutExpired:
-        return None, dropped
-    return res, dropped
+        run.status, run.note = TIMEOUT, f"timeout ({s.timeout:.0f} s)"
+        return None
+    run.peak, run.bytes_read, run.wall_s = int(res.peak), int(res.bytes_read), res.wall_s
+    if res.oom_killed:
+        run.status, run.note = OOM, "OOM-killed"
+        return None
+    return res
 
 
 def run_llamacpp(
@@ -126,14 +133,8 @@ def run_llamacpp(
         return run
     cmd = [str(bench), "-m", str(gguf), "-p", str(s.prompt_tokens), "-n", str(s.new_tokens)]
     cmd += ["-r", "1", "-t", str(s.threads), "-o", "json", *SYSTEMS[LLAMA_CPP].argv]
-    res, dropped = _capped(cmd, limit, [gguf], s)
-    run.extra["dropped_caches"] = dropped
+    res = _capped(run, cmd, limit, [gguf], s)
     if res is None:
-        run.status, run.note = TIMEOUT, f"timeout ({s.timeout:.0f} s)"
-        return run
-    run.peak, run.bytes_read, run.wall_s = int(res.peak), int(res.bytes_read), res.wall_s
-    if res.oom_killed:
-        run.status, run.note = OOM, "OOM-killed"
         return run
     try:
         tests = json.loads(res.stdout)
@@ -237,15 +238,9 @@ def run_edgemoe(
     if limit is not None:
         cmd += ["--mem", str(int(limit))]
     cmd += list(system.argv)
-    res, dropped = _capped(cmd, limit, [emoe], s)
-    run.extra["dropped_caches"] = dropped
+    res = _capped(run, cmd, limit, [emoe], s)
     if res is None:
-        run.status, run.note = TIMEOUT, f"timeout ({s.timeout:.0f} s)"
-        return run
-    run.peak, run.bytes_read, run.wall_s = int(res.peak), int(res.bytes_read), res.wall_s
-    if res.oom_killed:
-        run.status, run.note = OOM, "OOM-killed"
-        if limit is not None and (needs := _planner_needs(cmd, s)):
+        if run.status == OOM and limit is not None and (needs := _planner_needs(cmd, s)):
             # Killed before the planner could answer (a cap below torch's imports):
             # it would have refused; say what it needs, as a refusal does.
             run.status, run.note = REFUSED, f"refused (needs {needs})"
