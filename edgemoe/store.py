@@ -75,6 +75,7 @@ class ExpertStore:
         if self._fd < 0:
             self._fd = os.open(reader.path, os.O_RDONLY)
         self._local = threading.local()
+        self._retired: list[int] = []  # descriptors replaced by _fall_back
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgemoe-io")
         self._lock = threading.Lock()
         self.threads = threads
@@ -179,26 +180,33 @@ class ExpertStore:
         return out
 
     def _pread(self, view: memoryview, offset: int) -> int:
+        fd = self._fd  # read once: another thread may swap it in _fall_back
         if self.direct:
             try:
-                return os.preadv(self._fd, [view], offset)
+                return os.preadv(fd, [view], offset)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                self._fall_back()
-        n = os.preadv(self._fd, [view], offset)
-        os.posix_fadvise(self._fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+                fd = self._fall_back()
+        n = os.preadv(fd, [view], offset)
+        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
         return n
 
-    def _fall_back(self) -> None:
+    def _fall_back(self) -> int:
+        """Switch to buffered reads; the O_DIRECT descriptor stays open until close(),
+        as other reader threads may be inside a read on it."""
         with self._lock:
             if self.direct:
-                os.close(self._fd)
+                self._retired.append(self._fd)
                 self._fd = os.open(self.reader.path, os.O_RDONLY)
                 self.direct = False
+            return self._fd
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
