@@ -74,8 +74,7 @@ def make(spec: str, reader: EmoeReader) -> BitPolicy:
     kind, _, arg = spec.partition(":")
     if kind not in KINDS:
         raise ValueError(
-            f"unknown bit policy {spec!r}; use one of: {', '.join(sorted(KINDS))} "
-            "(e.g. fixed:2)"
+            f"unknown bit policy {spec!r}; use one of: {', '.join(sorted(KINDS))} (e.g. fixed:2)"
         )
     try:
         return KINDS[kind](arg or None, reader)
