@@ -261,7 +261,7 @@ def param_counts(model) -> dict:
 
 
 def lr_at(step: int, frac: float, args) -> float:
-    """Linear warmup over steps, then cosine to lr/10 over the wall-clock fraction used."""
+    """Linear warmup over steps, then cosine to lr/10 over the fraction of the run done."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
@@ -282,7 +282,11 @@ def train(model, data: np.ndarray, args, log) -> dict:
     step = tokens = pos = 0
     losses: list[float] = []
     win_t, win_tok = t0, 0
-    while time.time() - t0 < budget:
+
+    def progress() -> float:  # share of the run done: of --steps if given, else of the clock
+        return step / args.steps if args.steps else (time.time() - t0) / budget
+
+    while progress() < 1.0:
         if pos + args.batch > n_seq:
             order, pos = rng.permutation(n_seq), 0
         starts = order[pos : pos + args.batch] * args.seq
@@ -290,7 +294,7 @@ def train(model, data: np.ndarray, args, log) -> dict:
         x = torch.from_numpy(
             np.stack([data[s : s + args.seq + 1] for s in starts]).astype(np.int64)
         )
-        lr = lr_at(step, (time.time() - t0) / budget, args)
+        lr = lr_at(step, progress(), args)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
@@ -427,6 +431,13 @@ def write_readme(path: Path, rep: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock training budget")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train this many steps instead of --minutes (the cosine runs over steps): "
+        "repeats a recorded run on a slower or busier machine",
+    )
     ap.add_argument("--out", type=Path, default=Path("/work/demo-train/hf"), help="HF folder")
     ap.add_argument("--cache", type=Path, default=Path("/work/demo-train/cache"))
     ap.add_argument("--emoe", type=Path, default=REPO / "edgemoe/demo/demo.emoe")
