@@ -86,6 +86,10 @@ BLOB_TOKENIZER = "tokenizer.json"
 # The routing trace (SPEC.md §4, described by M_ROUTING_STATS): its blob and element type.
 BLOB_ROUTING_TRACE = "routing_trace"
 ROUTING_TRACE_DTYPE = "<u2"  # little-endian uint16 expert indices
+# Bit policies (edgemoe/bitstored.py), each a msgpack map: the per-expert level table of
+# `edgemoe calibrate --bits` (EdgeMoE) and the trained per-layer bit router (D²MoE).
+BLOB_BITS_TABLE = "bits_calibrated"
+BLOB_BITS_ROUTER = "bits_router"
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
