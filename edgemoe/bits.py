@@ -44,6 +44,28 @@ def top_levels(reader: EmoeReader) -> Callable[[int, int], int]:
     return lambda layer, expert: tops[(layer, expert)]
 
 
+def weight_bits(reader: EmoeReader) -> Callable[[int, int, int], float]:
+    """(layer, expert, level) -> nominal bits per expert weight at that level (the codecs'
+    `level_bits`, weighted by each role's size; scales and zero points not counted)."""
+    memo: dict[tuple[int, int, int], float] = {}
+
+    def bits(layer: int, expert: int, level: int) -> float:
+        key = (layer, expert, level)
+        if key not in memo:
+            n = b = 0
+            for name in reader.expert(layer, expert).tensors.values():
+                t = reader.tensors[name]
+                size = 1
+                for d in t.shape:
+                    size *= int(d)
+                lb = t.codec.level_bits(t.params)
+                n, b = n + size, b + size * lb[min(level, len(lb)) - 1]
+            memo[key] = b / max(1, n)
+        return memo[key]
+
+    return bits
+
+
 class Fixed:
     """Every pair at one level (capped at what each expert stores): today's behaviour."""
 
@@ -60,13 +82,60 @@ class Fixed:
         return out
 
 
+GATE_Q = 0.5  # the default: a top-2 second expert at half its token's best weight keeps the top
+
+
+class Gate:
+    """The level follows the gate weight, no training (D²MoE's default, as HOBBIT does for
+    misses): a pair whose weight is at least q times its token's highest weight computes at
+    the expert's top level; below that the level falls linearly with the weight, to level 1
+    at weight 0. So a token's best expert is always at the top, and a second expert of a
+    top-2 with little weight is read and computed at the base level.
+
+    q is the one knob (`gate:q=0.7`, or `gate:0.7`): 0 puts every pair at the top level
+    (fixed), higher q saves more bits. Default 0.5. A top-1 model has no second weight to
+    compare: every pair stays at the top.
+    """
+
+    def __init__(self, reader: EmoeReader, q: float = GATE_Q):
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"q={q} is outside 0..1")
+        self.q = q
+        self.name = f"gate:q={q:g}"
+        tops: dict[int, dict[int, int]] = {}
+        for (layer, expert), e in reader.experts.items():
+            tops.setdefault(layer, {})[expert] = len(e.levels)
+        self._tops: dict[int, torch.Tensor] = {}  # layer -> [E] int64 top level per expert
+        for layer, m in tops.items():
+            t = torch.ones(max(m) + 1, dtype=torch.int64)
+            t[list(m)] = torch.tensor(list(m.values()), dtype=torch.int64)
+            self._tops[layer] = t
+
+    def levels(self, layer, expert_ids, weights, hidden):
+        # T tokens, K chosen experts
+        top = self._tops[layer][expert_ids]  # [T, K]
+        w = weights.float()
+        r = w / w.amax(dim=1, keepdim=True).clamp_min(1e-30)  # [T, K] in 0..1
+        share = torch.ones_like(r) if self.q == 0 else (r / self.q).clamp(max=1.0)
+        return (1 + torch.floor((top - 1) * share + 1e-6)).to(torch.int64)  # [T, K]
+
+
 def _fixed(arg: str | None, reader: EmoeReader) -> BitPolicy:
     return Fixed(reader, None if arg is None else int(arg))
 
 
+def _gate(arg: str | None, reader: EmoeReader) -> BitPolicy:
+    if arg is None:
+        return Gate(reader)
+    key, eq, value = arg.partition("=")
+    if eq and key != "q":
+        raise ValueError(f"gate takes q=VALUE (0..1), not {key!r}")
+    return Gate(reader, float(value if eq else key))
+
+
 # kind -> (argument after the colon or None, reader) -> policy; other modules' kinds are
 # added here by name, so `make` stays the one place a spec is parsed.
-KINDS: dict[str, Callable[[str | None, EmoeReader], BitPolicy]] = {"fixed": _fixed}
+KINDS: dict[str, Callable[[str | None, EmoeReader], BitPolicy]] = {"fixed": _fixed, "gate": _gate}
 
 
 def make(spec: str, reader: EmoeReader) -> BitPolicy:

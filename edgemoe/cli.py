@@ -205,6 +205,7 @@ def _cmd_run(args) -> int:
         engine=args.engine,
         **({"policy": args.cache_policy} if args.cache_policy else {}),
         prefetch=args.prefetch,
+        bits=args.bits_policy,
     )
     kw = dict(
         max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop or ()), chat=args.chat
@@ -453,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--level", type=count(1, 64), help="expert precision level (default: the highest stored)"
+    )
+    r.add_argument(
+        "--bits-policy",
+        metavar="SPEC",
+        help="level of each (token, expert): fixed:L, gate (the gate weight decides; "
+        "gate:q=0.5, higher q fewer bits), ... (edgemoe/bits.py)",
     )
     r.add_argument("--threads", type=count(1, 256), default=2, help="I/O threads (default 2)")
     r.add_argument(

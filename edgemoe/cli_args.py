@@ -26,6 +26,7 @@ FLAGS = {
     "batch": "--batch",
     "max_tokens": "--max-tokens",
     "level": "--level",
+    "bits": "--bits-policy",
     "dtype": "--dtype",
     "device": "--device",
     "prompt": "--prompt",

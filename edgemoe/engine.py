@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from edgemoe import budget, trace
+from edgemoe.bits import BitPolicy
+from edgemoe.bits import make as bit_policy
 from edgemoe.cache import DEFAULT_POLICY, POLICIES
 from edgemoe.demo import DEMO
 from edgemoe.facts import ModelFacts, resolve_dtype
@@ -93,7 +95,11 @@ class EdgeModel:
             (default: the model's positions, at most 2048).
         batch: the most sequences generated at once (KV cache slots).
         dtype: "auto", "f32" or "bf16".
-        level: the expert precision level to compute at (default: the highest stored).
+        level: the expert precision level to compute at (default: the highest stored); the
+            same as bits="fixed:L".
+        bits: a bit policy spec (edgemoe/bits.py: "fixed:L", "gate", "gate:q=0.7", ...): the
+            level of each (token, chosen expert) pair; summary() reports the average bits per
+            expert weight actually computed.
         threads: I/O threads.
         expert_cache: size the expert cache ("3MiB", or "33%" of all experts) instead of
             giving it all the room `mem` leaves (never more than that room): shows paging on
@@ -132,6 +138,7 @@ class EdgeModel:
         policy: str = DEFAULT_POLICY,
         prefetch: bool = False,
         engine: str = "fast",
+        bits: str | None = None,
     ):
         floor = budget.process_floor()
         self.device, throttle, self.slowdown = None, None, None
@@ -171,6 +178,8 @@ class EdgeModel:
                 "level",
             )
         self.level = level or f.levels
+        self.bits = self._bit_policy(bits, level)
+        self.bits_name = self.bits.name if self.bits is not None else f"fixed:{self.level}"
         try:
             self.mem = None if mem is None else Bytes.parse(mem)
         except ValueError as e:
@@ -205,6 +214,7 @@ class EdgeModel:
             fused,
             None if naive else f.borrows,
             policy,
+            self.bits,
         )
         self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)
@@ -216,6 +226,22 @@ class EdgeModel:
         self._lock = threading.Lock()  # one forward pass at a time
         self._kv: KVCache | None = None
         self._free_slots = list(range(batch))
+
+    def _bit_policy(self, spec: str | None, level: int | None) -> BitPolicy | None:
+        """The policy a spec names; None for one level everywhere (the executor's level(),
+        which costs nothing per layer)."""
+        if spec is None:
+            return None
+        if level is not None:
+            raise BadRequest(
+                f"level={level} and bits={spec!r} both given",
+                f"use bits='fixed:{level}' or level={level} alone",
+                "bits",
+            )
+        try:
+            return bit_policy(spec, self.reader)
+        except ValueError as e:
+            raise BadRequest(str(e), "use bits='fixed:L' or 'gate:q=0.5'", "bits") from None
 
     def _cache_size(self, size) -> Bytes:
         p = self.plan
@@ -461,6 +487,8 @@ class EdgeModel:
             "family": self.reader.family,
             "dtype": str(self.dtype).replace("torch.", ""),
             "level": self.level,
+            "bits_policy": self.bits_name,
+            "average_bits": ex.average_bits,
             "prompt_tokens": st.prompt_tokens,
             "new_tokens": st.new_tokens,
             "prefill_tok_s": st.prompt_tokens / st.prefill_s if st.prefill_s else 0.0,
@@ -507,9 +535,11 @@ class EdgeModel:
         s = self.summary(stats)
         budget_s = "unlimited" if s["budget"] is None else str(Bytes(s["budget"]))
         vs = f" (bound {s['bound_tok_s']:.0f} on {s['device']})" if s["bound_tok_s"] else ""
+        avg = s["average_bits"]
+        bits = "" if avg is None else f"{avg:.2f} bits/weight ({s['bits_policy']}) | "
         return (
             f"prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s{vs} | "
-            f"TTFT {s['ttft_s']:.2f} s | expert hits {100 * s['hit_rate']:.0f}% | "
+            f"TTFT {s['ttft_s']:.2f} s | expert hits {100 * s['hit_rate']:.0f}% | {bits}"
             f"read {Bytes(s['bytes_read'])} from flash | peak {Bytes(s['peak_rss'])} of {budget_s} "
             f"(floor {Bytes(s['floor'])}, expert cache {Bytes(s['expert_cache'])} = {s['expert_slots']} experts)"
         )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgemoe.bits import BitPolicy, weight_bits
 from edgemoe.budget import Plan
 from edgemoe.cache import DEFAULT_POLICY, POLICIES, ExpertCache
 from edgemoe.moe.combine import combine_into
@@ -35,7 +36,8 @@ class ExecutorContext:
 
     reader: the open .emoe; plan: the memory plan (its expert_cache is the room for experts);
     store: the file's O_DIRECT expert reader; dtype: the compute dtype; level(layer, expert):
-    the level to compute at; expert_nbytes(layer): prepared bytes of one expert.
+    the level to compute at; expert_nbytes(layer): prepared bytes of one expert; bits: the
+    bit policy (edgemoe/bits.py) giving each (token, expert) its level, overriding level().
     """
 
     reader: EmoeReader
@@ -47,6 +49,7 @@ class ExecutorContext:
     fused: bool = True
     borrow: Callable[[int, int, int], bool] | None = None  # (layer, expert, level): in place?
     policy: str = DEFAULT_POLICY  # the expert cache's eviction policy (cache.POLICIES)
+    bits: BitPolicy | None = None  # each (token, expert) pair's level; None: level() for all
 
     def prepare(self, layer: int, expert: int, payloads: list) -> ExpertWeights:
         """Compute-ready weights of one expert from its level chunks' payloads."""
@@ -63,11 +66,14 @@ class ExecutorContext:
             self.level,
             self.expert_nbytes,
             self.borrow,
+            self.bits,
+            weight_bits(self.reader),
         )
 
 
 __all__ = [
     "Assignment",
+    "BitPolicy",
     "ExecutorContext",
     "ExecutorStats",
     "ExpertCache",

@@ -42,6 +42,8 @@ class ExecutorStats:
     prefetch_wasted: int = 0  # prefetched experts their layer did not use (their bytes wasted)
     predicted: int = 0  # expert uses in hinted layers that the hint had named
     routed_hinted: int = 0  # expert uses in hinted layers (predicted / this: the accuracy)
+    pairs: int = 0  # (token, expert) pairs computed at a known level
+    pair_bits: float = 0.0  # their bits per expert weight, summed (/ pairs: the average)
 
     def __sub__(self, other: ExecutorStats) -> ExecutorStats:
         return ExecutorStats(
@@ -57,6 +59,11 @@ class ExecutorStats:
         return self.hits / total if total else 1.0
 
     @property
+    def average_bits(self) -> float | None:
+        """Bits per expert weight actually computed, averaged over (token, expert) pairs."""
+        return self.pair_bits / self.pairs if self.pairs else None
+
+    @property
     def prediction_accuracy(self) -> float | None:
         return self.predicted / self.routed_hinted if self.routed_hinted else None
 
@@ -65,6 +72,7 @@ class ExecutorStats:
             **dataclasses.asdict(self),
             "hit_rate": self.hit_rate,
             "prediction_accuracy": self.prediction_accuracy,
+            "average_bits": self.average_bits,
         }
 
 
@@ -94,7 +102,12 @@ class ExpertExecutor(ABC):
 
     @abstractmethod
     def begin(
-        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+        self,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        expert_weights: torch.Tensor,
+        levels: torch.Tensor | None = None,
     ) -> object:
         """Start one layer's routed experts; returns the handle `finish` takes.
 
@@ -103,6 +116,8 @@ class ExpertExecutor(ABC):
             x: [T, D] hidden states of the layer's tokens.
             expert_ids: [T, K] int64 chosen experts.
             expert_weights: [T, K] float32 combine weights.
+            levels: [T, K] int64 precision level of each pair (edgemoe/bits.py), or None: the
+                executor's own bit policy decides (an executor that stores one level ignores it).
         """
 
     @abstractmethod
@@ -110,10 +125,18 @@ class ExpertExecutor(ABC):
         """[T, D] in x's dtype: sum_k weight[t, k] * expert_{ids[t, k]}(x[t])."""
 
     def run(
-        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor
+        self,
+        layer: int,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        expert_weights: torch.Tensor,
+        levels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """begin + finish."""
-        return self.finish(self.begin(layer, x, expert_ids, expert_weights))
+        """begin + finish (levels passed on only when given: executors that predate them
+        take four arguments)."""
+        if levels is None:
+            return self.finish(self.begin(layer, x, expert_ids, expert_weights))
+        return self.finish(self.begin(layer, x, expert_ids, expert_weights, levels))
 
     def stats(self) -> ExecutorStats:
         """Cumulative figures since the executor was made."""
@@ -131,7 +154,7 @@ class ResidentExecutor(ExpertExecutor):
         self.experts = experts
         self._uses = 0
 
-    def begin(self, layer, x, expert_ids, expert_weights):
+    def begin(self, layer, x, expert_ids, expert_weights, levels=None):
         self.routed(layer, expert_ids)
         out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
         for a in dispatch(expert_ids, expert_weights):

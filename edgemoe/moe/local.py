@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgemoe import trace
+from edgemoe.bits import BitPolicy
 from edgemoe.cache import Entry, ExpertCache, Key
 from edgemoe.moe.combine import combine_into
 from edgemoe.moe.dispatch import Assignment, dispatch
@@ -53,6 +54,10 @@ class LocalExecutor(ExpertExecutor):
     expert_nbytes: (layer) -> prepared bytes of one expert of that layer (for wave sizes).
     borrow: (layer, expert, level) -> whether the expert computes on its read buffer in place
         (reads then land in a slab the expert keeps until the cache evicts it).
+    bits: the bit policy giving each (token, expert) pair its level (edgemoe/bits.py) when
+        begin is given none; None: every pair at level(layer, expert).
+    weight_bits: (layer, expert, level) -> bits per expert weight (bits.weight_bits), for
+        the stats' average; None: not counted.
     """
 
     def __init__(
@@ -63,8 +68,12 @@ class LocalExecutor(ExpertExecutor):
         level: Callable[[int, int], int],
         expert_nbytes: Callable[[int], int],
         borrow: Callable[[int, int, int], bool] | None = None,
+        bits: BitPolicy | None = None,
+        weight_bits: Callable[[int, int, int], float] | None = None,
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
+        self.bits, self.weight_bits = bits, weight_bits
+        self._pairs, self._pair_bits = 0, 0.0
         self.level, self.expert_nbytes = level, expert_nbytes
         self.borrow = borrow or (lambda layer, expert, level: False)
         cache.on_evict = self._recycle
@@ -89,6 +98,8 @@ class LocalExecutor(ExpertExecutor):
             prefetch_wasted=self._pf_wasted,
             predicted=self._predicted,
             routed_hinted=self._routed_hinted,
+            pairs=self._pairs,
+            pair_bits=self._pair_bits,
         )
 
     def _fetch(self, key: Key) -> Future:
@@ -135,12 +146,18 @@ class LocalExecutor(ExpertExecutor):
             self._pf_issued += 1
 
     # ---- one layer
-    def begin(self, layer, x, expert_ids, expert_weights):
+    def begin(self, layer, x, expert_ids, expert_weights, levels=None):
         self.routed(layer, expert_ids)
+        if levels is None and self.bits is not None:
+            levels = self.bits.levels(layer, expert_ids, expert_weights, x)  # [T, K]
         by_key = {
-            (layer, a.expert, self.level(layer, a.expert)): a
-            for a in dispatch(expert_ids, expert_weights)
+            (layer, a.expert, a.level or self.level(layer, a.expert)): a
+            for a in dispatch(expert_ids, expert_weights, levels)
         }
+        if self.weight_bits is not None:
+            for (_, e, level), a in by_key.items():
+                self._pairs += len(a.tokens)
+                self._pair_bits += len(a.tokens) * self.weight_bits(layer, e, level)
         plan = schedule(self.cache, list(by_key), self.expert_nbytes(layer))
         # this layer now holds what it uses; the holds its prediction took end here
         for key in self._prefetched.pop(layer, set()):
