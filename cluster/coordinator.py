@@ -14,8 +14,8 @@ cluster/placement.py on the hosts' measured rooms.
 Failure: a failed call marks its host dead; `_on_failure` repairs the map
 (redundant copies serve at once; experts left with no copy are re-placed on
 survivors, which page them from their own file) and the executor re-issues
-the pairs. Join: the new host opens (same header CRC), placement is recomputed,
-hosts warm what they gain, the map switches by version, the old map drains,
+the pairs. Join: the new host opens (same header CRC), placement is recomputed
+moving as few experts as it can (placement.rebalance), hosts warm what they gain, the map switches by version, the old map drains,
 then hosts drop what they lost.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import edgemoe
 from cluster.model import ModelInfo, model_info
 from cluster.nodes import capacity
-from cluster.placement import node_loads, place, repair
+from cluster.placement import moved, node_loads, place, rebalance, repair
 from cluster.raynet import RayPool, cause, import_ray, start_host
 from cluster.remote import RemoteExecutor
 from cluster.types import ClusterError, ExpertMap, HostStatus, NodeCapacity, NodeSpec
@@ -53,6 +53,7 @@ class JoinReport:
     source: str = "file"  # where most were warmed from: "file" or "peer" (the faster, measured)
     file_ms: float = -1.0  # measured ms an expert from the host's own flash (-1: not measured)
     peer_ms: float = -1.0  # measured ms an expert from a peer's memory via the object store
+    fresh_moved: int = -1  # warms a from-scratch placement would have cost instead
 
 
 class Coordinator:
@@ -294,7 +295,8 @@ class Coordinator:
             self.executor.pool.specs = self.specs
             self.executor.dead.discard(spec.name)
             old = self.executor.map
-            new = place(
+            new = rebalance(  # keeps what it can where it is: few warms, few drops
+                old,
                 self.info.shape,
                 [self.caps[n] for n in self.live()],
                 self.info.stats,
@@ -303,7 +305,16 @@ class Coordinator:
                 affinity=self.affinity,
                 version=self._next_version(),
             )
-        moved, source, file_ms, peer_ms = self._warm(new, old)
+            caps = [self.caps[n] for n in self.live()]
+            fresh = place(
+                self.info.shape,
+                caps,
+                self.info.stats,
+                copies=self.copies,
+                spare=self.spare,
+                affinity=self.affinity,
+            )
+        warmed_n, source, file_ms, peer_ms = self._warm(new, old)
         warmed = time.perf_counter() - t0
         self.executor.set_map(new)
         switched = time.perf_counter() - t0
@@ -322,10 +333,11 @@ class Coordinator:
             switched,
             drained,
             new.version,
-            moved,
+            warmed_n,
             source,
             file_ms,
             peer_ms,
+            moved(old, fresh),
         )
 
     def restart_with(self, specs: Sequence[NodeSpec]) -> float:

@@ -17,6 +17,13 @@ The rule (docs/design/ALGORITHMS.md §4.3):
 `repair` drops dead nodes and re-places the experts they leave without a copy
 on survivors by the same rule, moving nothing else.
 
+`rebalance` (a join, or any change of the node set) moves as few experts as
+it can: the fresh placement for the new nodes gives each node a quota of
+bytes and load; every node keeps what it holds up to its quota (shedding, when
+over, the experts whose load best matches its excess, so few go), and only
+the shed experts, the missing copies and the orphans of gone nodes are packed
+by the rule above, new nodes first since they are the least loaded.
+
 Shape legend: L MoE layers, E experts per layer.
 """
 
@@ -250,6 +257,100 @@ def repair(
     order = [n.name for n in live]
     replicas = {k: tuple(n for n in order if k in held[n]) for k in kept}
     return ExpertMap(emap.version + 1, replicas), tuple(sorted(lost))
+
+
+def moved(old: ExpertMap, new: ExpertMap) -> int:
+    """Replicas `new` puts on a node that did not hold them under `old` (each one a warm)."""
+    return sum(len(set(new.hosts(k)) - set(old.hosts(k))) for k in new.replicas)
+
+
+def _shed(
+    keys: list[ExpertKey],
+    share: dict[ExpertKey, float],
+    size: dict[ExpertKey, int],
+    max_bytes: int,
+    max_load: float,
+    avoid: set[ExpertKey],
+) -> list[ExpertKey]:
+    """Which of a node's experts to give up so it is within its quotas, few of them: each
+    step drops the expert whose load is nearest the excess load per expert still to go,
+    preferring one no other node gave up (two copies of one expert cannot both go to the
+    same new node)."""
+    keep = sorted(keys)
+    out: list[ExpertKey] = []
+    nbytes, load = sum(size[k] for k in keep), sum(share[k] for k in keep)
+    while keep and (nbytes > max_bytes or load > max_load + 1e-12):
+        over_bytes = max(0, nbytes - max_bytes)
+        avg = size[keep[0]] or 1
+        count = max(1, -(-over_bytes // avg))  # experts to drop for the bytes alone
+        want = max(0.0, load - max_load) / count
+        k = min(keep, key=lambda k: (k in avoid, abs(share[k] - want), k))
+        keep.remove(k)
+        out.append(k)
+        nbytes -= size[k]
+        load -= share[k]
+    return out
+
+
+def rebalance(
+    emap: ExpertMap,
+    shape: ModelShape,
+    nodes: Sequence[NodeCapacity],
+    stats: RoutingStats | None = None,
+    *,
+    copies: int = 1,
+    spare: int = 0,
+    affinity: float = 0.0,
+    slack: float = 0.05,
+    version: int | None = None,
+) -> ExpertMap:
+    """The map for a new node set that moves as few experts as it can (module docstring).
+
+    Args:
+        emap: the map now served (replicas on nodes not in `nodes` are dropped).
+        nodes: every node of the new set, with its room and speed.
+        copies, spare, affinity: as `place`, whose map sets each node's quotas.
+        slack: a node keeps up to (1 + slack) times its fresh load share before it sheds.
+        version: the new map's version (default: emap's + 1).
+    Returns:
+        An ExpertMap as balanced as `place`'s within `slack`, every expert with place's count
+        of replicas; `moved(emap, result)` is the number of warms it costs.
+    Raises:
+        BadPlacement, ExpertLost: as `place`.
+    """
+    _check(nodes, copies, spare)
+    stats = stats or RoutingStats()
+    version = emap.version + 1 if version is None else version
+    fresh = place(shape, nodes, stats, copies=copies, spare=spare, affinity=affinity)
+    loads = _loads(shape, stats)
+    count = {k: len(fresh.hosts(k)) for k in loads}
+    share = {k: loads[k] / count[k] for k in loads}  # load of one replica
+    size = {k: int(shape.nbytes(k)) for k in loads}
+    names = {n.name for n in nodes}
+    held = {n.name: set() for n in nodes}
+    for k in loads:  # keep current replicas on live nodes, at most count[k] of them
+        have = [h for h in emap.hosts(k) if h in names][: count[k]]
+        for h in have:
+            held[h].add(k)
+    todo: list[tuple[float, ExpertKey]] = []
+    shed: set[ExpertKey] = set()
+    for n in nodes:
+        quota_b = sum(size[k] for k in fresh.experts_on(n.name))
+        quota_l = sum(share[k] for k in fresh.experts_on(n.name)) * (1 + slack)
+        for k in _shed(sorted(held[n.name]), share, size, quota_b, quota_l, shed):
+            held[n.name].discard(k)
+            shed.add(k)
+    for k in loads:
+        have = sum(k in ks for ks in held.values())
+        todo += [(share[k], k)] * (count[k] - have)
+    used = {n: sum(size[k] for k in ks) for n, ks in held.items()}
+    load = {n: sum(share[k] for k in ks) for n, ks in held.items()}
+    _pack(todo, nodes, shape, stats, affinity, held, used, load)
+    order = [n.name for n in nodes]
+    out = ExpertMap(version, {k: tuple(n for n in order if k in held[n]) for k in loads})
+    if moved(emap, fresh) <= moved(emap, out):  # e.g. every node new: nothing to keep
+        return ExpertMap(version, fresh.replicas)
+    return out
 
 
 def node_loads(

@@ -6,10 +6,13 @@ import pytest
 
 from cluster.placement import (
     BadPlacement,
+    _loads,
     copies_per_expert,
     cross_host_hops,
+    moved,
     node_loads,
     place,
+    rebalance,
     repair,
 )
 from cluster.types import ExpertLost, ExpertMap, ModelShape, NodeCapacity, RoutingStats
@@ -141,3 +144,69 @@ def test_stats_from_trace():
     s = RoutingStats.from_trace(ids, [1, 2])
     assert s.load[(1, 0)] == 2 and s.load[(2, 1)] == 2 and s.load[(1, 3)] == 1
     assert s.follows[((1, 0), (2, 1))] == 2
+
+
+# ---- minimal-move re-placement (a join)
+
+BIG = ModelShape(layers=(1, 2, 3, 4), experts=16, top_k=2, expert_bytes=(Bytes(MiB),) * 4)
+SKEWED = RoutingStats({k: 1.0 + (7 * k[0] + 3 * k[1]) % 11 for k in BIG.keys()})
+
+
+def _worst(emap, ns, stats):
+    """The largest load per unit of speed over the nodes (what balance minimises)."""
+    speed = {n.name: n.speed for n in ns}
+    return max(nl.load / speed[nl.name] for nl in node_loads(emap, ns, BIG, stats))
+
+
+@pytest.mark.parametrize(
+    "before, after, copies",
+    [
+        ((40, 40), (40, 40, 40), 1),  # room for all: a third should move, not two thirds
+        ((20, 20), (20, 20, 20), 1),  # every node pages
+        ((64, 64, 64), (64, 64, 64, 64), 1),
+        ((64, 64), (64, 64, 64), 2),  # two copies each, spread over three nodes
+    ],
+)
+def test_join_moves_few_and_stays_balanced(before, after, copies):
+    old_nodes, new_nodes = nodes(*before), nodes(*after)
+    old = place(BIG, old_nodes, SKEWED, copies=copies)
+    fresh = place(BIG, new_nodes, SKEWED, copies=copies)
+    new = rebalance(old, BIG, new_nodes, SKEWED, copies=copies)
+    joined = new_nodes[-1].name
+    assert new.version == old.version + 1
+    assert {k: len(new.hosts(k)) for k in BIG.keys()} == {
+        k: len(fresh.hosts(k)) for k in BIG.keys()
+    }
+    assert all(len(set(new.hosts(k))) == len(new.hosts(k)) for k in BIG.keys())
+    # the joining node gains nearly all that moves (little shuffles between the old ones), and
+    # about its fresh share (more when the old nodes shed light experts to meet their load quota)
+    assert moved(old, new) <= min(moved(old, fresh), len(new.experts_on(joined)) + 2)
+    assert len(new.experts_on(joined)) <= 1.5 * len(fresh.experts_on(joined)) + 2
+    if copies == 1:  # from scratch, most experts land elsewhere
+        assert moved(old, new) < 0.75 * moved(old, fresh)
+    # as balanced as the fresh placement within the slack (5%) and one expert's load, paging
+    # on no more nodes than it
+    one = max(_loads(BIG, SKEWED).values()) / copies
+    assert _worst(new, new_nodes, SKEWED) <= 1.05 * _worst(fresh, new_nodes, SKEWED) + one
+    fresh_paged = {n.name for n in node_loads(fresh, new_nodes, BIG, SKEWED) if n.paged}
+    new_paged = {n.name for n in node_loads(new, new_nodes, BIG, SKEWED) if n.paged}
+    assert len(new_paged) <= len(fresh_paged)
+
+
+def test_rebalance_same_nodes_moves_nothing():
+    ns = nodes(40, 40, 40)
+    old = place(BIG, ns, SKEWED)
+    new = rebalance(old, BIG, ns, SKEWED)
+    assert moved(old, new) == 0 and dict(new.replicas) == dict(old.replicas)
+
+
+def test_rebalance_after_loss_places_orphans_and_keeps_the_rest():
+    """A node gone and another joined: the gone node's experts are placed again, the
+    survivors keep what they held up to their quota."""
+    ns = nodes(40, 40, 40)
+    old = place(BIG, ns, SKEWED)
+    now = [ns[0], ns[1], NodeCapacity("n9", Bytes(40 * MiB))]
+    new = rebalance(old, BIG, now, SKEWED)
+    assert "n2" not in new.nodes() and all(len(new.hosts(k)) == 1 for k in BIG.keys())
+    kept = sum(new.hosts(k) == old.hosts(k) for k in BIG.keys() if "n2" not in old.hosts(k))
+    assert kept >= 0.9 * sum("n2" not in old.hosts(k) for k in BIG.keys())
