@@ -149,3 +149,8 @@ def make(spec: str, reader: EmoeReader) -> BitPolicy:
         return KINDS[kind](arg or None, reader)
     except (TypeError, ValueError) as e:
         raise ValueError(f"bit policy {spec!r}: {e}") from e
+
+
+from edgemoe.bitstored import calibrated, trained  # noqa: E402
+
+KINDS.update(calibrated=calibrated, trained=trained)  # fitted and stored by edgemoe calibrate

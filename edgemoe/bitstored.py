@@ -24,7 +24,6 @@ import msgpack
 import numpy as np
 import torch
 
-from edgemoe.bits import top_levels
 from formats import constants as C
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
@@ -44,6 +43,13 @@ class NoBitRouter(EmoeError):
 
 class BadBitPolicy(EmoeError):
     fix = "run `edgemoe calibrate --bits` (or --bit-router) on the file again to rewrite it"
+
+
+def top_levels(reader: EmoeReader):
+    """(layer, expert) -> its highest stored level (as edgemoe.bits.top_levels, which this
+    module cannot import: bits imports it to register its kinds)."""
+    tops = {key: len(e.levels) for key, e in reader.experts.items()}
+    return lambda layer, expert: tops[(layer, expert)]
 
 
 def moe_layers(reader: EmoeReader) -> list[int]:
@@ -246,13 +252,13 @@ class Trained:
         return self.router.levels(layer, expert_ids, weights, hidden)
 
 
-def _calibrated(arg: str | None, reader: EmoeReader) -> Calibrated:
+def calibrated(arg: str | None, reader: EmoeReader) -> Calibrated:
     if arg is not None:
         raise ValueError("calibrated takes no argument (its tolerance was fixed by calibrate)")
     return Calibrated(reader)
 
 
-def _trained(arg: str | None, reader: EmoeReader) -> Trained:
+def trained(arg: str | None, reader: EmoeReader) -> Trained:
     if arg is not None:
         raise ValueError("trained takes no argument (its lambda was fixed by calibrate)")
     return Trained(reader)
