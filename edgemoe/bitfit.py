@@ -49,6 +49,8 @@ from edgemoe.moe.executor import ExpertExecutor
 from formats import constants as C
 from formats.reader import EmoeReader
 
+DEFAULT_LAMBDA = 0.02  # nats of loss per token a bit per expert weight is worth
+DEFAULT_STEPS = 150
 LevelFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -407,8 +409,8 @@ def fit_router(
     m: EdgeModel,
     ex: FitExecutor,
     segs: torch.Tensor,
-    lam: float = 0.02,
-    steps: int = 150,
+    lam: float = DEFAULT_LAMBDA,
+    steps: int = DEFAULT_STEPS,
     lr: float = 0.01,
     batch: int = 4,
     seed: int = 0,

@@ -1,7 +1,9 @@
 """`edgemoe calibrate`: run a model over text and store its routing trace in the file.
 
 It builds a model (EdgeModel), so it sits above the engine; the trace's format,
-checks and replay live below it, in routing.py.
+checks and replay live below it, in routing.py. With `--bits` it stores each
+expert's level instead (EdgeMoE's calibrated bit-widths), with `--bit-router` a
+trained bit router (D²MoE): fitted by bitfit.py, read back by bitstored.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgemoe import bitfit, bitstored
 from edgemoe.engine import EdgeModel
 from edgemoe.routing import TRACE_BLOB, RoutingTrace
 from formats import constants as C
@@ -106,3 +109,66 @@ def calibrate(
         m.close()
     amend(m.path, metadata={C.M_ROUTING_STATS: trace.meta()}, blobs={TRACE_BLOB: trace.blob()})
     return trace
+
+
+def _fitting(path, texts: list[str], segments: int, tokens: int):
+    """(model, its FitExecutor, [S, T] calibration tokens, source name)."""
+    if segments < 1 or tokens < 2:
+        raise NotEnoughText(
+            f"--segments {segments} --tokens {tokens}", "use at least 1 segment of 2 tokens"
+        )
+    m, ex = bitfit.open_for_fitting(path, tokens)
+    try:
+        ids = m.tokenizer.encode(read_text(texts))
+        segs = torch.from_numpy(text_segments(ids, segments, tokens))
+    except BaseException:
+        m.close()
+        raise
+    return m, ex, segs, ", ".join(Path(t).name for t in texts)
+
+
+def calibrate_bits(
+    path,
+    texts: list[str],
+    *,
+    tolerance: float = 0.02,
+    segments: int = 8,
+    tokens: int = 256,
+    progress: Callable | None = None,
+) -> tuple[dict[int, list[int]], dict]:
+    """Fit each expert's level under a perplexity tolerance (bitfit.fit_table) on the text and
+    store the table in the .emoe (blob C.BLOB_BITS_TABLE, rewritten atomically).
+
+    Returns:
+        (layer -> [E] levels, the fit's info as stored).
+    """
+    m, ex, segs, source = _fitting(path, texts, segments, tokens)
+    try:
+        table, info = bitfit.fit_table(m, ex, segs, tolerance, progress)
+    finally:
+        m.close()
+    info = {**info, "source": source, "tokens": int(segs.numel())}
+    amend(m.path, blobs={bitstored.TABLE_BLOB: bitstored.table_blob(table, info)})
+    return table, info
+
+
+def train_bit_router(
+    path,
+    texts: list[str],
+    *,
+    lam: float = bitfit.DEFAULT_LAMBDA,
+    steps: int = bitfit.DEFAULT_STEPS,
+    segments: int = 8,
+    tokens: int = 256,
+    progress: Callable | None = None,
+) -> dict:
+    """Train the bit router (bitfit.fit_router) on the text and store it in the .emoe (blob
+    C.BLOB_BITS_ROUTER, rewritten atomically). Returns the fit's info as stored."""
+    m, ex, segs, source = _fitting(path, texts, segments, tokens)
+    try:
+        router, info = bitfit.fit_router(m, ex, segs, lam=lam, steps=steps, progress=progress)
+    finally:
+        m.close()
+    info = {**info, "source": source, "tokens": int(segs.numel())}
+    amend(m.path, blobs={bitstored.ROUTER_BLOB: router.blob(info)})
+    return info

@@ -348,9 +348,50 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    if args.bits or args.bit_router:
+        return _calibrate_bits(args)
     _calibrate(
         args.model, args.text, args.segments, args.tokens, args.mem, args.dtype, not args.quiet
     )
+    return 0
+
+
+def _calibrate_bits(args) -> int:
+    """--bits: each expert's level under --tolerance; --bit-router: the trained bit router."""
+    import math
+
+    from edgemoe.calibrate import calibrate_bits, train_bit_router
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if not args.quiet:
+            print(f"\r{stage} {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    kw = dict(segments=args.segments, tokens=args.tokens, progress=progress)
+    if args.bits:
+        table, i = calibrate_bits(args.model, args.text, tolerance=args.tolerance, **kw)
+        counts = {}
+        for row in table.values():
+            for lv in row:
+                counts[lv] = counts.get(lv, 0) + 1
+        print(
+            f"\nstored each expert's level in {args.model} (calibrated): experts per level "
+            f"{dict(sorted(counts.items()))}; {i['average_bits']:.2f} bits per expert weight "
+            f"(top {i['bits_top']:.2f}), perplexity {math.exp(i['loss']):.2f} vs "
+            f"{math.exp(i['loss_top']):.2f} at the top level, tolerance "
+            f"{100 * args.tolerance:g}%, {i['passes']} passes in {i['seconds']:.0f} s"
+        )
+    if args.bit_router:
+        if args.bit_lambda is not None:
+            kw["lam"] = args.bit_lambda
+        if args.bit_steps is not None:
+            kw["steps"] = args.bit_steps
+        i = train_bit_router(args.model, args.text, **kw)
+        print(
+            f"\nstored the bit router in {args.model} (trained, lambda {i['lambda']:g}): "
+            f"{i['average_bits']:.2f} bits per expert weight (top {i['bits_top']:.2f}), "
+            f"perplexity {math.exp(i['loss']):.2f} vs {math.exp(i['loss_top']):.2f} at the top "
+            f"level, {i['steps']} steps in {i['seconds']:.0f} s"
+        )
     return 0
 
 
@@ -580,6 +621,36 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--mem", type=size, help="memory budget (default: 80%% of available memory)")
     cb.add_argument("--dtype", default="auto", help="auto, f32 or bf16")
     cb.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from edgemoe.cli_args import number  # the bit flags' defaults live in edgemoe/bitfit.py
+
+    cb.add_argument(
+        "--bits",
+        action="store_true",
+        help="instead of routing, store each expert's level: the lowest that keeps perplexity "
+        "on the text within --tolerance of the top level's (EdgeMoE; `--bits-policy calibrated`)",
+    )
+    cb.add_argument(
+        "--tolerance",
+        type=number(0, 10, rule="a share from 0 to 10 (0.02 is 2%)"),
+        default=0.02,
+        help="with --bits: perplexity allowed above the top level's, as a share (default 0.02)",
+    )
+    cb.add_argument(
+        "--bit-router",
+        action="store_true",
+        help="instead of routing, train and store a bit router: a level per token and expert "
+        "from the hidden state (D²MoE; `--bits-policy trained`)",
+    )
+    cb.add_argument(
+        "--bit-lambda",
+        type=number(0, rule="a number of 0 or more"),
+        help="with --bit-router: loss per bit per weight; higher saves more bits (default 0.02)",
+    )
+    cb.add_argument(
+        "--bit-steps",
+        type=count(1, 100000),
+        help="with --bit-router: training steps (default 150)",
+    )
     cb.set_defaults(fn=_cmd_calibrate)
 
     dv = command("devices", help="list the device profiles: the user's and the shipped ones")
