@@ -679,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.cli import add_parser as add_cluster  # `edgemoe cluster` (issue 16)
 
     add_cluster(sub)
+    from edgemoe.eval import add_parser as add_eval  # `edgemoe eval` (issue 15)
+
+    add_eval(sub)
     return p
 
 

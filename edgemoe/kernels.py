@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgemoe.fastkernels import int8_gemv
+from edgemoe import fastkernels
 from formats.codecs import Codec, get_codec, numel
 from formats.codecs.bitplane import view as bitplane_view
 from formats.codecs.mwq import add_plane, unpack_plane
@@ -119,26 +119,31 @@ class DenseLinear(Linear):
 
 
 class Int8Linear(Linear):
-    """Per-output-row symmetric INT8: the layout _weight_int8pack_mm takes as is."""
+    """Per-output-row symmetric INT8 codes [N, K] and f32 row scales [N].
+
+    Computed by the AVX2 Q8 kernel (edgemoe/fastkernels.py: activations quantized to INT8 in
+    blocks of 32, as llama.cpp's Q8_0 matmul does) where it is available and K % 32 == 0, else
+    by torch's _weight_int8pack_mm (exact int8 x bf16), which takes the same codes as they are.
+    """
 
     def __init__(
         self, q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, borrowed: bool = False
     ):
-        self.q, self.scales, self.dtype = q.contiguous(), scales.to(dtype).contiguous(), dtype
+        self.q, self.scales, self.dtype = q.contiguous(), scales.float().contiguous(), dtype
         self.out_features, self.in_features = q.shape
         # borrowed codes are views into a read buffer the caller accounts for
-        self.nbytes = (
-            0 if borrowed else q.numel()
-        ) + self.scales.numel() * self.scales.element_size()
+        self.nbytes = (0 if borrowed else q.numel()) + self.scales.numel() * 4
+        self.fast = self.in_features % fastkernels.QK == 0 and fastkernels.available()
 
     def __call__(self, x):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        gemv = int8_gemv() if x2.shape[0] == 1 and self.in_features % 8 == 0 else None
-        if gemv is not None:  # one token: the AVX2 kernel (1.65x torch's here, one core)
-            y = gemv(x2.float().contiguous(), self.q, self.scales.float()).to(self.dtype)
+        if self.fast:
+            y = fastkernels.q8_linear(x2, self.q, self.scales).to(self.dtype)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.dtype), self.q, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(
+                x2.to(self.dtype), self.q, self.scales.to(self.dtype)
+            )
         return y.reshape(*lead, self.out_features)
 
 
@@ -413,7 +418,7 @@ class Int8Kernel(Kernel):
         return Int8Linear(q, _f16(scales, rows).reshape(rows), dtype, borrowed=borrow)
 
     def _fused_nbytes(self, shape, params, levels, dtype):
-        return numel(shape) + int(shape[0]) * _item(dtype)
+        return numel(shape) + int(shape[0]) * 4  # f32 row scales
 
 
 @register_kernel(CodecId.INT4)
