@@ -4,6 +4,7 @@
     print(co.model.generate("The capital of France is", max_tokens=16))
     co.join(new_spec)          # elastic scale-up while requests are served
     co.status()                # every host's real state
+    co.complete(prompts, 16, classes=[RequestClass("rt", latency_s=0.01), None])  # MoE² classes
     co.close()
 
 The coordinator process loads the model with `edgemoe.load(..., executor=...)`:
@@ -33,6 +34,7 @@ from cluster.nodes import capacity
 from cluster.placement import moved, node_loads, place, rebalance, repair
 from cluster.raynet import RayPool, cause, import_ray, start_host
 from cluster.remote import RemoteExecutor
+from cluster.requests import RequestClasses
 from cluster.types import ClusterError, ExpertMap, HostStatus, NodeCapacity, NodeSpec
 from edgemoe.units import Bytes
 
@@ -97,6 +99,9 @@ class Coordinator:
         self.info: ModelInfo | None = None
         self._lock = threading.Lock()  # map changes (repair, join, restart) one at a time
         self._version = 1  # the last map version handed out (under _lock)
+        self._sels: dict = {}  # (request class, map version) -> its Selection
+        self._sel_lock = threading.Lock()
+        self.classes: RequestClasses | None = None
 
     # ---- start and stop
     def _open(self, specs: Sequence[NodeSpec]) -> dict[str, HostStatus]:
@@ -167,6 +172,8 @@ class Coordinator:
                 level=info.level,
                 executor=lambda context: self.executor,
             )
+            self.executor.selector = self._selection
+            self.classes = RequestClasses(self.model, self.executor)
         except BaseException:
             self.close()
             raise
@@ -371,24 +378,43 @@ class Coordinator:
             self.executor.set_map(new)
         return time.perf_counter() - t0
 
-    def set_class(self, klass) -> object:
-        """Serve from now on under a MoE² request class (cluster/selection.py): the experts
-        whose replica meets its latency budget, within its energy budget, each at that
-        replica, the gate renormalised over them; None serves every choice. Applies to the
-        whole model (every sequence of a batch). Returns the Selection (or None)."""
+    def _selection(self, klass, emap: ExpertMap):
+        """A request class's MoE² Selection on a map (cached per class and map version): the
+        experts whose replica meets its latency budget, within its energy budget."""
         from cluster.selection import loads_per_token, node_costs, select_experts
 
-        if klass is None:
-            self.executor.selection = None
-            return None
+        key = (klass, emap.version)
+        with self._sel_lock:
+            sel = self._sels.get(key)
+        if sel is not None:
+            return sel
         cfg = self.model.reader.config
         width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
         item = 4 if self.info.dtype == "f32" else 2
         costs = node_costs([self.specs[n] for n in self.live()], cfg["hidden_size"], width, item)
         loads = loads_per_token(self.info.shape, self.info.stats.load)
-        sel = select_experts(self.executor.map, costs, loads, klass, self.info.shape)
-        self.executor.selection = sel
+        sel = select_experts(emap, costs, loads, klass, self.info.shape)
+        with self._sel_lock:
+            self._sels = {k: v for k, v in self._sels.items() if k[1] == emap.version}
+            self._sels[key] = sel
         return sel
+
+    def complete(self, prompts: list, max_tokens: int = 128, sampling=None, classes=None, **kw):
+        """Generate prompts together, each under its own MoE² request class.
+
+        Args:
+            classes: one selection.RequestClass (or None: the default, `set_class`) per prompt;
+                a batch may mix classes. Other arguments as EdgeModel.complete.
+        Raises:
+            ClusterError: classes do not match the prompts.
+        """
+        return self.classes.complete(prompts, max_tokens, sampling, classes, **kw)
+
+    def set_class(self, klass) -> object:
+        """The default class: requests given none are served under it from now on (None:
+        every choice). Returns its Selection on the current map (or None)."""
+        self.classes.default = klass
+        return None if klass is None else self._selection(klass, self.executor.map)
 
     # ---- state
     def status(self, timeout: float = 5.0) -> dict:
@@ -431,4 +457,6 @@ class Coordinator:
                 round(f.recovered_s, 3) for f in self.executor.failures if f.recovered_s >= 0
             ],
             "bytes_moved": int(Bytes(self.executor.stats().bytes_read)),
+            # MoE²: (token, layer)s whose class served none of their choices (top one kept)
+            "selection_fallbacks": self.executor.fallbacks,
         }

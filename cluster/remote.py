@@ -10,6 +10,12 @@ before the next attention, so that is as far as the overlap goes.
 The expert map is versioned. `begin` snapshots the current map, so calls in
 flight finish on the map they started with while `set_map` switches to a new
 one atomically; `drained(version)` tells when no call of an older map remains.
+MoE² request classes (cluster/selection.py) are per request: the coordinator
+tells the executor, around each forward pass (`rows`), the class of every row
+of the batch; each class's rows keep only its served choices (or fall back to
+their top one at its fastest replica) and call its replicas, so one batch
+mixes classes. Without row classes, `selection` (or nothing) applies to all.
+
 A call that fails (host died, node lost, timed out) marks its host dead, asks
 the coordinator's `on_failure` for a repaired map (redundant copies at once,
 else experts re-placed on survivors) and re-issues only the failed pairs, up
@@ -27,13 +33,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from cluster.selection import Routed, RowCounts, route_rows
 from cluster.types import ExpertLost, ExpertMap
 from edgemoe.moe.api import Assignment, ExecutorStats, ExpertExecutor, combine_into, dispatch
 
@@ -64,6 +72,7 @@ class _Call:
     node: str
     assigns: list[Assignment]  # in the order of the call's pairs
     rows: torch.Tensor  # [n] rows of x sent
+    sels: list = field(default_factory=list)  # each assignment's class Selection (or None)
     call: object = None
     sent_at: float = 0.0
 
@@ -110,7 +119,12 @@ class RemoteExecutor(ExpertExecutor):
         self.timeout, self.retries = timeout, retries
         self.dead: set[str] = set()
         self.failures: list[Failure] = []
-        self.selection = None  # a MoE² Selection (cluster/selection.py): served set, replicas
+        self.selection = None  # a MoE² Selection for rows without a class of their own
+        # (klass, map) -> its Selection: how a row's RequestClass becomes a served set
+        self.selector: Callable[[object, ExpertMap], object] | None = None
+        self._tls = threading.local()  # this thread's forward pass: each row's class
+        self.fallbacks = 0  # (token, layer)s with no served choice, given their top one
+        self.dropped = 0  # choices a class's selection dropped (no call made for them)
         self._lock = threading.Condition()
         self._inflight: Counter[int] = Counter()  # calls in flight per map version
         self._calls = self._pairs = 0
@@ -142,34 +156,36 @@ class RemoteExecutor(ExpertExecutor):
         return True
 
     # ---- the seam
-    def _choose(self, emap: ExpertMap, key, load: Counter) -> str | None:
-        """The replica for one expert: a host this layer already calls (no extra round
-        trip), else the nearest, then the least loaded this step."""
+    def _choose(self, emap: ExpertMap, key, load: Counter, sel=None) -> str | None:
+        """The replica for one expert: the class's (within its latency, least energy; the
+        fastest for a fallback), else a host this layer already calls (no extra round trip),
+        else the nearest, then the least loaded this step."""
         hosts = [h for h in emap.hosts(key) if h not in self.dead]
         if not hosts:
             return None
-        sel = self.selection
-        if sel is not None and sel.replica.get(key) in hosts:
-            return sel.replica[key]  # the class's replica: within its latency, least energy
+        if sel is not None and sel.host(key) in hosts:
+            return sel.host(key)
         return min(hosts, key=lambda h: (load[h] == 0, self.pool.rtt(h), load[h], h))
 
-    def _plan_calls(self, emap: ExpertMap, layer: int, assigns: list[Assignment]) -> list[_Call]:
-        by_node: dict[str, list[Assignment]] = {}
+    def _plan_calls(self, emap: ExpertMap, layer: int, routed: list) -> list[_Call]:
+        by_node: dict[str, list] = {}
         load: Counter = Counter()
-        for a in sorted(assigns, key=lambda a: -len(a.tokens)):  # hot experts choose first
-            node = self._choose(emap, (layer, a.expert), load)
+        for r in sorted(routed, key=lambda r: -len(r.assignment.tokens)):  # hot ones first
+            a = r.assignment
+            node = self._choose(emap, (layer, a.expert), load, r.selection)
             if node is None:
                 raise ExpertLost(
                     f"layer {layer} expert {a.expert}: every host that held it is gone "
                     f"(dead: {', '.join(sorted(self.dead)) or 'none'}) and no live host took it"
                 )
-            by_node.setdefault(node, []).append(a)
+            by_node.setdefault(node, []).append(r)
             load[node] += len(a.tokens)
         calls = []
         for node, group in by_node.items():
-            group.sort(key=lambda a: a.expert)
-            rows = torch.unique(torch.cat([a.tokens for a in group]))  # [n] sorted
-            calls.append(_Call(node, group, rows))
+            group.sort(key=lambda r: r.assignment.expert)
+            assigns = [r.assignment for r in group]
+            rows = torch.unique(torch.cat([a.tokens for a in assigns]))  # [n] sorted
+            calls.append(_Call(node, assigns, rows, [r.selection for r in group]))
         return calls
 
     def _submit(self, emap: ExpertMap, layer: int, x: torch.Tensor, calls: list[_Call]) -> None:
@@ -206,24 +222,52 @@ class RemoteExecutor(ExpertExecutor):
             self._inflight[emap.version] += 1
         try:
             h = _Handle(layer, x, emap)
-            assigns = self._select(layer, expert_ids, expert_weights)
-            h.calls = self._plan_calls(emap, layer, assigns)
+            routed = self._select(emap, layer, expert_ids, expert_weights)
+            h.calls = self._plan_calls(emap, layer, routed)
             self._submit(emap, layer, x, h.calls)
         except BaseException:
             self._done(emap.version)
             raise
         return h
 
-    def _select(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> list[Assignment]:
-        """The layer's assignments; under a MoE² selection only the served choices, with the
-        gate's weights renormalised over them (a dropped choice gets no call at all)."""
-        sel = self.selection
-        if sel is None:
-            return dispatch(ids, weights)
-        from cluster.selection import restrict
+    @contextmanager
+    def rows(self, classes: Sequence | None):
+        """Within this block (one forward pass on this thread), row i of every layer's batch
+        belongs to a request of class classes[i] (a RequestClass, or None: `selection`)."""
+        prev = getattr(self._tls, "classes", None)
+        self._tls.classes = classes
+        try:
+            yield
+        finally:
+            self._tls.classes = prev
 
-        ids, w, kept = restrict(ids, weights, sel.allowed[layer])
-        return [a for a in dispatch(torch.where(kept, ids, -1), w) if a.expert >= 0]
+    def _groups(self, emap: ExpertMap, t: int) -> list[tuple]:
+        """(rows or None, Selection or None) per class present among this pass's t rows."""
+        classes = getattr(self._tls, "classes", None)
+        if classes is None or self.selector is None or len(classes) != t:
+            return [(None, self.selection)]
+        kinds = list(dict.fromkeys(classes))
+        if len(kinds) == 1:
+            k = kinds[0]
+            return [(None, self.selection if k is None else self.selector(k, emap))]
+        out = []
+        for k in kinds:
+            rows = torch.tensor([i for i, c in enumerate(classes) if c == k], dtype=torch.int64)
+            out.append((rows, self.selection if k is None else self.selector(k, emap)))
+        return out
+
+    def _select(self, emap: ExpertMap, layer: int, ids: torch.Tensor, weights: torch.Tensor):
+        """The layer's assignments (selection.Routed); under a class's selection only its
+        served choices, the gate's weights renormalised over them (a dropped choice gets no
+        call at all), or its top choice when none is served (the fallback, counted)."""
+        groups = self._groups(emap, len(ids))
+        if len(groups) == 1 and groups[0][1] is None:
+            return [Routed(a, None) for a in dispatch(ids, weights)]
+        counts = RowCounts()
+        out = route_rows(layer, ids, weights, groups, counts)
+        self.fallbacks += counts.fallbacks
+        self.dropped += counts.dropped
+        return out
 
     def _done(self, version: int) -> None:
         with self._lock:
@@ -268,7 +312,7 @@ class RemoteExecutor(ExpertExecutor):
                     )
                 emap = self._repair(version, failed)
                 version = emap.version
-                redo = [a for c, _ in failed for a in c.assigns]
+                redo = [Routed(a, s) for c, _ in failed for a, s in zip(c.assigns, c.sels)]
                 pending = self._plan_calls(emap, h.layer, redo)
                 self._submit(emap, h.layer, h.x, pending)
             if first_fail is not None:

@@ -15,8 +15,20 @@ Two levels:
    is one (the fractional-knapsack order, made maximal).
 2. Per token (`restrict`): keep the gate's choices that are in S, renormalise
    their weights to the gate's total over the kept set (no retraining: a gate
-   trained over all experts stays right on any subset). A token none of whose
-   choices is in S keeps its top choice, so it is never left without experts.
+   trained over all experts stays right on any subset).
+
+Fallback: a token none of whose choices is in S (no chosen expert has a replica
+within the latency budget, or within the energy budget) keeps its single
+highest-weight choice, at that expert's fastest replica, with the gate's whole
+weight; it is counted (`fallbacks`), since that token's layer may exceed the
+budget. Dropping every choice instead would leave the token with its shared
+expert and residual only: on the demo model that costs far more perplexity than
+one slow call costs latency.
+
+Classes are per request: each row of a layer's batch carries its request's
+class (`route_rows`), so one batch mixes a latency-tight class with an
+unlimited one; each class's rows are restricted by its own Selection and served
+at its own replicas.
 
 `SelectingExecutor` applies a selection in front of any executor and counts
 the gate mass kept, the per-layer latency and the energy per token, so the
@@ -27,6 +39,7 @@ Shape legend: T tokens, K active experts, E experts per layer.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +48,7 @@ import torch
 
 from cluster.types import ExpertKey, ExpertMap, ModelShape, NodeSpec
 from devices.profile import load_profile
-from edgemoe.moe.api import ExecutorStats, ExpertExecutor
+from edgemoe.moe.api import Assignment, ExecutorStats, ExpertExecutor, dispatch
 
 DEVBOX_GFLOPS = 70.0  # devices/README.md: the devbox's measured FP32 GEMM, compute_factor 1.0
 DEFAULT_WATTS = 10.0  # a profile without `watts`
@@ -49,6 +62,20 @@ class RequestClass:
     name: str
     latency_s: float = float("inf")
     energy_j: float | None = None
+
+    def __post_init__(self):
+        from cluster.types import ClusterError
+
+        if not self.latency_s > 0:
+            raise ClusterError(
+                f"request class {self.name!r}: latency budget {self.latency_s!r} s",
+                "give a latency budget > 0 (or none: unlimited)",
+            )
+        if self.energy_j is not None and not self.energy_j >= 0:
+            raise ClusterError(
+                f"request class {self.name!r}: energy budget {self.energy_j!r} J",
+                "give an energy budget >= 0 (or none: unlimited)",
+            )
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,12 @@ class Selection:
     allowed: Mapping[int, torch.Tensor]  # layer -> [E] bool
     replica: Mapping[ExpertKey, str]
     expected_j: float  # energy per token if tokens route as the statistics say
+    fastest: Mapping[ExpertKey, str] = dataclasses.field(default_factory=dict)  # for fallbacks
+
+    def host(self, key: ExpertKey) -> str | None:
+        """The replica this class calls for an expert: its served one, else (a fallback)
+        the fastest."""
+        return self.replica.get(key) or self.fastest.get(key)
 
     def served(self) -> int:
         return len(self.replica)
@@ -115,8 +148,12 @@ def select_experts(
 ) -> Selection:
     """Level 1 (see the module docstring)."""
     best: dict[ExpertKey, NodeCost] = {}
+    fastest: dict[ExpertKey, str] = {}
     for key, hosts in emap.replicas.items():
-        ok = [costs[h] for h in hosts if h in costs and costs[h].call_s <= klass.latency_s]
+        known = [costs[h] for h in hosts if h in costs]
+        if known:
+            fastest[key] = min(known, key=lambda c: (c.call_s, c.joules, c.name)).name
+        ok = [c for c in known if c.call_s <= klass.latency_s]
         if ok:
             best[key] = min(ok, key=lambda c: (c.joules, c.call_s, c.name))
     order = sorted(best, key=lambda k: (best[k].joules, -loads.get(k, 0.0), k))
@@ -130,18 +167,18 @@ def select_experts(
     allowed = {layer: torch.zeros(shape.experts, dtype=torch.bool) for layer in shape.layers}
     for layer, e in chosen:
         allowed[layer][e] = True
-    return Selection(allowed, {k: best[k].name for k in chosen}, spent)
+    return Selection(allowed, {k: best[k].name for k in chosen}, spent, fastest)
 
 
 def restrict(
-    ids: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor, keep_top: bool = False
+    ids: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor, keep_top: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Level 2: keep the choices in S, renormalised; returns (ids, weights, kept [T, K] bool).
 
     Dropped choices become the token's first kept expert with weight 0 (the [T, K] shape
     stays), so an executor adds nothing for them. A token none of whose choices is served
-    gets no routed output (its shared expert and residual remain), unless keep_top, which
-    keeps its top choice outside the budgets.
+    keeps its top choice (the fallback, outside the budgets); with keep_top False it gets
+    no routed output (its shared expert and residual remain).
     """
     kept = allowed[ids]  # [T, K]
     none = ~kept.any(dim=1)
@@ -156,6 +193,67 @@ def restrict(
     return torch.where(kept, ids, fill), w, kept
 
 
+@dataclass(frozen=True)
+class Routed:
+    """One assignment of a layer (tokens are rows of the layer's x) and the Selection of the
+    class its rows belong to (None: every choice, at any replica)."""
+
+    assignment: Assignment
+    selection: Selection | None
+
+
+@dataclass
+class RowCounts:
+    """What a layer's restriction did: tokens routed, gate mass kept (summed over tokens),
+    choices dropped, tokens that fell back to their top choice."""
+
+    tokens: int = 0
+    mass: float = 0.0
+    dropped: int = 0
+    fallbacks: int = 0
+
+
+def route_rows(
+    layer: int,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    groups: Sequence[tuple[torch.Tensor | None, Selection | None]],
+    counts: RowCounts | None = None,
+) -> list[Routed]:
+    """A layer's assignments when its rows belong to requests of different classes.
+
+    Args:
+        ids, weights: [T, K] the gate's choices and weights.
+        groups: (rows [n] int64, or None for every row; the class's Selection or None); the
+            groups' rows are disjoint and cover [0, T).
+        counts: added to (tokens, kept gate mass, dropped choices, fallbacks).
+    Returns:
+        The assignments, each with its class's Selection; a class's dropped choices get none.
+    """
+    out: list[Routed] = []
+    for rows, sel in groups:
+        i, w = (ids, weights) if rows is None else (ids[rows], weights[rows])  # [n, K]
+        if sel is None:
+            kept = torch.ones_like(i, dtype=torch.bool)
+            assigns = dispatch(i, w)
+        else:
+            fell = ~sel.allowed[layer][i].any(dim=1)  # [n] tokens with no served choice
+            i2, w2, kept = restrict(i, w, sel.allowed[layer])
+            assigns = [a for a in dispatch(torch.where(kept, i2, -1), w2) if a.expert >= 0]
+            if counts is not None:
+                counts.dropped += int((~kept).sum())
+                counts.fallbacks += int(fell.sum())
+        if counts is not None:
+            counts.tokens += len(i)
+            mass = (w * kept).sum(dim=1) / w.sum(dim=1).clamp_min(1e-30)
+            counts.mass += float(mass.sum())
+        for a in assigns:
+            if rows is not None:
+                a = dataclasses.replace(a, tokens=rows[a.tokens])
+            out.append(Routed(a, sel))
+    return out
+
+
 @dataclass
 class SelectionStats:
     tokens: int = 0
@@ -164,11 +262,13 @@ class SelectionStats:
     latency_s: float = 0.0  # sum over (token batch, layer) of the slowest call
     energy_j: float = 0.0
     per_layer_tokens: int = 0  # tokens summed over MoE layers
+    fallbacks: int = 0  # (token, layer)s with no served choice, given their top one
 
     def as_dict(self, moe_layers: int) -> dict:
         n = max(1, self.per_layer_tokens)
         return {
             "gate_mass_kept": self.gate_mass / n,
+            "fallback_share": self.fallbacks / n,
             "latency_ms_per_layer": 1e3 * self.latency_s / max(1, self.layer_calls),
             "energy_mj_per_token": 1e3 * self.energy_j / max(1.0, n / moe_layers),
         }
@@ -207,7 +307,9 @@ class SelectingExecutor(ExpertExecutor):
         self.routed(layer, expert_ids)
         ids, w = expert_ids, expert_weights
         if self.policy == "moe2" and self.selection is not None:
-            ids, w, kept = restrict(ids, w, self.selection.allowed[layer])
+            allowed = self.selection.allowed[layer]
+            self.count.fallbacks += int((~allowed[ids].any(dim=1)).sum())
+            ids, w, kept = restrict(ids, w, allowed)  # a fallback is served at its fastest
             mass = (expert_weights * kept).sum(dim=1) / expert_weights.sum(dim=1).clamp_min(1e-30)
         else:
             kept = torch.ones_like(ids, dtype=torch.bool)

@@ -12,6 +12,7 @@ import pytest
 
 import edgemoe
 from cluster.coordinator import Coordinator
+from cluster.selection import RequestClass
 from cluster.types import BudgetBelowFloor, ExpertLost, Link, ModelMismatch, NodeSpec
 from edgemoe.sampling import Sampling
 from edgemoe.units import Bytes
@@ -59,6 +60,11 @@ def test_greedy_equals_single_device(ray_nodes, tiny_emoe, family, experts, dens
         st = co.status()
         assert got == single(path, co.info.dtype)
         assert st["healthy"] and all(h["alive"] and h["calls"] > 0 for h in st["hosts"])
+        # per-request MoE² classes in one batch: a 2 ms class skips the Wi-Fi node (b)
+        rt = RequestClass("rt", latency_s=0.002)
+        out = co.complete(PROMPTS, 10, Sampling.greedy(), classes=[None, rt, None, rt])
+        assert [out[0].token_ids, out[2].token_ids] == [got[0], got[2]]
+        assert all(len(c.token_ids) == 10 for c in out) and co.executor.dropped > 0
     assert alive_hosts() == []  # close() stopped every host
 
 

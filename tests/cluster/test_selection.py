@@ -33,11 +33,11 @@ def test_restrict_renormalises_over_kept():
     ids = torch.tensor([[0, 1], [2, 3], [1, 3]])
     w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
     allowed = torch.tensor([True, False, True, False])
-    ids2, w2, kept = restrict(ids, w, allowed)
+    ids2, w2, kept = restrict(ids, w, allowed, keep_top=False)
     assert kept.tolist() == [[True, False], [True, False], [False, False]]
     assert torch.allclose(w2[:2].sum(dim=1), w[:2].sum(dim=1)) and w2[2].sum() == 0
     assert w2[0].tolist() == [1.0, 0.0] and ids2[0].tolist() == [0, 0]
-    _, w3, kept3 = restrict(ids, w, allowed, keep_top=True)  # row 3 keeps its top choice
+    _, w3, kept3 = restrict(ids, w, allowed)  # the fallback: row 3 keeps its top choice
     assert kept3[2].tolist() == [True, False] and float(w3[2].sum()) == 1.0
 
 
