@@ -1,10 +1,19 @@
-"""ExpertCache: prepared expert slices against a byte budget, eviction behind one interface.
+"""ExpertCache: prepared experts against a byte budget, eviction behind one interface.
 
-Keys are (layer, expert, level). Entries in use (held by the layer being
-computed, or reserved for a read in flight) are never evicted. The policy decides only which unpinned key
-goes first; LRU over whole experts is the default, Belady (which needs the
-future) bounds what any policy could do on a recorded trace, and the
-scheduling issue will bring others (EdgeMoE's layer-distance score).
+One entry per expert, keyed (layer, expert), holding the nested levels it has
+(`Entry.level`): a .emoe stores experts bit-nested, so level k is a prefix of
+level k+1 and an entry grows in place (`grow`: an upgrade read appends levels)
+and shrinks without I/O (`downgrade`: top levels dropped). Callers may pass
+(layer, expert, level) keys as before: the level is ignored, the entry is the
+expert's, and `keys()` lists (layer, expert, level held).
+
+Entries in use (held by the layer being computed, or reserved for a read in
+flight) are never evicted. The policy decides only which unpinned key goes
+first: LFU by default, LRU, Belady (which needs the future) bounds what any
+policy could do on a recorded trace. A policy with `downgrade_first` (D2,
+D²MoE's budget rule) frees high levels before whole experts: when room is
+short the entries whose layer comes back last (the previous layer's) drop to
+their base level first, and only then does the policy evict.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Protocol
 
 from edgemoe.units import Bytes
 
-Key = tuple[int, int, int]
+Key = tuple  # (layer, expert); a trailing level, as older callers pass, is ignored
 
 
 class EvictionPolicy(Protocol):
@@ -102,7 +111,13 @@ class LFU:
         return found
 
 
-POLICIES = {"lru": LRU, "lfu": LFU}
+class D2(LFU):
+    """LFU, plus D²MoE's budget rule in the cache: high levels go before anyone's base."""
+
+    downgrade_first = True
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "d2": D2}
 # LFU: on the demo's routing trace it keeps 0.59-0.98 of Belady's hits from 4 to 32 slots
 # where LRU keeps 0.0-0.97 (0 at 4 slots: the layers' cycle), tools/cache_study.py
 DEFAULT_POLICY = "lfu"
@@ -160,12 +175,14 @@ class Belady:
 
 @dataclass
 class Entry:
-    """One cached expert slice: a value (or the future of one while its read is in flight),
-    its bytes, and how many users hold it. An entry with pins is never evicted."""
+    """One cached expert: a value (or the future of one while its read is in flight), its
+    bytes, how many users hold it, and the levels it has (or will have once its reads
+    land). An entry with pins is never evicted or downgraded."""
 
     value: object
     nbytes: int
     pins: int = 0
+    level: int = 0
 
     @property
     def in_flight(self) -> bool:
@@ -186,27 +203,34 @@ class ExpertCache:
         capacity: Bytes | int,
         policy: EvictionPolicy | None = None,
         on_evict: Callable[[object], None] | None = None,
+        shrink: Callable[[Key, Entry, int], int | None] | None = None,
     ):
         self.capacity = Bytes(capacity)
         self.policy = policy or POLICIES[DEFAULT_POLICY]()
         self.on_evict = on_evict  # told each evicted value (a read buffer goes back to its pool)
+        # (key, entry, level) -> the value's bytes once cut to `level` in place, or None (it
+        # cannot be); the executor's, as only it knows values (the budget rule calls it)
+        self.shrink = shrink
         self._items: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
         self.used = Bytes(0)
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = self.downgrades = 0
+        self.now = 0  # the layer being served (the budget rule frees the one back last first)
+        self._period = 1  # layers in the cycle (the highest layer seen + 1)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._items
+        return key[:2] in self._items
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def keys(self) -> list[Key]:
-        return list(self._items)
+    def keys(self) -> list[tuple[int, int, int]]:
+        """(layer, expert, levels held) of every entry."""
+        return [(*k, e.level) for k, e in self._items.items()]
 
     def peek(self, key: Key) -> Entry | None:
         """The entry without counting, holding or touching it."""
-        return self._items.get(key)
+        return self._items.get(key[:2])
 
     def get(self, key: Key):
         """The value, or None (counted as a hit or a miss); no hold is taken."""
@@ -217,7 +241,8 @@ class ExpertCache:
         return entry.value
 
     def acquire(self, key: Key) -> Entry | None:
-        """The entry, held (counted as a hit), or None (counted as a miss)."""
+        """The entry, held (counted as a hit, whatever levels it has), or None (a miss)."""
+        key = key[:2]
         entry = self._items.get(key)
         if entry is None:
             self.misses += 1
@@ -227,9 +252,11 @@ class ExpertCache:
         self._hold(key, entry)
         return entry
 
-    def reserve(self, key: Key, nbytes: int, evict: bool = True) -> Entry | None:
-        """Room for a value about to be read, held by the caller; None if it cannot fit
-        (larger than the cache, or the room is held; evict=False: only free room)."""
+    def reserve(self, key: Key, nbytes: int, evict: bool = True, level: int = 0) -> Entry | None:
+        """Room for a value about to be read (to `level`), held by the caller; None if it
+        cannot fit (larger than the cache, or the room is held; evict=False: only free room)."""
+        key = key[:2]
+        self._period = max(self._period, key[0] + 1)
         if key in self._items:
             raise KeyError(f"{key} is already cached")
         if nbytes > self.capacity:
@@ -238,7 +265,7 @@ class ExpertCache:
             return None
         if not self.make_room(nbytes):
             return None
-        entry = Entry(None, nbytes)
+        entry = Entry(None, nbytes, level=level)
         self._items[key] = entry
         self.used = self.used + nbytes
         self.policy.touch(key)
@@ -247,7 +274,7 @@ class ExpertCache:
 
     def fill(self, key: Key, value, nbytes: int | None = None) -> None:
         """Give a reserved entry its value (and its true size, if it differs)."""
-        entry = self._items[key]
+        entry = self._items[key[:2]]
         if nbytes is not None and nbytes != entry.nbytes:
             self.used = self.used + nbytes - entry.nbytes
             entry.nbytes = nbytes
@@ -255,6 +282,7 @@ class ExpertCache:
 
     def hold(self, key: Key) -> bool:
         """Hold a cached entry without counting a use (a prediction that it will be used)."""
+        key = key[:2]
         entry = self._items.get(key)
         if entry is None:
             return False
@@ -262,6 +290,7 @@ class ExpertCache:
         return True
 
     def release(self, key: Key) -> None:
+        key = key[:2]
         entry = self._items.get(key)
         if entry is None or entry.pins == 0:
             return
@@ -274,25 +303,66 @@ class ExpertCache:
         self._pinned.add(key)
 
     def make_room(self, nbytes: int) -> bool:
-        """Evict unheld entries until nbytes fit; False if holds prevent it."""
+        """Free room until nbytes fit (the budget rule's downgrades first, if the policy has
+        it, then evictions of unheld entries); False if holds prevent it."""
+        downgrade = getattr(self.policy, "downgrade_first", False) and self.shrink is not None
         while self.used + nbytes > self.capacity:
+            if downgrade and self._downgrade_one():
+                continue
             key = self.policy.victim(self._pinned)
             if key is None:
                 return False
             self.evict(key)
         return True
 
+    def _downgrade_one(self) -> bool:
+        """Cut the unheld entry whose layer comes back last (the previous layer's first), its
+        highest level first, to its base level; False if none can be cut."""
+        ranked = sorted(
+            (((key[0] - self.now) % self._period, e.level), key)
+            for key, e in self._items.items()
+            if e.level > 1 and e.pins == 0 and not e.in_flight and e.value is not None
+        )
+        return any(self.downgrade(key, 1) for _, key in reversed(ranked))
+
+    def grow(self, key: Key, nbytes: int, level: int) -> bool:
+        """Room for `nbytes` more on a held entry an upgrade read raises to `level`; False
+        (and nothing changed) if there is none beside what is held."""
+        entry = self._items[key[:2]]
+        if not self.make_room(nbytes):
+            return False
+        self.used = self.used + nbytes
+        entry.nbytes += nbytes
+        entry.level = level
+        return True
+
+    def downgrade(self, key: Key, level: int) -> bool:
+        """Drop an unheld entry's levels above `level` in place, no I/O (the value is cut by
+        `shrink`); False if it cannot be (held, in flight, or its value cannot be cut)."""
+        key = key[:2]
+        entry = self._items[key]
+        if entry.pins or entry.in_flight or entry.level <= level or self.shrink is None:
+            return False
+        n = self.shrink(key, entry, level)
+        if n is None:
+            return False
+        self.used = self.used - entry.nbytes + n
+        entry.nbytes, entry.level = n, level
+        self.downgrades += 1
+        return True
+
     def put(self, key: Key, value, nbytes: int) -> bool:
         """Insert (evicting as needed), not held; False, and nothing stored, if it cannot fit."""
-        if key in self._items:
+        if key in self:
             self.evict(key)
-        if self.reserve(key, nbytes) is None:
+        if self.reserve(key, nbytes, level=getattr(value, "level", 0)) is None:
             return False
         self.fill(key, value)
         self.release(key)
         return True
 
     def evict(self, key: Key) -> None:
+        key = key[:2]
         entry = self._items.pop(key)
         self.used = self.used - entry.nbytes
         self.policy.remove(key)

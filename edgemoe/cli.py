@@ -520,7 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="naive: the engine before the fast path (LRU, no prefetch, copies, CRC on every "
         "read), kept for comparison (default fast)",
     )
-    r.add_argument("--cache-policy", choices=("lfu", "lru"), help="expert eviction (default lfu)")
+    r.add_argument(
+        "--cache-policy",
+        choices=("lfu", "lru", "d2"),
+        help="expert eviction (default lfu; d2: lfu, but cut high levels of the previous "
+        "layers' experts before evicting any)",
+    )
     r.add_argument(
         "--prefetch",
         action="store_true",

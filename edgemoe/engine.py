@@ -215,6 +215,7 @@ class EdgeModel:
             None if naive else f.borrows,
             policy,
             self.bits,
+            lambda layer, level: f.expert_nbytes(layer, level),
         )
         self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)

@@ -174,6 +174,36 @@ class Int4Linear(Linear):
             p.numel() * p.element_size() + sz.numel() * sz.element_size() for p, sz in parts
         )
         self.level += levels
+        # parts in use at each level (None: levels appended together, not computable alone)
+        self.ends = [*getattr(self, "ends", []), *[None] * (levels - 1), len(self.parts)]
+
+    def at(self, level: int) -> Int4Linear | None:
+        """A Linear computing level `level` <= self.level from a prefix of these parts (shared,
+        its nbytes 0), or None if that level's parts are not known apart."""
+        if level >= self.level:
+            return self
+        n = self.ends[level - 1]
+        if n is None:
+            return None
+        view = object.__new__(Int4Linear)
+        view.__dict__.update(self.__dict__)
+        view.parts, view.ends, view.level, view.nbytes = self.parts[:n], self.ends[:level], level, 0
+        return view
+
+    def truncate(self, level: int) -> bool:
+        """Drop the parts above `level` in place (a downgrade: their bytes are freed); False
+        if that level's parts are not known apart."""
+        if level >= self.level:
+            return True
+        n = self.ends[level - 1]
+        if n is None:
+            return False
+        dropped, self.parts = self.parts[n:], self.parts[:n]
+        self.nbytes -= sum(
+            p.numel() * p.element_size() + z.numel() * z.element_size() for p, z in dropped
+        )
+        self.ends, self.level = self.ends[:level], level
+        return True
 
     def __call__(self, x):
         lead = x.shape[:-1]

@@ -8,9 +8,11 @@ knows the per-expert chunk layout of SPEC.md §3.2.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from edgemoe.kernels import NotUpgradable, kernel_for
+from edgemoe.kernels import Int4Linear, Linear, NotUpgradable, kernel_for
 from edgemoe.moe.experts import ExpertWeights
 from formats import constants as C
 from formats.reader import EmoeReader, ExpertEntry
@@ -95,6 +97,52 @@ def upgrade_expert(
         kernel_for(t.codec).upgrade(getattr(ew, role), t.shape, t.params, segs, dtype)
     ew.level += len(payloads)
     return ew
+
+
+def _copy(lin: Linear) -> Linear:
+    """A Linear sharing lin's built tensors that can be upgraded without touching lin."""
+    new = copy.copy(lin)
+    if isinstance(lin, Int4Linear):
+        new.parts, new.ends = list(lin.parts), list(lin.ends)
+    return new
+
+
+def upgraded_expert(
+    reader: EmoeReader, e: ExpertEntry, ew: ExpertWeights, payloads: list, dtype: torch.dtype
+) -> ExpertWeights:
+    """ew raised by the payloads' levels, as upgrade_expert does, but on a copy that shares
+    ew's built levels (the new levels are appended to it, nothing is rebuilt): ew stays as it
+    is, so tokens computing at its levels meanwhile are unaffected; the copy replaces it."""
+    new = ExpertWeights(_copy(ew.gate), _copy(ew.up), _copy(ew.down), ew.level)
+    new.slab = ew.slab
+    return upgrade_expert(reader, e, new, payloads, dtype)
+
+
+def expert_at(ew: ExpertWeights, level: int) -> ExpertWeights:
+    """ew computing at `level` (a view on a prefix of its parts) if every role can; else ew
+    itself, at its own level (a dense fallback keeps only its top level)."""
+    if level >= ew.level:
+        return ew
+    views = [getattr(lin, "at", lambda _: None)(level) for lin in (ew.gate, ew.up, ew.down)]
+    if any(v is None for v in views):
+        return ew
+    return ExpertWeights(*views, level)
+
+
+def downgrade_expert(ew: ExpertWeights, level: int) -> int | None:
+    """Cut ew to `level` in place, freeing its higher levels' parts without I/O; its bytes
+    after, or None (nothing changed) if some role cannot be cut (a dense fallback, a borrowed
+    read buffer)."""
+    lins = (ew.gate, ew.up, ew.down)
+    if ew.slab is not None or not all(
+        isinstance(lin, Int4Linear) and lin.level == ew.level and lin.ends[level - 1] is not None
+        for lin in lins
+    ):
+        return None
+    for lin in lins:
+        lin.truncate(level)
+    ew.level = level
+    return ew.nbytes
 
 
 def load_all_experts(

@@ -127,16 +127,19 @@ def replay(
     `slots` experts, evicting by `policy` (the runtime's, cache.POLICIES) or by Belady (the
     fewest misses any policy could have). Returns (hits, misses) of calls[count_from:], what
     LocalExecutor would count."""
-    keys = [[(layer, e, 0) for e in np.unique(ids).tolist()] for layer, ids in calls]
-    policy = Belady([set(k) for k in keys]) if belady else POLICIES[policy]()
+    needs = []  # per call: (layer, expert) -> the level of each of its pairs (all level 1)
+    for layer, ids in calls:
+        experts, counts = np.unique(ids, return_counts=True)  # dispatch's order, ascending
+        needs.append({(layer, e): [1] * n for e, n in zip(experts.tolist(), counts.tolist())})
+    policy = Belady([set(n) for n in needs]) if belady else POLICIES[policy]()
     cache = ExpertCache(max(0, int(slots)), policy)
     h0 = m0 = 0
-    for i, step in enumerate(keys):  # np.unique sorts: dispatch's order, ascending expert
+    for i, need in enumerate(needs):
         if i == count_from:
             h0, m0 = cache.hits, cache.misses
         if belady:
             policy.now = i
-        simulate(cache, step)
+        simulate(cache, need)
     return cache.hits - h0, cache.misses - m0
 
 

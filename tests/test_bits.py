@@ -68,3 +68,81 @@ def test_levels_reach_the_executor_and_the_stats(tiny_emoe):
     assert e.value.param == "bits"
     with pytest.raises(BadRequest, match="unknown bit policy"):
         edgemoe.load(path, ctx=64, bits="nope")
+
+
+def test_hebf_issues_the_hottest_slice_first_and_fifo_whole_experts():
+    from edgemoe.moe.schedule import order_slices
+
+    need = {(0, 0): [3], (0, 1): [1, 1, 1], (0, 2): [2, 2]}
+    have = {(0, 0): 0, (0, 1): 0, (0, 2): 1}
+    got = [(s.key[1], s.have, s.level, s.waiting) for s in order_slices(need, have, "hebf")]
+    # B[1,1]=3 first; then B[2,2]=2; then expert 0's levels in order, one slice each
+    assert got == [(1, 0, 1, 3), (2, 1, 2, 2), (0, 0, 1, 1), (0, 1, 2, 1), (0, 2, 3, 1)]
+    fifo = [(s.key[1], s.have, s.level) for s in order_slices(need, have, "fifo")]
+    assert fifo == [(0, 0, 3), (1, 0, 1), (2, 1, 2)]
+
+
+def test_budget_rule_cuts_the_previous_layers_high_levels_before_anyones_base():
+    from edgemoe.cache import POLICIES, ExpertCache
+    from edgemoe.moe.schedule import simulate
+
+    size = lambda key, level: 10 * level  # noqa: E731
+    for name, want_downgrades in (("lfu", 0), ("d2", 2)):
+        cache = ExpertCache(60, POLICIES[name]())
+        cache.shrink = lambda key, entry, level: size(key, level)
+        simulate(cache, {(0, 0): [3], (0, 1): [3]}, size)  # layer 0 at level 3 fills the cache
+        cache.now = 1
+        simulate(cache, {(1, 0): [2], (1, 1): [1, 2]}, size)  # needs 40 more
+        assert cache.downgrades == want_downgrades, name
+        levels = {(k[0], k[1]): k[2] for k in cache.keys()}
+        if name == "d2":  # layer 0 kept at its base; nothing whole was evicted
+            assert levels == {(0, 0): 1, (0, 1): 1, (1, 0): 2, (1, 1): 2}
+            assert cache.evictions == 0
+        else:
+            assert (1, 0) in levels and cache.evictions > 0
+
+
+def test_an_upgrade_reads_only_the_missing_levels(tiny_emoe):
+    path = tiny_emoe("mixtral", experts="mwq:2,3,4")
+    with edgemoe.load(path, ctx=64) as m:
+        ex, d = m.executor, m.facts.args.hidden_size
+        x = torch.randn(2, d, generator=torch.Generator().manual_seed(0)).to(m.dtype)
+        ids = torch.tensor([[0, 1], [1, 0]])
+        w = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+        ref = {k: ResidentExecutor(load_all_experts(m.reader, m.dtype, level=k)) for k in (1, 3)}
+        one, top = torch.ones_like(ids), torch.full_like(ids, 3)
+        torch.testing.assert_close(ex.run(0, x, ids, w, one), ref[1].run(0, x, ids, w))
+        s0, b0 = ex.stats(), ex.store.bytes_read
+        torch.testing.assert_close(ex.run(0, x, ids, w, top), ref[3].run(0, x, ids, w))
+        s1 = ex.stats() - s0
+        # HEBF reads one level a slice: levels 2 and 3 of each expert, 4 reads
+        span = sum(ex.store._span(0, e, k - 1, k)[1] for e in (0, 1) for k in (2, 3))
+        assert s1.upgrades == s1.reads == 4 and s1.hits == 2 and s1.misses == 0
+        assert ex.store.bytes_read - b0 == span  # levels 2-3 only, never level 1 again
+        assert all(k[2] == 3 for k in ex.cache.keys() if k[0] == 0)
+        # level 1 again: computed on the cached experts' first level, no read
+        torch.testing.assert_close(ex.run(0, x, ids, w, one), ref[1].run(0, x, ids, w))
+        assert ex.stats().reads == s1.reads + s0.reads and ex.stats().average_bits < 4
+
+
+@pytest.mark.parametrize("order,policy", [("hebf", "d2"), ("fifo", "lfu")])
+def test_gate_policy_tokens_do_not_depend_on_the_cache(tiny_emoe, order, policy):
+    import dataclasses
+
+    path = tiny_emoe("mixtral", experts="mwq:2,3,4")
+    with edgemoe.load(path, ctx=64, bits="gate:q=1", batch=2) as m:
+        want = m.generate([PROMPT, "Once upon a time"], max_tokens=6, sampling=GREEDY)
+        size = m.facts.expert_nbytes(0, 3)
+
+    def factory(ctx):
+        return dataclasses.replace(ctx, order=order).local()
+
+    with edgemoe.load(
+        path, ctx=64, bits="gate:q=1", batch=2, expert_cache=int(2.5 * size),
+        policy=policy, executor=factory,
+    ) as m:  # fmt: skip
+        st = edgemoe.engine.RunStats()
+        got = m.generate([PROMPT, "Once upon a time"], max_tokens=6, sampling=GREEDY, stats=st)
+        assert got == want and st.executor.misses > 0
+        if policy == "d2":  # cut to their base, raised again in place when needed
+            assert st.executor.downgrades > 0 and st.executor.upgrades > 0

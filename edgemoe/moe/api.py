@@ -24,7 +24,7 @@ from edgemoe.moe.dispatch import Assignment, dispatch
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor, ResidentExecutor
 from edgemoe.moe.experts import ExpertWeights, expert_forward
 from edgemoe.moe.local import LocalExecutor
-from edgemoe.prepare import load_all_experts, prepare_expert
+from edgemoe.prepare import load_all_experts, prepare_expert, upgraded_expert
 from edgemoe.routing import RoutingTrace
 from edgemoe.store import ExpertStore
 from formats.reader import EmoeReader
@@ -50,12 +50,20 @@ class ExecutorContext:
     borrow: Callable[[int, int, int], bool] | None = None  # (layer, expert, level): in place?
     policy: str = DEFAULT_POLICY  # the expert cache's eviction policy (cache.POLICIES)
     bits: BitPolicy | None = None  # each (token, expert) pair's level; None: level() for all
+    level_nbytes: Callable[[int, int], int] | None = None  # (layer, level): one expert's bytes
+    order: str = "hebf"  # the order level slices are read in (moe/schedule.py: hebf, fifo)
 
     def prepare(self, layer: int, expert: int, payloads: list) -> ExpertWeights:
         """Compute-ready weights of one expert from its level chunks' payloads."""
         e = self.reader.expert(layer, expert)
         slab = getattr(payloads, "slab", None)
         return prepare_expert(self.reader, e, payloads, self.dtype, self.fused, slab=slab)
+
+    def upgrade(self, layer: int, expert: int, ew: ExpertWeights, payloads: list) -> ExpertWeights:
+        """ew raised by the next level chunks' payloads (a copy sharing its built levels)."""
+        return upgraded_expert(
+            self.reader, self.reader.expert(layer, expert), ew, payloads, self.dtype
+        )
 
     def local(self) -> LocalExecutor:
         """The default executor: this file, this plan's cache, this machine's flash."""
@@ -68,6 +76,9 @@ class ExecutorContext:
             self.borrow,
             self.bits,
             weight_bits(self.reader),
+            self.upgrade,
+            self.level_nbytes,
+            self.order,
         )
 
 

@@ -42,6 +42,8 @@ class ExecutorStats:
     prefetch_wasted: int = 0  # prefetched experts their layer did not use (their bytes wasted)
     predicted: int = 0  # expert uses in hinted layers that the hint had named
     routed_hinted: int = 0  # expert uses in hinted layers (predicted / this: the accuracy)
+    upgrades: int = 0  # reads of levels an expert in memory lacked (only those levels)
+    downgrades: int = 0  # experts cut to their base level to make room (no I/O)
     pairs: int = 0  # (token, expert) pairs computed at a known level
     pair_bits: float = 0.0  # their bits per expert weight, summed (/ pairs: the average)
 

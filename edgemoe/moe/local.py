@@ -1,21 +1,26 @@
 """LocalExecutor: routed experts from this machine's flash, through the cache.
 
-One layer runs moe/schedule.py's plan: `begin` acquires the cached experts and
-issues the first wave of reads for the missing ones (they fly while the model
-computes the shared expert), `finish` computes the hits, then each read as it
-lands, then the later waves. Reads are prepared (sliced, kernels built) on the
-reader threads, so a payload never waits in memory for the computing thread.
-Each expert a layer needs is read at most once per forward pass, however many
-tokens (a long prompt, a batch) route to it and however small the cache.
+One layer runs moe/schedule.py's plan. `begin` takes each (token, expert) pair's
+level (the bit policy's, edgemoe/bits.py), acquires the cached experts and issues
+the first wave of level-slice reads (they fly while the model computes the
+shared expert); `finish` computes the groups the cached levels serve, then each
+(expert, level) group as soon as its slice lands, then the later waves. A cache
+entry is one expert holding the levels it has: a missing level is read alone
+(`store.fetch(have=)`) and appended to the expert, never re-read from level 1;
+a token at a lower level computes on a prefix of the expert's levels.
 
-`hint(layer, ids)` reserves room for experts a later layer will probably use
-and reads them in the background; the reservation holds them until that
-layer's `begin`, so the layers in between cannot evict them.
+Reads are prepared (sliced, kernels built, or a level appended to a copy that
+shares the built ones) on the reader threads, so a payload never waits in memory
+for the computing thread. Each level of an expert a layer needs is read at most
+once per forward pass, however many tokens route to it and however small the cache.
+
+`hint(layer, ids)` reserves room for experts a later layer will probably use and
+reads them (at the top level) in the background; the reservation holds them until
+that layer's `begin`, so the layers in between cannot evict them.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -30,7 +35,8 @@ from edgemoe.moe.combine import combine_into
 from edgemoe.moe.dispatch import Assignment, dispatch
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
 from edgemoe.moe.experts import ExpertWeights, expert_forward
-from edgemoe.moe.schedule import LayerSchedule, Wave, schedule
+from edgemoe.moe.schedule import LayerSchedule, Slice, Wave, schedule
+from edgemoe.prepare import downgrade_expert, expert_at
 from edgemoe.store import ExpertStore
 
 
@@ -38,10 +44,11 @@ from edgemoe.store import ExpertStore
 class _Handle:
     layer: int
     x: torch.Tensor  # [T, D]
-    by_key: dict[Key, Assignment]
+    groups: dict[Key, list[Assignment]]  # each expert's (level) groups, ascending level
     plan: LayerSchedule
     first: list[Future]
-    held: list[Key] = field(default_factory=list)  # released when the layer is done
+    held: set[Key] = field(default_factory=set)  # released when the layer is done with them
+    latest: dict = field(default_factory=dict)  # key -> its newest value, or that read's future
     t0: float = 0.0  # when begin was called (the trace's MoE span)
 
 
@@ -51,13 +58,19 @@ class LocalExecutor(ExpertExecutor):
     cache: holds prepared experts.
     prepare: (layer, expert, payloads) -> ExpertWeights (runs on a reader thread).
     level: (layer, expert) -> the level to compute that expert at.
-    expert_nbytes: (layer) -> prepared bytes of one expert of that layer (for wave sizes).
+    expert_nbytes: (layer) -> prepared bytes of one expert of that layer at level() (hints).
     borrow: (layer, expert, level) -> whether the expert computes on its read buffer in place
         (reads then land in a slab the expert keeps until the cache evicts it).
     bits: the bit policy giving each (token, expert) pair its level (edgemoe/bits.py) when
         begin is given none; None: every pair at level(layer, expert).
     weight_bits: (layer, expert, level) -> bits per expert weight (bits.weight_bits), for
         the stats' average; None: not counted.
+    upgrade: (layer, expert, ew, payloads) -> ew raised by the payloads' levels, ew itself
+        untouched (prepare.upgraded_expert; runs on a reader thread); None: a missing level
+        is read with all below it and prepared afresh.
+    level_nbytes: (layer, level) -> prepared bytes of one expert of that layer at that level;
+        None: expert_nbytes(layer) at every level.
+    order: the read order, "hebf" or "fifo" (moe/schedule.py).
     """
 
     def __init__(
@@ -70,14 +83,20 @@ class LocalExecutor(ExpertExecutor):
         borrow: Callable[[int, int, int], bool] | None = None,
         bits: BitPolicy | None = None,
         weight_bits: Callable[[int, int, int], float] | None = None,
+        upgrade: Callable | None = None,
+        level_nbytes: Callable[[int, int], int] | None = None,
+        order: str = "hebf",
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
-        self.bits, self.weight_bits = bits, weight_bits
-        self._pairs, self._pair_bits = 0, 0.0
         self.level, self.expert_nbytes = level, expert_nbytes
         self.borrow = borrow or (lambda layer, expert, level: False)
+        self.bits, self.weight_bits, self.upgrade = bits, weight_bits, upgrade
+        self.level_nbytes = level_nbytes or (lambda layer, level: expert_nbytes(layer))
+        self.order = order
         cache.on_evict = self._recycle
-        self._reads = self._uncached = 0
+        cache.shrink = self._shrink
+        self._reads = self._uncached = self._upgrades = 0
+        self._pairs, self._pair_bits = 0, 0.0
         self._io_wait = 0.0
         self._prefetched: dict[int, set[Key]] = {}  # held for a later layer, by that layer
         self._hinted: dict[int, set[Key]] = {}  # the last prediction for each layer
@@ -100,15 +119,33 @@ class LocalExecutor(ExpertExecutor):
             routed_hinted=self._routed_hinted,
             pairs=self._pairs,
             pair_bits=self._pair_bits,
+            upgrades=self._upgrades,
+            downgrades=self.cache.downgrades,
         )
 
-    def _fetch(self, key: Key) -> Future:
-        layer, expert, level = key
+    def _size(self, key: Key, level: int) -> int:
+        return self.level_nbytes(key[0], level) if level else 0
+
+    def _fetch(self, s: Slice, base: ExpertWeights | Future | None) -> Future:
+        """Read a slice; prepare it on the reader thread, on top of `base` (the expert's value
+        below s.have: a cached value, or the future of its previous slice) when s.have > 0."""
+        (layer, expert), have = s.key, s.have
         self._reads += 1
-        own = self.borrow(layer, expert, level)
-        return self.store.fetch(
-            layer, expert, level, then=lambda p: self.prepare(layer, expert, p), own=own
-        )
+        if have and (self.upgrade is None or base is None):
+            have = 0  # read it whole
+        if have == 0:
+            own = self.borrow(layer, expert, s.level)
+            return self.store.fetch(
+                layer, expert, s.level, then=lambda p: self.prepare(layer, expert, p), own=own
+            )
+        self._upgrades += 1
+
+        def then(payloads):
+            # the previous slice was submitted first, so it has started (or is done): no deadlock
+            ew = base.result() if isinstance(base, Future) else base
+            return self.upgrade(layer, expert, ew, payloads)
+
+        return self.store.fetch(layer, expert, s.level, have=have, then=then)
 
     def _recycle(self, ew) -> None:
         """An expert left memory: its read buffer serves the next read."""
@@ -117,6 +154,10 @@ class LocalExecutor(ExpertExecutor):
         if slab is not None:
             ew.slab = None
             self.store.recycle(slab)
+
+    def _shrink(self, key: Key, entry: Entry, level: int) -> int | None:
+        """The budget rule cuts a cached expert to `level` (no I/O): its bytes after, or None."""
+        return downgrade_expert(entry.value, level)
 
     def _wait(self, fut: Future) -> ExpertWeights:
         t0 = time.perf_counter()
@@ -127,9 +168,8 @@ class LocalExecutor(ExpertExecutor):
 
     # ---- prefetch
     def hint(self, layer, predicted_ids):
-        size = max(1, self.expert_nbytes(layer))
         held = self._prefetched.setdefault(layer, set())
-        keys = [(layer, e, self.level(layer, e)) for e in torch.unique(predicted_ids).tolist()]
+        keys = [(layer, e) for e in torch.unique(predicted_ids).tolist()]
         self._hinted[layer] = set(keys)
         for key in keys:
             if key in held:
@@ -137,9 +177,10 @@ class LocalExecutor(ExpertExecutor):
             if self.cache.hold(key):  # cached: kept until its layer comes
                 held.add(key)
                 continue
-            if self.cache.reserve(key, size) is None:
+            level = self.level(*key)
+            if self.cache.reserve(key, max(1, self._size(key, level)), level=level) is None:
                 continue  # no room that is not held
-            self.cache.fill(key, self._fetch(key))
+            self.cache.fill(key, self._fetch(Slice(key, 0, level, 0), None))
             trace.instant(f"prefetch L{key[0]} E{key[1]}", "prefetch")
             held.add(key)
             self._issued.add(key)
@@ -150,51 +191,74 @@ class LocalExecutor(ExpertExecutor):
         self.routed(layer, expert_ids)
         if levels is None and self.bits is not None:
             levels = self.bits.levels(layer, expert_ids, expert_weights, x)  # [T, K]
-        by_key = {
-            (layer, a.expert, a.level or self.level(layer, a.expert)): a
-            for a in dispatch(expert_ids, expert_weights, levels)
-        }
-        if self.weight_bits is not None:
-            for (_, e, level), a in by_key.items():
-                self._pairs += len(a.tokens)
-                self._pair_bits += len(a.tokens) * self.weight_bits(layer, e, level)
-        plan = schedule(self.cache, list(by_key), self.expert_nbytes(layer))
+        groups: dict[Key, list[Assignment]] = {}
+        need: dict[Key, list[int]] = {}
+        for a in dispatch(expert_ids, expert_weights, levels):  # ascending expert, then level
+            key = (layer, a.expert)
+            if not a.level:
+                a = Assignment(a.expert, a.tokens, a.weights, self.level(layer, a.expert))
+            groups.setdefault(key, []).append(a)
+            need.setdefault(key, []).extend([a.level] * len(a.tokens))
+        self.cache.now = layer
+        plan = schedule(self.cache, need, self._size, self.order)
         # this layer now holds what it uses; the holds its prediction took end here
         for key in self._prefetched.pop(layer, set()):
             self.cache.release(key)
         guess = self._hinted.pop(layer, None)
         if guess is not None:
-            self._predicted += len(guess & by_key.keys())
-            self._routed_hinted += len(by_key)
+            self._predicted += len(guess & groups.keys())
+            self._routed_hinted += len(groups)
             read = {k for k in guess if k in self._issued}
             self._issued -= read
-            self._pf_used += len(read & by_key.keys())
-            self._pf_wasted += len(read - by_key.keys())
-        first = [self._fetch(key) for key in plan.first.keys]
-        held = [key for key, _ in plan.hits] + [
-            k for k, e in zip(plan.first.keys, plan.first.entries) if e is not None
-        ]
-        return _Handle(layer, x, by_key, plan, first, held, time.perf_counter())
+            self._pf_used += len(read & groups.keys())
+            self._pf_wasted += len(read - groups.keys())
+        h = _Handle(layer, x, groups, plan, [], {k for k, _ in plan.hits}, time.perf_counter())
+        h.latest = {key: entry.value for key, entry in plan.hits}
+        h.first = self._issue(h, plan.first)
+        return h
+
+    def _issue(self, h: _Handle, wave: Wave) -> list[Future]:
+        futs = []
+        for s, entry in zip(wave.slices, wave.entries):
+            fut = self._fetch(s, h.latest.get(s.key))
+            h.latest[s.key] = fut
+            futs.append(fut)
+            if entry is not None:
+                h.held.add(s.key)
+        return futs
 
     def finish(self, handle: _Handle) -> torch.Tensor:
         h, cache = handle, self.cache
         out = torch.zeros(h.x.shape, dtype=torch.float32)  # [T, D]
+        pending = dict(h.plan.pending)
+        done: dict[Key, int] = {}  # the highest level computed of each expert
 
-        def compute(key: Key, ew: ExpertWeights) -> None:
-            a = h.by_key[key]
-            combine_into(out, a.tokens, expert_forward(h.x[a.tokens], ew), a.weights)
+        def compute(key: Key, ew: ExpertWeights, upto: int) -> None:
+            """Compute the groups of `key` at levels done[key]+1 .. upto on ew."""
+            for a in h.groups[key]:
+                if done.get(key, 0) < a.level <= upto:
+                    use = expert_at(ew, a.level)
+                    combine_into(out, a.tokens, expert_forward(h.x[a.tokens], use), a.weights)
+                    if self.weight_bits is not None:
+                        self._pairs += len(a.tokens)
+                        self._pair_bits += len(a.tokens) * self.weight_bits(
+                            h.layer, key[1], use.level
+                        )
+            done[key] = max(done.get(key, 0), upto)
+            if not pending.get(key) and key in h.held:
+                cache.release(key)
+                h.held.discard(key)
 
         try:
             for key, entry in h.plan.hits:
-                compute(key, self._value(key, entry))
-                cache.release(key)
-                h.held.remove(key)
-            reads = h.first
-            for wave in itertools.chain([h.plan.first], h.plan.rest):
-                if wave is not h.plan.first:
-                    reads = [self._fetch(key) for key in wave.keys]
-                    h.held += [k for k, e in zip(wave.keys, wave.entries) if e is not None]
-                self._serve(h, wave, reads, compute)
+                compute(key, self._value(h, key, entry), h.plan.have[key])
+            reads, wave = h.first, h.plan.first
+            while True:
+                self._serve(h, wave, reads, compute, pending)
+                wave = next(h.plan.rest, None)
+                if wave is None:
+                    break
+                reads = self._issue(h, wave)
         except BaseException:
             self._abandon(h)
             raise
@@ -202,30 +266,29 @@ class LocalExecutor(ExpertExecutor):
         if t is not None:
             start = (h.t0 - t.t0) * 1e6
             t.complete(f"moe L{h.layer}", "moe", start, (time.perf_counter() - h.t0) * 1e6,
-                       experts=len(h.by_key), hits=len(h.plan.hits))  # fmt: skip
+                       experts=len(h.groups), hits=len(h.plan.hits))  # fmt: skip
         return out.to(h.x.dtype)
 
-    def _serve(self, h: _Handle, wave: Wave, reads: list[Future], compute) -> None:
-        """Compute each read of a wave as it lands, cache it, release its slot."""
-        for key, entry, fut in zip(wave.keys, wave.entries, reads):
+    def _serve(self, h: _Handle, wave: Wave, reads: list[Future], compute, pending) -> None:
+        """Compute each slice's groups as it lands, cache it, release what is done."""
+        for s, entry, fut in zip(wave.slices, wave.entries, reads):
             ew = self._wait(fut)
+            pending[s.key] -= 1
             if entry is None:
                 self._uncached += 1
             else:
-                self.cache.fill(key, ew, ew.nbytes)
-            compute(key, ew)
-            if entry is not None:
-                self.cache.release(key)
-                h.held.remove(key)
-            else:
-                self._recycle(ew)
+                self.cache.fill(s.key, ew, ew.nbytes)
+            compute(s.key, ew, s.level)
+            if entry is None and s.have == 0 and not pending[s.key]:
+                self._recycle(ew)  # a whole read no one keeps
             del ew
 
-    def _value(self, key: Key, entry: Entry) -> ExpertWeights:
+    def _value(self, h: _Handle, key: Key, entry: Entry) -> ExpertWeights:
         """A hit's prepared expert, waiting for it if a prefetch is still reading it."""
         if entry.in_flight:
             ew = self._wait(entry.value)
-            self.cache.fill(key, ew, ew.nbytes)
+            if self.cache.peek(key) is entry and entry.in_flight:  # not yet raised by a slice
+                self.cache.fill(key, ew, ew.nbytes)
             return ew
         return entry.value
 

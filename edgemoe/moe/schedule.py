@@ -1,84 +1,211 @@
-"""One layer's schedule: which experts are hits, which are read, in what waves, what is evicted.
+"""One layer's schedule: which experts are hits, which level slices are read, in what order
+and waves, and what room they take.
 
 Both the runtime (`LocalExecutor`) and the simulator (`routing.replay`, behind
 `edgemoe plan`) run this one function, so the simulator cannot drift from the
 runtime: they differ only in what a read is (a real O_DIRECT read, or nothing).
 
-The protocol, for the keys a layer needs (in dispatch order, ascending expert):
-1. every key is acquired: a hit is held until the consumer has computed it;
-2. the first wave reserves what fits beside the held hits, so its reads are in
-   flight while the hits (and, in the model, the shared expert) compute;
-3. the consumer releases everything it was given; each later wave evicts what
-   it needs and reserves at least one key (a key that cannot get room is read
-   and computed without a slot: the cache holds less than one expert).
+A cache entry is one expert, (layer, expert), holding the nested levels it has
+(edgemoe/cache.py). A layer needs each of its experts at the highest level any
+of its (token, expert) pairs computes at (edgemoe/bits.py); what the entry
+lacks is read as slices, level k of an expert after level k-1 (its chunks lie
+back to back: one read, `store.fetch(have=k-1)`), appended to the entry in place.
 
-Each key is read at most once per call, however many tokens route to it.
+Read order (`order`):
+- "hebf", D²MoE's hottest-expert-bit-first: one queue per expert holding its
+  missing levels in ascending order, one slice each; the next read is the queue
+  head with the most tokens waiting on it (pairs needing that expert at that
+  level or above); ties go to the lower level, then the lower expert. The
+  consumer computes an (expert, level) group as soon as its level's slice lands,
+  so a token at level 1 never waits for another's level-3 read.
+- "fifo": one read per expert, ascending expert, of all its missing levels (the
+  order before nesting); its tokens compute once the whole read lands.
+
+The protocol, for the experts a layer needs:
+1. every expert is acquired: a cached one (whatever levels it has) is held until
+   the consumer has computed it and read all its slices;
+2. the first wave reserves (or grows the held entry by) what fits beside what is
+   held, so its reads are in flight while the hits (and, in the model, the
+   shared expert) compute;
+3. the consumer releases an expert once its last slice landed and its tokens are
+   computed; each later wave evicts what it needs and takes at least one slice
+   (a slice that cannot get room is read and computed without a slot: the
+   cache holds less than it needs; later slices of that expert follow it there).
+
+Each level of an expert is read at most once per call, however many tokens need it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edgemoe.cache import Entry, ExpertCache, Key
 
+ORDERS = ("hebf", "fifo")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One read: levels have+1..level of an expert (a miss when have is 0)."""
+
+    key: Key  # (layer, expert)
+    have: int
+    level: int
+    waiting: int  # pairs that need the expert at level have+1 or above
+
 
 @dataclass
 class Wave:
-    """Keys to read now; `entries[i]` is key i's reserved slot, or None (no room: uncached)."""
+    """Slices to read now; `entries[i]` is slice i's slot (reserved or grown), or None
+    (no room: read and computed without one)."""
 
-    keys: list[Key]
+    slices: list[Slice]
     entries: list[Entry | None]
 
 
 @dataclass
 class LayerSchedule:
     hits: list[tuple[Key, Entry]]  # acquired: held until the consumer releases them
+    have: dict[Key, int]  # levels each needed expert had when acquired (0: a miss)
+    pending: dict[Key, int]  # slices each expert will read in this call
     first: Wave  # reserved beside the held hits (possibly empty)
-    rest: Iterator[Wave]  # each drawn after everything before it was released
+    rest: Iterator[Wave]  # each drawn after the consumer released what it was done with
 
 
-def wave_size(cache: ExpertCache, waiting: int, size: int) -> int:
-    """Evict for the next wave of `waiting` missed experts of `size` bytes; how many to read now.
+def order_slices(need: dict[Key, list[int]], have: dict[Key, int], order: str) -> list[Slice]:
+    """The reads that raise each expert from `have` to the highest level in `need`.
 
-    At least one: an expert bigger than the free room is computed without a cache slot.
+    Args:
+        need: (layer, expert) -> the level of each of its (token, expert) pairs.
+        have: the levels each expert already has.
+        order: "hebf" or "fifo" (see the module's docstring).
     """
-    cache.make_room(min(size * waiting, cache.capacity))
-    return max(1, min(waiting, cache.free // size))
+    if order not in ORDERS:
+        raise ValueError(f"unknown read order {order!r}; use one of {ORDERS}")
 
+    def waiting(key: Key, level: int) -> int:
+        return sum(lv >= level for lv in need[key])
 
-def schedule(cache: ExpertCache, keys: list[Key], size: int) -> LayerSchedule:
-    """Acquire the hits among `keys` and plan the reads of the rest (`size`: bytes per expert)."""
-    hits, misses = [], []
-    for key in keys:
-        entry = cache.acquire(key)
-        if entry is None:
-            misses.append(key)
+    out = []
+    if order == "fifo":
+        for key in sorted(need):
+            top = max(need[key])
+            if top > have[key]:
+                out.append(Slice(key, have[key], top, waiting(key, have[key] + 1)))
+        return out
+    heads = {key: have[key] + 1 for key in need if max(need[key]) > have[key]}
+    while heads:
+        key = max(heads, key=lambda k: (waiting(k, heads[k]), -heads[k], -k[1], -k[0]))
+        level = heads[key]
+        out.append(Slice(key, level - 1, level, waiting(key, level)))
+        if level == max(need[key]):
+            del heads[key]
         else:
+            heads[key] = level + 1
+    return out
+
+
+def schedule(
+    cache: ExpertCache,
+    need: dict[Key, list[int]],
+    size: Callable[[Key, int], int],
+    order: str = "hebf",
+) -> LayerSchedule:
+    """Acquire the experts in `need` and plan the reads of the levels they lack.
+
+    Args:
+        need: (layer, expert) -> levels of its pairs, in dispatch order (ascending expert).
+        size: (key, level) -> bytes of that expert prepared at that level (0 at level 0).
+        order: "hebf" or "fifo".
+    """
+    hits, have = [], {}
+    for key in need:
+        entry = cache.acquire(key)
+        if entry is not None:
             hits.append((key, entry))
-    size = max(1, size)
+        have[key] = entry.level if entry is not None else 0
+    slices = order_slices(need, have, order)
+    pending: dict[Key, int] = {}
+    for s in slices:
+        pending[s.key] = pending.get(s.key, 0) + 1
+    state = _Room(cache, size, {k for k, _ in hits})
     # the first wave: free room and room evictable beside the held hits, possibly none
-    cache.make_room(min(size * len(misses), cache.capacity))
-    n = min(len(misses), cache.free // size)
-    first = Wave(misses[:n], [cache.reserve(k, size) for k in misses[:n]])
-    return LayerSchedule(hits, first, _rest(cache, misses[n:], size))
+    cache.make_room(min(sum(state.cost(s) for s in slices), cache.capacity))
+    n = 0
+    free = int(cache.free)
+    while n < len(slices) and state.cost(slices[n]) <= free:
+        free -= state.cost(slices[n])
+        n += 1
+    first = Wave(slices[:n], [state.take(s) for s in slices[:n]])
+    return LayerSchedule(hits, have, pending, first, _rest(state, slices[n:]))
 
 
-def _rest(cache: ExpertCache, misses: list[Key], size: int) -> Iterator[Wave]:
-    while misses:
-        n = wave_size(cache, len(misses), size)
-        wave, misses = misses[:n], misses[n:]
-        yield Wave(wave, [cache.reserve(k, size) for k in wave])
+class _Room:
+    """Takes room for slices in order: a miss reserves, an upgrade grows its held entry;
+    after a slice got no room, its expert's later slices get none either."""
 
+    def __init__(self, cache: ExpertCache, size: Callable[[Key, int], int], held: set[Key]):
+        self.cache, self.size, self.held = cache, size, held
+        self.slotless: set[Key] = set()
 
-def simulate(cache: ExpertCache, keys: list[Key], size: int = 1) -> None:
-    """Run one layer's schedule with reads that complete at once (the replay's executor)."""
-    s = schedule(cache, keys, size)
-    for key, _ in s.hits:
-        cache.release(key)
-    for wave in itertools.chain([s.first], s.rest):  # each drawn after the last is released
-        for key, entry in zip(wave.keys, wave.entries):
+    def cost(self, s: Slice) -> int:
+        return max(0, self.size(s.key, s.level) - self.size(s.key, s.have))
+
+    def take(self, s: Slice) -> Entry | None:
+        c = self.cache
+        if s.key in self.slotless:
+            return None
+        if s.key in self.held:
+            ok = c.grow(s.key, self.cost(s), s.level)
+            entry = c.peek(s.key) if ok else None
+        else:
+            entry = c.reserve(s.key, max(1, self.cost(s)), level=s.level)
             if entry is not None:
-                cache.fill(key, True)
-                cache.release(key)
+                self.held.add(s.key)
+        if entry is None:
+            self.slotless.add(s.key)
+        return entry
+
+
+def _rest(room: _Room, slices: list[Slice]) -> Iterator[Wave]:
+    c = room.cache
+    while slices:
+        c.make_room(min(sum(room.cost(s) for s in slices), c.capacity))
+        n, free = 1, int(c.free) - room.cost(slices[0])  # at least one
+        while n < len(slices) and room.cost(slices[n]) <= free:
+            free -= room.cost(slices[n])
+            n += 1
+        wave, slices = slices[:n], slices[n:]
+        yield Wave(wave, [room.take(s) for s in wave])
+
+
+def simulate(
+    cache: ExpertCache,
+    need: dict[Key, list[int]] | list[Key],
+    size: Callable[[Key, int], int] | int = 1,
+    order: str = "hebf",
+) -> None:
+    """Run one layer's schedule with reads that complete at once (the replay's executor).
+
+    need: as `schedule` takes it, or a list of keys all needed at level 1; size: as
+    `schedule` takes it, or bytes per level-1 expert (every level alike).
+    """
+    if not isinstance(need, dict):
+        need = {key[:2]: [1] for key in need}
+    if not callable(size):
+        per = max(1, int(size))
+        size = lambda key, level: per if level else 0  # noqa: E731
+    s = schedule(cache, need, size, order)
+    pending = dict(s.pending)
+    for key, _ in s.hits:
+        if not pending.get(key):
+            cache.release(key)
+    for wave in itertools.chain([s.first], s.rest):  # each drawn after the last is released
+        for sl, entry in zip(wave.slices, wave.entries):
+            if entry is not None:
+                cache.fill(sl.key, True)
+            pending[sl.key] -= 1
+            if pending[sl.key] == 0:
+                cache.release(sl.key)
