@@ -48,7 +48,10 @@ class EvalResult:
     ctx: int
     level: int | None  # the fixed level asked for (None: the highest stored, or a policy's)
     bits_policy: str | None
-    avg_bits: float  # bits per expert weight actually computed, over every (token, expert) pair
+    avg_bits: float  # encoded bits per expert weight computed (scales, zero points included),
+    # averaged over every (token, chosen expert) pair
+    nominal_bits: float  # the same pairs' codec widths alone (2 for mwq's INT2 level)
+    level_share: dict[int, float]  # level -> share of the pairs computed at it
     expert_codecs: tuple[str, ...]
     dtype: str
     seconds: float
@@ -58,10 +61,12 @@ class EvalResult:
 
     def line(self) -> str:
         what = self.bits_policy or (f"level {self.level}" if self.level else "top level")
+        share = ", ".join(f"L{lv} {100 * x:.0f}%" for lv, x in self.level_share.items())
         return (
             f"perplexity {self.perplexity:.3f} over {self.tokens} tokens "
             f"({self.windows} windows of {self.ctx}) | {what}: {self.avg_bits:.3f} bits per "
-            f"expert weight ({', '.join(self.expert_codecs)}) | {self.dtype} | {self.seconds:.1f} s"
+            f"expert weight with scales, {self.nominal_bits:.3f} nominal ({share}; "
+            f"{', '.join(self.expert_codecs)}) | {self.dtype} | {self.seconds:.1f} s"
         )
 
 
@@ -99,28 +104,51 @@ def expert_bits(reader) -> Callable[[int, int, int], float]:
 
 
 class _BitsUsed:
-    """Counts, per (layer, expert, level), the (token, expert) pairs the runtime computed."""
+    """Counts, per (layer, expert, level), the (token, expert) pairs the runtime computed: the
+    levels its bit policy answered (EdgeModel.bits), or one level for all (an observer)."""
 
     def __init__(self, model, level: int | None):
-        from edgemoe.bits import Fixed
+        from edgemoe.bits import Fixed, weight_bits
 
-        self.policy = Fixed(model.reader, level)
-        self.bits = expert_bits(model.reader)
+        self.encoded, self.nominal = expert_bits(model.reader), weight_bits(model.reader)
         self.pairs: dict[tuple[int, int, int], int] = {}
+        policy = getattr(model, "bits", None)
+        if policy is not None:  # wrap the policy the executor asks: its answers are the levels
+            asked = policy.levels
 
-    def seen(self, layer: int, expert_ids) -> None:  # [T, K]
+            def levels(layer, expert_ids, weights, hidden):
+                out = asked(layer, expert_ids, weights, hidden)
+                self.add(layer, expert_ids, out)
+                return out
+
+            policy.levels = levels
+            self.stop = lambda: vars(policy).pop("levels", None)
+        else:
+            fixed = Fixed(model.reader, level)
+            self.stop = model.executor.observe(
+                lambda layer, ids: self.add(layer, ids, fixed.levels(layer, ids, None, None))
+            )
+
+    def add(self, layer: int, expert_ids, levels) -> None:  # [T, K] each
         import torch
 
-        levels = self.policy.levels(layer, expert_ids, None, None)  # [T, K]
-        keys = torch.stack([expert_ids.reshape(-1), levels.reshape(-1)], 1)
+        keys = torch.stack([expert_ids.reshape(-1), levels.reshape(-1).to(expert_ids.dtype)], 1)
         uniq, counts = torch.unique(keys, dim=0, return_counts=True)
         for (e, lv), n in zip(uniq.tolist(), counts.tolist(), strict=True):
             k = (layer, e, lv)
             self.pairs[k] = self.pairs.get(k, 0) + n
 
-    def average(self) -> float:
+    def average(self, bits: Callable[[int, int, int], float]) -> float:
         n = sum(self.pairs.values())
-        return sum(self.bits(*k) * c for k, c in self.pairs.items()) / n if n else 0.0
+        return sum(bits(*k) * c for k, c in self.pairs.items()) / n if n else 0.0
+
+    def level_share(self) -> dict[int, float]:
+        """Share of pairs computed at each level."""
+        n = sum(self.pairs.values()) or 1
+        out: dict[int, float] = {}
+        for (_, _, lv), c in self.pairs.items():
+            out[lv] = out.get(lv, 0.0) + c / n
+        return dict(sorted(out.items()))
 
 
 def perplexity(
@@ -128,6 +156,7 @@ def perplexity(
     text: str,
     *,
     level: int | None = None,
+    bits: str | None = None,
     ctx: int = DEFAULT_CTX,
     max_tokens: int | None = None,
     dtype: str = "auto",
@@ -139,6 +168,7 @@ def perplexity(
 
     Args:
         level: compute every expert at this stored level (default: the highest).
+        bits: a bit policy spec instead (edgemoe/bits.py: "fixed:L", "gate:q=0.5", ...).
         ctx: tokens per window (each window starts from an empty context).
         max_tokens: score at most this many tokens (the text's first ones).
         dtype, mem: as for edgemoe.load (mem None: every expert stays cached).
@@ -148,7 +178,7 @@ def perplexity(
     Raises:
         NoText: the text has fewer than two tokens.
         EvalError: ctx or max_tokens out of range.
-        BadRequest (param "level", "ctx", "dtype"): as edgemoe.load raises them.
+        BadRequest (param "level", "bits", "ctx", "dtype"): as edgemoe.load raises them.
     """
     import torch
     import torch.nn.functional as F
@@ -160,7 +190,8 @@ def perplexity(
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise EvalError(f"max_tokens={max_tokens!r}", "score at least 1 token, or leave it unset")
     t0 = time.perf_counter()
-    m = EdgeModel(path, mem, ctx=ctx, batch=WINDOWS_PER_PASS, dtype=dtype, level=level)
+    kw = {"bits": bits} if bits is not None else {}
+    m = EdgeModel(path, mem, ctx=ctx, batch=WINDOWS_PER_PASS, dtype=dtype, level=level, **kw)
     try:
         ids = m.tokenizer.encode(text)
         if max_tokens is not None:
@@ -170,20 +201,19 @@ def perplexity(
         stream = torch.tensor(ids, dtype=torch.int64)
         total = len(ids) - 1
         starts = list(range(0, total, ctx))
+        # full windows go WINDOWS_PER_PASS at a time; a short last one alone, so no pass has
+        # padding (whose tokens would be routed and counted in the bits)
+        full = [s for s in starts if s + ctx <= total]
+        groups = [full[i : i + WINDOWS_PER_PASS] for i in range(0, len(full), WINDOWS_PER_PASS)]
+        groups += [[s] for s in starts if s + ctx > total]
         used = _BitsUsed(m, level)
-        stop = m.executor.observe(used.seen)
         nll, scored = 0.0, 0
         try:
-            for i in range(0, len(starts), WINDOWS_PER_PASS):
-                group = starts[i : i + WINDOWS_PER_PASS]
-                lens = [min(ctx, total - s) for s in group]  # tokens scored per window
-                x = torch.zeros(len(group), max(lens), dtype=torch.int64)  # [B, S]
-                valid = torch.zeros_like(x, dtype=torch.bool)
-                for b, (s, n) in enumerate(zip(group, lens, strict=True)):
-                    x[b, :n] = stream[s : s + n]
-                    valid[b, :n] = True
-                hidden = m.forward(x, m.model.new_cache(len(group), max(lens)), valid)  # [B, S, D]
-                for b, (s, n) in enumerate(zip(group, lens, strict=True)):
+            for group in groups:
+                n = min(ctx, total - group[0])  # tokens scored per window of this pass
+                x = torch.stack([stream[s : s + n] for s in group])  # [B, S]
+                hidden = m.forward(x, m.model.new_cache(len(group), n))  # [B, S, D]
+                for b, s in enumerate(group):
                     for a in range(0, n, LOGIT_ROWS):
                         z = min(n, a + LOGIT_ROWS)
                         logits = m.logits(hidden[b, a:z])  # [rows, V] float32
@@ -193,7 +223,7 @@ def perplexity(
                 if progress is not None:
                     progress(scored, total)
         finally:
-            stop()
+            used.stop()
         codecs = sorted({m.reader.tensors[n].codec.name for n in _expert_tensors(m.reader)})
         return EvalResult(
             model=str(m.path),
@@ -203,8 +233,10 @@ def perplexity(
             windows=len(starts),
             ctx=ctx,
             level=level,
-            bits_policy=None,
-            avg_bits=used.average(),
+            bits_policy=bits,
+            avg_bits=used.average(used.encoded),
+            nominal_bits=used.average(used.nominal),
+            level_share=used.level_share(),
             expert_codecs=tuple(codecs),
             dtype=str(m.dtype).replace("torch.", ""),
             seconds=time.perf_counter() - t0,
@@ -236,6 +268,12 @@ def add_parser(sub) -> None:
     ev.add_argument("--text", required=True, help="text file (plain or .gz) to score")
     ev.add_argument(
         "--level", type=count(1, 64), help="expert precision level (default: the highest stored)"
+    )
+    ev.add_argument(
+        "--bits-policy",
+        metavar="SPEC",
+        help="the level of each (token, expert) instead: fixed:L, gate:q=0.5, calibrated, "
+        "trained (edgemoe/bits.py)",
     )
     ev.add_argument(
         "--ctx",
@@ -275,6 +313,7 @@ def _cmd_eval(args) -> int:
             args.model,
             args.text,
             level=args.level,
+            bits=args.bits_policy,
             ctx=args.ctx,
             max_tokens=args.max_tokens,
             dtype=args.dtype,

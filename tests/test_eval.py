@@ -76,6 +76,20 @@ def test_bits_follow_the_level(tiny_emoe):
     assert gaps[2] < gaps[0]  # more bits, closer to the full-precision model
 
 
+def test_bit_policy_levels_are_counted(tiny_emoe):
+    """A policy's own answers give the bits: fixed:1 is level 1, gate mixes the levels."""
+    path = tiny_emoe("qwen3_moe", experts="mwq:2,3,4")
+    one = perplexity(path, TEXT, ctx=32, level=1, dtype="f32")
+    fixed = perplexity(path, TEXT, ctx=32, bits="fixed:1", dtype="f32")
+    assert fixed.perplexity == pytest.approx(one.perplexity, rel=1e-6)
+    assert fixed.avg_bits == one.avg_bits and fixed.level_share == {1: 1.0}
+    assert fixed.nominal_bits == 2.0
+    top = perplexity(path, TEXT, ctx=32, dtype="f32")
+    gate = perplexity(path, TEXT, ctx=32, bits="gate", dtype="f32")
+    assert one.avg_bits < gate.avg_bits < top.avg_bits
+    assert len(gate.level_share) > 1 and sum(gate.level_share.values()) == pytest.approx(1.0)
+
+
 def test_cli_prints_a_json_record(tiny_emoe, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
@@ -95,8 +109,10 @@ def test_cli_prints_a_json_record(tiny_emoe, tmp_path, capsys):
         ("   \n\n", [], "is empty"),
         (TEXT, ["--level", "2"], "--level"),
         (TEXT, ["--ctx", "100000"], "--ctx"),
+        (TEXT, ["--bits-policy", "nosuch"], "unknown bit policy"),
+        (TEXT, ["--bits-policy", "fixed:1", "--level", "1"], "--bits-policy"),
     ],
-    ids=["missing", "empty", "blank", "level", "ctx"],
+    ids=["missing", "empty", "blank", "level", "ctx", "policy", "both"],
 )
 def test_cli_bad_inputs_are_named(tiny_emoe, tmp_path, capsys, make, args, msg):
     text = tmp_path / "t.txt"
