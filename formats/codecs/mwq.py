@@ -362,12 +362,16 @@ class MWQ(Codec):
         w, rows, cols, g = check_weight(cls, w, params)
         bits = params["bits"]
         groups = cols // g
+        # joint_clip: pick the base's clipping for the whole chain, not level 1 alone
+        levels = len(bits) if params.get("joint_clip", False) else 1
+        if calib is None:  # uniform weights: the vectorised encoder, the same bytes
+            from formats.codecs.mwq_fast import encode_fast
+
+            return encode_fast(w, g, bits, levels)
         h = column_weights(calib, cols)
         hg = _group_weights(h, (rows, groups, g))
         wg = w.reshape(rows, groups, g)
 
-        # joint_clip: pick the base's clipping for the whole chain, not level 1 alone
-        levels = len(bits) if params.get("joint_clip", False) else 1
         base = None
         if params.get("compensate", False) and calib is not None:
             base = _gptq_base(w, np.asarray(calib), h, g, bits[0], levels)
