@@ -127,10 +127,10 @@ def replay(
     `slots` experts, evicting by `policy` (the runtime's, cache.POLICIES) or by Belady (the
     fewest misses any policy could have). Returns (hits, misses) of calls[count_from:], what
     LocalExecutor would count."""
-    needs = []  # per call: (layer, expert) -> the level of each of its pairs (all level 1)
+    needs = []  # per call: (layer, expert) -> {level: its pairs} (all at level 1)
     for layer, ids in calls:
         experts, counts = np.unique(ids, return_counts=True)  # dispatch's order, ascending
-        needs.append({(layer, e): [1] * n for e, n in zip(experts.tolist(), counts.tolist())})
+        needs.append({(layer, e): {1: n} for e, n in zip(experts.tolist(), counts.tolist())})
     policy = Belady([set(n) for n in needs]) if belady else POLICIES[policy]()
     cache = ExpertCache(max(0, int(slots)), policy)
     h0 = m0 = 0

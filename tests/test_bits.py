@@ -73,7 +73,7 @@ def test_levels_reach_the_executor_and_the_stats(tiny_emoe):
 def test_hebf_issues_the_hottest_slice_first_and_fifo_whole_experts():
     from edgemoe.moe.schedule import order_slices
 
-    need = {(0, 0): [3], (0, 1): [1, 1, 1], (0, 2): [2, 2]}
+    need = {(0, 0): {3: 1}, (0, 1): {1: 3}, (0, 2): {2: 2}}
     have = {(0, 0): 0, (0, 1): 0, (0, 2): 1}
     got = [(s.key[1], s.have, s.level, s.waiting) for s in order_slices(need, have, "hebf")]
     # B[1,1]=3 first; then B[2,2]=2; then expert 0's levels in order, one slice each
@@ -90,9 +90,9 @@ def test_budget_rule_cuts_the_previous_layers_high_levels_before_anyones_base():
     for name, want_downgrades in (("lfu", 0), ("d2", 2)):
         cache = ExpertCache(60, POLICIES[name]())
         cache.shrink = lambda key, entry, level: size(key, level)
-        simulate(cache, {(0, 0): [3], (0, 1): [3]}, size)  # layer 0 at level 3 fills the cache
+        simulate(cache, {(0, 0): {3: 1}, (0, 1): {3: 1}}, size)  # level 3 fills the cache
         cache.now = 1
-        simulate(cache, {(1, 0): [2], (1, 1): [1, 2]}, size)  # needs 40 more
+        simulate(cache, {(1, 0): {2: 1}, (1, 1): {1: 1, 2: 1}}, size)  # needs 40 more
         assert cache.downgrades == want_downgrades, name
         levels = {(k[0], k[1]): k[2] for k in cache.keys()}
         if name == "d2":  # layer 0 kept at its base; nothing whole was evicted

@@ -192,13 +192,13 @@ class LocalExecutor(ExpertExecutor):
         if levels is None and self.bits is not None:
             levels = self.bits.levels(layer, expert_ids, expert_weights, x)  # [T, K]
         groups: dict[Key, list[Assignment]] = {}
-        need: dict[Key, list[int]] = {}
+        need: dict[Key, dict[int, int]] = {}  # expert -> {level: its pairs at that level}
         for a in dispatch(expert_ids, expert_weights, levels):  # ascending expert, then level
             key = (layer, a.expert)
             if not a.level:
                 a = Assignment(a.expert, a.tokens, a.weights, self.level(layer, a.expert))
             groups.setdefault(key, []).append(a)
-            need.setdefault(key, []).extend([a.level] * len(a.tokens))
+            need.setdefault(key, {})[a.level] = len(a.tokens)
         self.cache.now = layer
         plan = schedule(self.cache, need, self._size, self.order)
         # this layer now holds what it uses; the holds its prediction took end here

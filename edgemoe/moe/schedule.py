@@ -37,6 +37,7 @@ Each level of an expert is read at most once per call, however many tokens need 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,49 +75,58 @@ class LayerSchedule:
     rest: Iterator[Wave]  # each drawn after the consumer released what it was done with
 
 
-def order_slices(need: dict[Key, list[int]], have: dict[Key, int], order: str) -> list[Slice]:
+def order_slices(need: dict[Key, dict[int, int]], have: dict[Key, int], order: str) -> list[Slice]:
     """The reads that raise each expert from `have` to the highest level in `need`.
 
     Args:
-        need: (layer, expert) -> the level of each of its (token, expert) pairs.
+        need: (layer, expert) -> {level: pairs at that level} (its (token, expert) pairs).
         have: the levels each expert already has.
         order: "hebf" or "fifo" (see the module's docstring).
     """
     if order not in ORDERS:
         raise ValueError(f"unknown read order {order!r}; use one of {ORDERS}")
-
-    def waiting(key: Key, level: int) -> int:
-        return sum(lv >= level for lv in need[key])
-
-    out = []
+    # B[key][k]: pairs that need the expert at level k or above
+    b: dict[Key, list[int]] = {}
+    for key, by_level in need.items():
+        top = max(by_level)
+        at = [0] * (top + 2)
+        for level, n in by_level.items():
+            at[level] += n
+        for k in range(top, 0, -1):
+            at[k] += at[k + 1]
+        b[key] = at
     if order == "fifo":
-        for key in sorted(need):
-            top = max(need[key])
-            if top > have[key]:
-                out.append(Slice(key, have[key], top, waiting(key, have[key] + 1)))
-        return out
-    heads = {key: have[key] + 1 for key in need if max(need[key]) > have[key]}
-    while heads:
-        key = max(heads, key=lambda k: (waiting(k, heads[k]), -heads[k], -k[1], -k[0]))
-        level = heads[key]
-        out.append(Slice(key, level - 1, level, waiting(key, level)))
-        if level == max(need[key]):
-            del heads[key]
-        else:
-            heads[key] = level + 1
+        return [
+            Slice(key, have[key], len(b[key]) - 2, b[key][have[key] + 1])
+            for key in sorted(need)
+            if len(b[key]) - 2 > have[key]
+        ]
+    rank = {key: i for i, key in enumerate(sorted(need))}
+    heap = [
+        (-b[key][have[key] + 1], have[key] + 1, rank[key], key)
+        for key in need
+        if len(b[key]) - 2 > have[key]
+    ]
+    heapq.heapify(heap)  # the most waiting first; ties: the lower level, then the lower expert
+    out = []
+    while heap:
+        neg, level, r, key = heapq.heappop(heap)
+        out.append(Slice(key, level - 1, level, -neg))
+        if level < len(b[key]) - 2:
+            heapq.heappush(heap, (-b[key][level + 1], level + 1, r, key))
     return out
 
 
 def schedule(
     cache: ExpertCache,
-    need: dict[Key, list[int]],
+    need: dict[Key, dict[int, int]],
     size: Callable[[Key, int], int],
     order: str = "hebf",
 ) -> LayerSchedule:
     """Acquire the experts in `need` and plan the reads of the levels they lack.
 
     Args:
-        need: (layer, expert) -> levels of its pairs, in dispatch order (ascending expert).
+        need: (layer, expert) -> {level: its pairs at that level}, ascending expert.
         size: (key, level) -> bytes of that expert prepared at that level (0 at level 0).
         order: "hebf" or "fifo".
     """
@@ -183,17 +193,17 @@ def _rest(room: _Room, slices: list[Slice]) -> Iterator[Wave]:
 
 def simulate(
     cache: ExpertCache,
-    need: dict[Key, list[int]] | list[Key],
+    need: dict[Key, dict[int, int]] | list[Key],
     size: Callable[[Key, int], int] | int = 1,
     order: str = "hebf",
 ) -> None:
     """Run one layer's schedule with reads that complete at once (the replay's executor).
 
-    need: as `schedule` takes it, or a list of keys all needed at level 1; size: as
-    `schedule` takes it, or bytes per level-1 expert (every level alike).
+    need: as `schedule` takes it, or a list of keys each needed by one pair at level 1;
+    size: as `schedule` takes it, or bytes per level-1 expert (every level alike).
     """
     if not isinstance(need, dict):
-        need = {key[:2]: [1] for key in need}
+        need = {key[:2]: {1: 1} for key in need}
     if not callable(size):
         per = max(1, int(size))
         size = lambda key, level: per if level else 0  # noqa: E731
