@@ -161,35 +161,42 @@ def _bounds(w, s, z, maxq: int, levels: int, norm, first):
     a_est = [torch.zeros(m, n_r, dtype=torch.float64) for _ in range(levels - 1)]
     s_used = [torch.zeros(m, n_r, dtype=torch.float64) for _ in range(levels - 1)]
     t = torch.empty_like(w)
+    e = torch.empty_like(w)
     r0 = 0 if first is None else 1
     for r in range(r0, n_r):
+        # e = q - (w/s + z), so s*e is d1 = (q - z)*s - w up to a few roundings of the
+        # largest value (bounded below): two passes fewer than forming d1 itself
         torch.div(w, safe[:, r : r + 1], out=t)
         t += zt[:, r : r + 1]
-        t.round_()
-        t.clamp_(0, maxq)
-        t -= zt[:, r : r + 1]
-        t *= st[:, r : r + 1]
-        t -= w
-        t.abs_()  # |d1|, the reference's float32 values
-        e1[:, r] = torch.linalg.vector_norm(t, 2, -1).double().square()
+        torch.round(t, out=e)
+        e.clamp_(0, maxq)
+        e -= t
+        e.abs_()
+        sr = st[:, r].double()
+        e1[:, r] = (torch.linalg.vector_norm(e, 2, -1).double() * sr).square()
         for k in range(levels - 1):
-            a = t.sum(-1, dtype=torch.float32).double()
+            a = e.sum(-1, dtype=torch.float32).double() * sr
             a_est[k][:, r] = a
             if k + 1 < levels - 1:
-                sk = (a / g).float()
-                s_used[k][:, r] = sk.double()
-                t -= sk[:, None]
-                t.abs_()  # ||d_k| - s_k| = |d_(k+1)|
+                c = (a / g / sr).float()[:, None]  # the next scale, in units of s
+                s_used[k][:, r] = c[:, 0].double() * sr
+                e -= c
+                e.abs_()  # ||d_k| - s_k| / s = |d_(k+1)| / s
     # Intervals on the reference's values. d_k = a_k - w with a_k its float32 values; its
     # sums E_k = sum d_k^2, A_k = sum |d_k| (real numbers) are what it rounds by at most 3.3u.
-    e1_lo, e1_hi = e1 * (1 - 2 * gam), e1 * (1 + 2 * gam)
     # |a_k| <= maxq*s + s_2 + ... + s_k bounds the rounding of a_(k+1) = a_k + s*B
     bmax = torch.maximum(
         torch.from_numpy(np.abs(w.numpy()).max(1)).double()[:, None], (maxq * st).double()
     )
     bmax = bmax * 1.01
-    errs_lo, errs_hi = [e1_lo], [e1_hi]
-    force = torch.zeros(m, n_r, dtype=torch.bool)
+    # |s*e - d1| <= zeta per weight (the roundings of w/s + z and of (q - z)*s)
+    zeta = 5.5 * _U * bmax
+    force = st == 0  # s*e is 0 there while d1 = -w: scored exactly
+    a1 = a_est[0] if levels > 1 else e1.sqrt() * g**0.5  # sum |d| <= sqrt(g sum d^2)
+    a1_hi = a1 * (1 + 2 * (gam + 2 * _U)) + g * zeta
+    e1_lo = e1 * (1 - 2 * gam) - 2 * zeta * a1_hi - g * zeta * zeta
+    e1_hi = e1 * (1 + 2 * gam) + 2 * zeta * a1_hi + g * zeta * zeta
+    errs_lo, errs_hi = [e1_lo.clamp(min=0)], [e1_hi]
     a_prev_sum = torch.zeros(m, n_r, dtype=torch.float64)  # sum of earlier A_j upper bounds
     ds_total = torch.zeros(m, n_r, dtype=torch.float64)  # sum of |true scale - scale used|
     a_lo = a_hi = None
@@ -197,7 +204,7 @@ def _bounds(w, s, z, maxq: int, levels: int, norm, first):
         a = a_est[k]
         # A_(k+1): the float32 sum, its |d| roundings, the a roundings, the scales used
         err = 2 * (gam + 2 * _U) * a + 2.1 * _U * a_prev_sum
-        err = err + g * ds_total + 1.02 * k * g * _U * bmax
+        err = err + g * ds_total + 1.02 * k * g * _U * bmax + g * zeta
         a_lo, a_hi = (a - err).clamp(min=0), a + err
         a_prev_sum = a_prev_sum + a_hi
         with np.errstate(over="ignore"):  # the reference's scale from its own sum
@@ -269,7 +276,9 @@ def fit_base_fast(wg: np.ndarray, bits: int, levels: int, stats: dict | None = N
         blo, bhi, force = _bounds(
             w[i:j], s[i:j], z[i:j], maxq, levels, norm, None if first is None else first[i:j]
         )
-        cand = (blo <= bhi.min(1, keepdim=True).values) | force
+        # a forced candidate's bounds mean nothing: it is scored exactly, never a yardstick
+        top = torch.where(force, float("inf"), bhi).min(1, keepdim=True).values
+        cand = (blo <= top) | force
         many = cand.sum(1) > 1
         b = cand.to(torch.int8).argmax(1)  # first candidate
         if many.any():
