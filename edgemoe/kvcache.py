@@ -57,6 +57,7 @@ class KVCache:
         self.valid = torch.zeros(0, 0, dtype=torch.bool)
         self.keep: torch.Tensor | None = None
         self._span = 0
+        self._one: tuple[int, int] | None = None
 
     @property
     def length(self) -> int:
@@ -81,40 +82,53 @@ class KVCache:
         b, s = valid_new.shape
         rows = torch.arange(b) if slots is None else slots.to(torch.int64)
         start = self.lengths[rows]  # [B]
-        n_new = valid_new.sum(dim=1)  # [B]
-        if int((start + s).max()) > self.max_len:
+        rows_l, start_l = rows.tolist(), start.tolist()  # a decode pass is small: plain ints
+        span = max(start_l, default=0) + s  # keys 0..span-1 cover every row's cached + new
+        everything = bool(valid_new.all())  # no pads (a decode step, a lone prompt)
+        if span > self.max_len:
+            n_new = valid_new.sum(dim=1)
             raise ValueError(
                 f"context of {int((start + n_new).max())} tokens exceeds the cache's {self.max_len}"
             )
         positions = start[:, None] + torch.arange(s)[None, :]  # [B, S]
-        span = int((start + s).max())  # keys 0..span-1 cover every row's cached + new
         key_pos = torch.arange(span)[None, None, :]  # [1, 1, L]
         causal = key_pos <= positions[:, :, None]  # [B, S, L]
-        real = key_pos < (start + n_new)[:, None, None]  # [B, 1, L] cached or new, not pad
-        # a pad query attends to the row's first key only, so no row is all -inf (output unused)
-        pad_q = ~valid_new[:, :, None] & (key_pos == 0)
-        mask = ((causal & real) | pad_q)[:, None]  # [B, 1, S, L]
+        if everything:  # each row's keys past its own end are in no query's past
+            mask = causal[:, None]  # [B, 1, S, L]
+        else:
+            real = key_pos < (start + valid_new.sum(dim=1))[:, None, None]  # [B, 1, L] not pad
+            # a pad query attends to the row's first key only, so no row is all -inf
+            pad_q = ~valid_new[:, :, None] & (key_pos == 0)
+            mask = ((causal & real) | pad_q)[:, None]  # [B, 1, S, L]
         self._rows, self.valid, self._span = rows, valid_new, span
-        first = int(rows[0]) if b else 0
-        contiguous = b and bool((rows == torch.arange(first, first + b)).all())
-        self._contiguous = (first, first + b) if contiguous else None
+        first = rows_l[0] if b else 0
+        self._contiguous = (
+            (first, first + b) if b and rows_l == list(range(first, first + b)) else None
+        )
         self._start = start
-        self.keep = None if bool(valid_new.all()) else valid_new.reshape(-1).nonzero()[:, 0]
+        self._where = (rows[:, None], positions)  # [B, 1], [B, S]: where this pass's k/v go
+        self._one = (rows_l[0], start_l[0]) if b == 1 else None
+        self.keep = None if everything else valid_new.reshape(-1).nonzero()[:, 0]
         return positions, mask
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, Hkv, S, *] at each row's next slots; return all [B, Hkv, L, *]."""
-        s = k.shape[2]
         kc, vc = self.k[layer], self.v[layer]
-        for i, (row, a) in enumerate(zip(self._rows.tolist(), self._start.tolist())):
-            kc[row, :, a : a + s] = k[i]
-            vc[row, :, a : a + s] = v[i]
+        if self._one is not None:  # one row: a slice copy
+            (row, a), s = self._one, k.shape[2]
+            kc[row, :, a : a + s] = k[0]
+            vc[row, :, a : a + s] = v[0]
+        else:  # every row at once (a Python loop over rows cost more than the copies)
+            rows, pos = self._where
+            kc[rows, :, pos] = k.transpose(1, 2)  # [B, S, Hkv, *] at (slot, position)
+            vc[rows, :, pos] = v.transpose(1, 2)
         if self._contiguous is not None:  # the common case: a view, no copy
             lo, hi = self._contiguous
             return kc[lo:hi, :, : self._span], vc[lo:hi, :, : self._span]
-        return kc[self._rows, :, : self._span], vc[self._rows, :, : self._span]
+        span, rows = self._span, self._rows  # index_select: 3x faster than kc[rows, :, :span]
+        return kc[:, :, :span].index_select(0, rows), vc[:, :, :span].index_select(0, rows)
 
     def commit(self) -> None:
         """Advance each row's slot by its real tokens."""
