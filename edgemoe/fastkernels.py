@@ -1,24 +1,41 @@
-"""Kernels torch lacks for this CPU class, compiled once on first use and cached.
+"""Kernels torch lacks for this CPU class: compiled once with the system C compiler, cached.
 
-`int8_gemv` (csrc/int8_gemv.cpp): INT8 weights times f32 activations for a few
-tokens, AVX2 + FMA, OpenMP over rows: 1.65x torch's `_weight_int8pack_mm` for
-one token here (one core). Opt-in with EDGEMOE_INT8_KERNEL=1 (and the `kernels`
-extra, which brings ninja): the build takes 1-2 minutes and ~900 MB of compiler
-memory, which must not happen unasked inside a run's memory budget. Where it
-is off, the CPU lacks AVX2/FMA or the build fails, `int8_gemv()` is None and
-callers use torch's kernel. The build lands in the torch extensions cache
-($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+`q8_linear` (csrc/q8.c): INT8 weights times INT8-quantized activations on AVX2,
+ggml's Q8_0 dot product (activations in blocks of 32 with an f32 scale each,
+as llama.cpp's Q8_0 matmul quantizes them; 32 products per maddubs). torch's
+`_weight_int8pack_mm` widens to float and is 1.3-1.6x slower here for one
+token (tools/kernel_table.py). Plain C, no torch headers: `cc` builds it in
+about a second with a few tens of MB, so building on first use inside a run's
+budget is safe; `edgemoe bench` builds it before its capped runs.
+
+On by default where the CPU has AVX2 and FMA and a C compiler exists;
+EDGEMOE_INT8_KERNEL=0 turns it off (torch's kernel, exact int8 x bf16), and
+any failure to build falls back to torch's kernel with one line on stderr.
+The library lands in $EDGEMOE_KERNEL_DIR (default ~/.cache/edgemoe/kernels),
+named by the source's hash and written by an atomic rename: concurrent first
+runs never see a half-written file and never wait on a lock.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
+import torch
+
+QK = 32  # activation block: one f32 scale per 32 INT8 values
+_SRC = Path(__file__).parent / "csrc" / "q8.c"
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}
+_lib: list = []  # [] not tried yet; [None] unavailable; [CDLL] loaded
 
 
 def _cpu_has(*flags: str) -> bool:
@@ -33,32 +50,93 @@ def _cpu_has(*flags: str) -> bool:
     return False
 
 
-def _build():
-    if os.environ.get("EDGEMOE_INT8_KERNEL") != "1" or not _cpu_has("avx2", "fma"):
+def kernel_dir() -> Path:
+    return Path(os.environ.get("EDGEMOE_KERNEL_DIR", Path.home() / ".cache/edgemoe/kernels"))
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source and these flags lives."""
+    h = hashlib.sha256(_SRC.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    return kernel_dir() / f"q8-{h}.so"
+
+
+def build() -> Path:
+    """Compile csrc/q8.c if its library is not built yet; the library's path.
+
+    Raises RuntimeError naming the compiler's complaint when it fails."""
+    out = library_path()
+    if out.exists():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH; install gcc or set CC")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        p = subprocess.run(
+            [cc, *_FLAGS, "-o", tmp, str(_SRC)], capture_output=True, text=True, timeout=300
+        )
+        if p.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {p.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load():
+    if os.environ.get("EDGEMOE_INT8_KERNEL", "auto") == "0" or not _cpu_has("avx2", "fma"):
         return None
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        src = Path(__file__).parent / "csrc" / "int8_gemv.cpp"
-        built = Path(_get_build_directory("edgemoe_int8_gemv", False)) / "edgemoe_int8_gemv.so"
-        if not built.exists():
-            print("edgemoe: building the AVX2 INT8 kernel (once, about a minute)", file=sys.stderr)
-        mod = load(
-            name="edgemoe_int8_gemv",
-            sources=[str(src)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-        return mod.int8_gemv
-    except Exception as e:  # noqa: BLE001 - any build failure falls back to torch's kernel
-        print(f"edgemoe: the AVX2 INT8 kernel did not build ({e}); using torch's", file=sys.stderr)
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"edgemoe: the AVX2 INT8 kernel is unavailable ({e}); using torch's", file=sys.stderr)
         return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q8_quantize.argtypes = [p, i64, i64, p, p]
+    lib.q8_quantize.restype = None
+    lib.q8_gemm.argtypes = [p, p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.q8_gemm.restype = None
+    return lib
 
 
-def int8_gemv():
-    """The compiled int8_gemv(x f32 [T, K], q int8 [N, K], scale f32 [N]) -> f32 [T, N], or None."""
+def library():
+    """The loaded kernel library, or None where it is off or unavailable."""
     with _lock:
-        if "int8_gemv" not in _loaded:
-            _loaded["int8_gemv"] = _build()
-        return _loaded["int8_gemv"]
+        if not _lib:
+            _lib.append(_load())
+        return _lib[0]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f32 [T, K] (K a multiple of 32) -> (int8 [T, K], f32 scales [T, K // 32])."""
+    return _quantize(library(), x.float().contiguous())
+
+
+def _quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    t, k = x.shape
+    xq = torch.empty(t, k, dtype=torch.int8)
+    xs = torch.empty(t, k // QK, dtype=torch.float32)
+    lib.q8_quantize(x.data_ptr(), t, k, xq.data_ptr(), xs.data_ptr())
+    return xq, xs
+
+
+def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (any float dtype) times INT8 weights q [N, K] with f32 row scales [N]:
+    f32 [T, N]. Needs `available()` and K % 32 == 0; q and scale contiguous."""
+    lib = _lib[0] if _lib else library()
+    xq, xs = _quantize(lib, x.float().contiguous())
+    t, k = xq.shape
+    n = q.shape[0]
+    y = torch.empty(t, n, dtype=torch.float32)
+    lib.q8_gemm(
+        xq.data_ptr(), xs.data_ptr(), t, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return y

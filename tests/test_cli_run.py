@@ -35,7 +35,8 @@ def test_demo_streams_and_summarises():
         timeout=300,
     )
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("The function returns") and len(p.stdout.split()) > 6
+    # 24 sampled tokens streamed after the prompt (their words vary with the kernel's rounding)
+    assert p.stdout.startswith("The function returns") and len(p.stdout.strip()) > 30
     line = p.stderr.strip().splitlines()[-1]
     for part in ("prefill", "decode", "TTFT", "expert hits", "from flash", "peak", "floor"):
         assert part in line, line

@@ -9,6 +9,7 @@ edgemoe uses for INT8 experts):
 - int8 weights, bf16 activations: `_weight_int8pack_mm` (per-row scales)
 - int8 weights, f32 activations: the same kernel in float32
 - int8 x int8: `torch._int_mm` after quantizing the activations per row
+- int8 x int8: edgemoe's AVX2 Q8 kernel (edgemoe/fastkernels.py), the one Int8Linear uses
 - int4 weights: `_weight_int4pack_mm_for_cpu` (group 64), bf16 activations
 - dense bf16 and dense f32 weights: `F.linear`
 """
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_doc import write_section  # noqa: E402
+
+from edgemoe import fastkernels  # noqa: E402
 
 
 def paths(rows: int, cols: int, batch: int) -> dict:
@@ -54,6 +57,8 @@ def paths(rows: int, cols: int, batch: int) -> dict:
         return acc.float() * xs * scale
 
     out["int8 x int8 _int_mm"] = int_mm
+    if fastkernels.available():  # edgemoe's: activations to INT8 per 32 (ggml's Q8_0 dot)
+        out["edgemoe q8 (AVX2 maddubs)"] = lambda: fastkernels.q8_linear(x, q, scale)
     group = 64
     wg = w.view(rows, cols // group, group)
     lo, hi = wg.amin(-1), wg.amax(-1)

@@ -104,10 +104,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     """q [B, H, S, Dh], k/v [B, Hkv, L, *], mask [B, 1, S, L] -> [B, S, H * Dv]."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, H, S, Dv]
+    # grouped KV heads are shared in the kernel (no copy of the cache per step)
+    gqa = k.shape[1] != q.shape[1]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
