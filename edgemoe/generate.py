@@ -176,14 +176,43 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 
 
 def _sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> list[Record]:
-    """logits [B, V] float32, one row per sequence."""
-    records = []
+    """logits [B, V] float32, one row per sequence. Greedy rows take one argmax for the
+    whole batch; the others draw with their own settings and generator."""
+    tokens = [0] * len(seqs)
+    best = None
     for i, seq in enumerate(seqs):
         s = seq.request.sampling
-        history = [list(seq.request.ids) + seq.out]
-        token = int(sample(logits[i : i + 1], s, seq.gen, history)[0])
-        records.append(seq._accept(token, logits[i]))
-    return records
+        if s.is_greedy:
+            if best is None:
+                best = logits.argmax(dim=-1).tolist()  # [B]
+            tokens[i] = best[i]
+            continue
+        history = None
+        if s.repetition_penalty != 1.0 and s.repeat_last_n > 0:
+            history = [_recent(seq, s.repeat_last_n)]
+        tokens[i] = int(sample(logits[i : i + 1], s, seq.gen, history)[0])
+    return [seq._accept(t, logits[i]) for i, (seq, t) in enumerate(zip(seqs, tokens))]
+
+
+def _recent(seq: Sequence, n: int) -> list[int]:
+    """The last n tokens of a sequence, prompt included (the repetition penalty's window)."""
+    tail = seq.out[-n:]
+    if len(tail) < n:
+        ids = seq.request.ids
+        tail = list(ids[max(0, len(ids) - (n - len(tail))) :]) + tail
+    return tail
+
+
+def _by_slot(seqs: list[Sequence]) -> list[Sequence]:
+    """Rows in slot order: a batch over consecutive slots reads its keys as a view of the
+    cache (kvcache.py), not a copy per layer."""
+    return sorted(seqs, key=lambda s: s.slot)
+
+
+def _in_order(records: list[Record], seqs: list[Sequence]) -> list[Record]:
+    """Records in the order of the sequences the caller gave."""
+    by_seq = {id(r.seq): r for r in records}
+    return [by_seq[id(s)] for s in seqs if id(s) in by_seq]
 
 
 def _begin(model: Steppable, seqs: list[Sequence]) -> None:
@@ -207,6 +236,7 @@ def prefill(
     holds its first `cached` prompt tokens already (0: the slot starts empty)."""
     if not seqs:
         return []
+    given, seqs = seqs, _by_slot(seqs)
     _begin(model, seqs)
     t0 = time.perf_counter()
     todo = [s.request.ids[s.cached :] for s in seqs]
@@ -236,12 +266,12 @@ def prefill(
         s.stats.prefill_s = elapsed
         s.stats.ttft_s = now - s.stats.queued_at
     _end(model, records)
-    return records
+    return _in_order(records, given)
 
 
 def decode_step(model: Steppable, cache: KVCache, seqs: list[Sequence]) -> list[Record]:
     """One token for every running sequence (finished ones are skipped)."""
-    running = [s for s in seqs if not s.done]
+    running = _by_slot([s for s in seqs if not s.done])
     if not running:
         return []
     t0 = time.perf_counter()
@@ -253,7 +283,7 @@ def decode_step(model: Steppable, cache: KVCache, seqs: list[Sequence]) -> list[
     for s in running:
         s.stats.decode_s += dt
     _end(model, records)
-    return records
+    return _in_order(records, seqs)
 
 
 def stream(
