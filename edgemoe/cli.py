@@ -323,6 +323,12 @@ def _cmd_plan(args) -> int:
         print(f"  {key.replace('_', ' '):<13} {Bytes(p[key])}")
     slots = ", ".join(f"level {k}: {v}" for k, v in rep["slots_per_level"].items())
     print(f"  expert slots  {slots} (of {Bytes(p['all_experts'])} for all experts)")
+    rc = rep["reachable"]
+    more = "and the top levels of" if rc["base"] == rc["experts"] else "or the top level of"
+    print(
+        f"  nested        the base level of {rc['base']} of {rc['experts']} experts, "
+        f"{more} {rc['top']}"
+    )
     per = f"per step of {rep['batch']}" if rep["batch"] > 1 else "per token"
     print(
         f"decode bound {rep['bound_tok_s']:.1f} tok/s: {Bytes(int(rep['memory_bytes_per_token']))} from memory "

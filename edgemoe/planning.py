@@ -13,6 +13,22 @@ from edgemoe.units import Bytes
 from formats.reader import EmoeReader
 
 
+def reachable(cache: int, experts: int, base: int, top: int) -> dict:
+    """What a nested cache of `cache` bytes reaches: the experts it holds at the base level,
+    and, once every expert's base fits, how many of them it can also hold at the top level
+    (an entry holds the levels it has: the top costs top - base more than the base).
+
+    Returns {"base": experts at the base level, "top": of those, how many at the top,
+    "experts": all routed experts}.
+    """
+    at_base = min(experts, cache // max(1, base))
+    spare = cache - at_base * base
+    at_top = min(at_base, spare // max(1, top - base)) if top > base else at_base
+    if at_base < experts:  # not every base fits: the top levels only take base room
+        at_top = min(experts, cache // max(1, top))
+    return {"base": int(at_base), "top": int(at_top), "experts": experts}
+
+
 def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: str = "auto") -> dict:
     """The plan and the bound for one .emoe on one device profile (a DeviceProfile)."""
     path = path or DEMO
@@ -54,6 +70,8 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
             k: round(p.expert_cache / max(1, f.expert_nbytes(e0.layer, k)), 1)
             for k in range(1, len(e0.levels) + 1)
         }
+        reach = reachable(int(p.expert_cache), len(r.experts), f.expert_nbytes(e0.layer, 1),
+                          f.expert_nbytes(e0.layer, len(e0.levels)))  # fmt: skip
         return {
             "model": str(path),
             "device": device.name,
@@ -61,6 +79,7 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
             "batch": batch,
             "plan": p.as_dict(),
             "slots_per_level": slots,
+            "reachable": reach,
             "routing": routing,
             "policy": DEFAULT_POLICY,
             "expected_tok_s": lru.tokens_per_s,

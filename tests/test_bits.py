@@ -146,3 +146,11 @@ def test_gate_policy_tokens_do_not_depend_on_the_cache(tiny_emoe, order, policy)
         assert got == want and st.executor.misses > 0
         if policy == "d2":  # cut to their base, raised again in place when needed
             assert st.executor.downgrades > 0 and st.executor.upgrades > 0
+
+
+def test_reachable_counts_the_base_of_many_and_the_top_of_a_few():
+    from edgemoe.planning import reachable
+
+    assert reachable(1000, 8, 100, 300) == {"base": 8, "top": 1, "experts": 8}
+    assert reachable(500, 8, 100, 300) == {"base": 5, "top": 1, "experts": 8}
+    assert reachable(3000, 8, 100, 300) == {"base": 8, "top": 8, "experts": 8}
