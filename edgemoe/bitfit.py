@@ -168,8 +168,9 @@ class FitExecutor(ExpertExecutor):
             lv = self.level_fn(layer, expert_ids, expert_weights, x)  # [T, K]
         out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
         t_idx = torch.arange(x.shape[0])[:, None].expand_as(expert_ids)
-        pairs = torch.stack([expert_ids.reshape(-1), lv.reshape(-1)], 1)
-        for e, v in torch.unique(pairs, dim=0).tolist():
+        span = int(lv.max()) + 1
+        for key in torch.unique(expert_ids * span + lv).tolist():  # 1-D: unique(dim=0) is slow
+            e, v = divmod(key, span)
             sel = (expert_ids == e) & (lv == v)  # [T, K]
             tok = t_idx[sel]
             y = self.experts.forward(x[tok], layer, e, v)  # [N, D]
@@ -309,41 +310,69 @@ def greedy_moves(
         cands[key] = candidate(key)
 
 
-def fit_table(
+@dataclass
+class Ranking:
+    """What the one-expert-at-a-time passes measured (the costly part of fit_table)."""
+
+    base: Score  # every expert at its top
+    delta: dict[tuple[int, int], list[float]]  # added loss of each expert alone at each level
+    passes: int
+    seconds: float
+
+
+def rank_experts(
     m: EdgeModel,
     ex: FitExecutor,
     segs: torch.Tensor,
-    tolerance: float = 0.02,
     progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[dict[int, list[int]], dict]:
-    """EdgeMoE's offline per-expert levels under a perplexity tolerance (see the module doc).
-
-    Returns:
-        (layer -> [E] levels, info for the blob: tolerance, losses, bits, passes).
-    """
-    if not tolerance >= 0:
-        raise ValueError(f"tolerance {tolerance} is negative")
+) -> Ranking:
+    """The loss each expert alone adds at each of its lower levels, the others at their top."""
     t0 = time.perf_counter()
     ex.use_table({})
     base = score(m, ex, segs)
-    uses = base.uses
     keys = sorted(ex.tops)
     todo = sum(ex.tops[k] - 1 for k in keys)
     delta: dict[tuple[int, int], list[float]] = {}
-    done = 0
+    done = passes = 0
     for key in keys:
         top = ex.tops[key]
         row = [0.0] * top
-        if uses.get(key, 0):  # an expert no calibration token uses changes no loss
+        if base.uses.get(key, 0):  # an expert no calibration token uses changes no loss
             for v in range(1, top):
                 ex.use_table({key: v})
                 row[v - 1] = score(m, ex, segs).loss - base.loss
+                passes += 1
                 done += 1
                 if progress:
                     progress("rank", done, todo)
         else:
             done += top - 1
         delta[key] = row
+    ex.use_table({})
+    return Ranking(base, delta, passes + 1, time.perf_counter() - t0)
+
+
+def fit_table(
+    m: EdgeModel,
+    ex: FitExecutor,
+    segs: torch.Tensor,
+    tolerance: float = 0.02,
+    progress: Callable[[str, int, int], None] | None = None,
+    ranking: Ranking | None = None,
+) -> tuple[dict[int, list[int]], dict]:
+    """EdgeMoE's offline per-expert levels under a perplexity tolerance (see the module doc).
+
+    Args:
+        ranking: rank_experts' result on the same segments, to reuse for several tolerances.
+    Returns:
+        (layer -> [E] levels, info for the blob: tolerance, losses, bits, passes).
+    """
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance {tolerance} is negative")
+    t0 = time.perf_counter()
+    rk = ranking or rank_experts(m, ex, segs, progress)
+    base, delta, uses = rk.base, rk.delta, rk.base.uses
+    done = rk.passes
     moves = greedy_moves(delta, ex.bits, uses)
 
     def table_of(k: int) -> dict[tuple[int, int], int]:
@@ -396,8 +425,8 @@ def fit_table(
         "bits_top": base.average_bits,
         "average_bits": final.average_bits,
         "moves": lo,
-        "passes": done + len(measured) + 1,
-        "seconds": round(time.perf_counter() - t0, 1),
+        "passes": done + len(measured) - 1,
+        "seconds": round(time.perf_counter() - t0 + (rk.seconds if ranking else 0.0), 1),
     }
     return table, info
 
