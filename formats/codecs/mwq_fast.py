@@ -155,7 +155,7 @@ def _bounds(w, s, z, maxq: int, levels: int, norm, first):
     m, g = w.shape
     n_r = s.shape[1]
     st, zt = torch.from_numpy(s), torch.from_numpy(z)
-    safe = torch.where(st > 0, st, 1.0)
+    inv = 1 / torch.where(st > 0, st, 1.0)
     gam = 1.01 * (g - 1) * _U + 12 * _U  # relative error of a float32 sum of g terms, + slack
     e1 = torch.zeros(m, n_r, dtype=torch.float64)
     a_est = [torch.zeros(m, n_r, dtype=torch.float64) for _ in range(levels - 1)]
@@ -165,9 +165,9 @@ def _bounds(w, s, z, maxq: int, levels: int, norm, first):
     r0 = 0 if first is None else 1
     for r in range(r0, n_r):
         # e = q - (w/s + z), so s*e is d1 = (q - z)*s - w up to a few roundings of the
-        # largest value (bounded below): two passes fewer than forming d1 itself
-        torch.div(w, safe[:, r : r + 1], out=t)
-        t += zt[:, r : r + 1]
+        # largest value (bounded below), and |e| moves by at most as much as w/s + z does
+        # (|clamp(round(t)) - t| is 1-Lipschitz): w * (1/s) + z in one pass will do
+        torch.addcmul(zt[:, r : r + 1], w, inv[:, r : r + 1], out=t)
         torch.round(t, out=e)
         e.clamp_(0, maxq)
         e -= t
@@ -189,8 +189,9 @@ def _bounds(w, s, z, maxq: int, levels: int, norm, first):
         torch.from_numpy(np.abs(w.numpy()).max(1)).double()[:, None], (maxq * st).double()
     )
     bmax = bmax * 1.01
-    # |s*e - d1| <= zeta per weight (the roundings of w/s + z and of (q - z)*s)
-    zeta = 5.5 * _U * bmax
+    # | s|e| - |d1| | <= zeta per weight: the roundings of this pass's w*(1/s) + z (6.2u bmax)
+    # and of the reference's w/s + z (twice 3u bmax) and (q - z)*s (2u bmax)
+    zeta = 15.5 * _U * bmax
     force = st == 0  # s*e is 0 there while d1 = -w: scored exactly
     a1 = a_est[0] if levels > 1 else e1.sqrt() * g**0.5  # sum |d| <= sqrt(g sum d^2)
     a1_hi = a1 * (1 + 2 * (gam + 2 * _U)) + g * zeta
