@@ -224,7 +224,13 @@ def main(argv=None) -> int:
     ap.add_argument("--codecs", default="mwq:2,3,4",
                     help="nested codecs to score and fit, ';'-separated (mwq:2,3,4;mwq:5,6,7,8)")  # fmt: skip
     ap.add_argument("--doc", action="store_true", help="write the docs/BENCHMARKS.md section")
+    ap.add_argument("--from-results", type=Path, help="only write the section of a results.json")
     a = ap.parse_args(argv)
+    if a.from_results is not None:
+        from bench_doc import write_section
+
+        write_section("bit-policies", doc_lines(json.loads(a.from_results.read_text())))
+        return 0
     torch.manual_seed(0)
     a.work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
