@@ -124,7 +124,7 @@ def runtime_eval_takes_policies() -> bool:
         from edgemoe.eval import perplexity
     except ImportError:
         return False
-    return "bits_policy" in inspect.signature(perplexity).parameters
+    return "bits" in inspect.signature(perplexity).parameters
 
 
 def score(path: Path, spec: str, text: str, ctx: int, max_tokens: int, runtime: bool) -> dict:
@@ -133,9 +133,10 @@ def score(path: Path, spec: str, text: str, ctx: int, max_tokens: int, runtime: 
     if runtime:
         from edgemoe.eval import perplexity
 
-        r = perplexity(path, text, bits_policy=spec, ctx=ctx, max_tokens=max_tokens)
-        return {"ppl": r.perplexity, "bits": r.avg_bits, "tokens": r.tokens,
-                "seconds": time.perf_counter() - t0}  # fmt: skip
+        r = perplexity(path, text, bits=spec, ctx=ctx, max_tokens=max_tokens)
+        return {"ppl": r.perplexity, "bits": r.nominal_bits, "encoded_bits": r.avg_bits,
+                "level_share": {str(k): v for k, v in r.level_share.items()},
+                "tokens": r.tokens, "seconds": time.perf_counter() - t0}  # fmt: skip
     from edgemoe.bits import make
 
     m, ex = bitfit.open_for_fitting(path, ctx)
@@ -309,16 +310,20 @@ def doc_lines(res: dict) -> list[str]:
         f"`{res['command']}` (edgemoe {res['edgemoe']}, {res['date']}, {res['machine']}, "
         f"{res['wall_s']} s). Source checkpoint: {res['source']}. Evaluation: "
         f"{res['eval_text']}, scored by {res['scored_by']}; fitting: {res['calib_text']}. "
-        "Bits: per expert weight actually computed, averaged over every (token, chosen expert) "
-        "pair. Perplexity is relative to INT8 experts from the same checkpoint.",
+        "Avg bits: the codec width per expert weight actually computed, averaged over every "
+        "(token, chosen expert) pair; encoded bits add the scales and zero points. "
+        "Perplexity is relative to INT8 experts converted from the same checkpoint.",
         "",
-        "| experts | policy | perplexity | vs INT8 | avg bits |",
-        "|---|---|---|---|---|",
+        "| experts | policy | perplexity | vs INT8 | avg bits | encoded bits | pairs per level |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = 100 * (r["ppl"] / int8["ppl"] - 1)
+        enc = f"{r['encoded_bits']:.2f}" if "encoded_bits" in r else "-"
+        share = ", ".join(f"L{k} {100 * v:.0f}%" for k, v in (r.get("level_share") or {}).items())
         lines.append(
-            f"| {r['codec']} | {r['policy']} | {r['ppl']:.3f} | {rel:+.2f}% | {r['bits']:.2f} |"
+            f"| {r['codec']} | {r['policy']} | {r['ppl']:.3f} | {rel:+.2f}% | {r['bits']:.2f} "
+            f"| {enc} | {share or '-'} |"
         )
     lines += ["", f"bf16 experts: perplexity {bf16['ppl']:.3f}.", ""]
     for name, share in TARGETS:
