@@ -24,8 +24,10 @@ from formats.errors import CodecError
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(20))  # as mwq.CLIP_RATIOS; a test checks
 
 RANGE_MSG = "mwq: weights exceed the float16 range of the scales"
-# Weights per block of groups: a few float32 temporaries of this size stay in the caches.
+# Weights per block of groups. The bounds pass keeps its few float32 temporaries in the
+# caches; the exact pass does many small ops per block (its sums), so it takes more at once.
 BLOCK_WEIGHTS = 1 << 17
+EXACT_BLOCK_WEIGHTS = 1 << 20
 _U = 2.0**-24  # float32 unit roundoff
 
 
@@ -255,15 +257,16 @@ def fit_base_fast(wg: np.ndarray, bits: int, levels: int, stats: dict | None = N
     w = torch.from_numpy(np.ascontiguousarray(wg, dtype=np.float32).reshape(-1, g))
     n_g = w.shape[0]
     step = max(1, BLOCK_WEIGHTS // g)
+    big = max(1, EXACT_BLOCK_WEIGHTS // g)
     st, zt = torch.from_numpy(s), torch.from_numpy(z)
     norm = first = None
     if levels > 1:  # the norm: every group's exact errors at ratio 1.0
         e = torch.cat(
             [
-                exact_levels(
-                    w[i : i + step], st[i : i + step, 0], zt[i : i + step, 0], maxq, levels
-                )[0]
-                for i in range(0, n_g, step)
+                exact_levels(w[i : i + big], st[i : i + big, 0], zt[i : i + big, 0], maxq, levels)[
+                    0
+                ]
+                for i in range(0, n_g, big)
             ],
             1,
         )
@@ -271,7 +274,8 @@ def fit_base_fast(wg: np.ndarray, bits: int, levels: int, stats: dict | None = N
         norm = [max(float(ek.numpy().reshape(rows, groups).sum()), tiny) for ek in e]
         first = _score(list(e), norm)
     best = torch.empty(n_g, dtype=torch.int64)
-    n_pairs = 0
+    many = torch.zeros(n_g, dtype=torch.bool)
+    pairs_g, pairs_r = [], []
     for i in range(0, n_g, step):
         j = min(n_g, i + step)
         blo, bhi, force = _bounds(
@@ -280,20 +284,34 @@ def fit_base_fast(wg: np.ndarray, bits: int, levels: int, stats: dict | None = N
         # a forced candidate's bounds mean nothing: it is scored exactly, never a yardstick
         top = torch.where(force, float("inf"), bhi).min(1, keepdim=True).values
         cand = (blo <= top) | force
-        many = cand.sum(1) > 1
-        b = cand.to(torch.int8).argmax(1)  # first candidate
-        if many.any():
-            gi, ri = torch.nonzero(cand & many[:, None], as_tuple=True)
-            n_pairs += len(gi)
-            ex = exact_levels(w[i:j][gi], st[i:j][gi, ri], zt[i:j][gi, ri], maxq, levels)[0]
-            sc = _score(list(ex), norm)
-            gmin = torch.full((j - i,), float("inf"), dtype=torch.float64)
-            gmin.scatter_reduce_(0, gi, sc, "amin")
-            win = torch.where(sc == gmin[gi], ri, len(CLIP_RATIOS))
-            pick = torch.full((j - i,), len(CLIP_RATIOS), dtype=torch.int64)
-            pick.scatter_reduce_(0, gi, win, "amin")
-            b = torch.where(many, pick, b)
-        best[i:j] = b
+        many[i:j] = cand.sum(1) > 1
+        best[i:j] = cand.to(torch.int8).argmax(1)  # the first (here: only) candidate
+        gi, ri = torch.nonzero(cand & many[i:j, None], as_tuple=True)
+        pairs_g.append(gi + i)
+        pairs_r.append(ri)
+    # near ties: score their candidates exactly, all blocks' together (few, small ops)
+    gi, ri = torch.cat(pairs_g), torch.cat(pairs_r)
+    n_pairs = len(gi)
+    if n_pairs:
+        sc = torch.cat(
+            [
+                _score(
+                    list(
+                        exact_levels(
+                            w[gi[a:b]], st[gi[a:b], ri[a:b]], zt[gi[a:b], ri[a:b]], maxq, levels
+                        )[0]
+                    ),
+                    norm,
+                )
+                for a, b in ((a, min(n_pairs, a + big)) for a in range(0, n_pairs, big))
+            ]
+        )
+        gmin = torch.full((n_g,), float("inf"), dtype=torch.float64)
+        gmin.scatter_reduce_(0, gi, sc, "amin")
+        win = torch.where(sc == gmin[gi], ri, len(CLIP_RATIOS))  # first of equals wins
+        pick = torch.full((n_g,), len(CLIP_RATIOS), dtype=torch.int64)
+        pick.scatter_reduce_(0, gi, win, "amin")
+        best = torch.where(many, pick, best)
     if stats is not None:
         stats["pairs_per_group"] = n_pairs / n_g
     bi = best.numpy()[:, None]
@@ -322,7 +340,7 @@ def encode_fast(w: np.ndarray, g: int, bits: list[int], levels: int) -> list[byt
     codes = np.empty((n_g, g), dtype=np.uint8)
     signs = np.empty((len(bits) - 1, n_g, g), dtype=np.bool_)
     scales = np.empty((len(bits) - 1, n_g), dtype=np.float32)
-    step = max(1, BLOCK_WEIGHTS // g)
+    step = max(1, EXACT_BLOCK_WEIGHTS // g)
     for i in range(0, n_g, step):
         j = min(n_g, i + step)
         _, q, sg, sk = exact_levels(wt[i:j], st[i:j], zt[i:j], maxq, len(bits), planes=True)
