@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from edgemoe import budget, trace
+from edgemoe import budget, memcap, trace
 from edgemoe.bits import BitPolicy
 from edgemoe.bits import make as bit_policy
 from edgemoe.cache import DEFAULT_POLICY, POLICIES
@@ -482,7 +482,8 @@ class EdgeModel:
         st, p = stats or RunStats(), self.plan
         ex = st.executor if stats is not None else self.executor.stats()
         decode_tokens = max(0, st.new_tokens - st.batch)
-        peak = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        rss = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        capped = memcap.own_peak()  # under a cap, what the cap counts (page cache included)
         return {
             "model": str(self.path),
             "family": self.reader.family,
@@ -500,7 +501,9 @@ class EdgeModel:
             "bytes_read": ex.bytes_read,
             "io_wait_s": ex.io_wait_s,
             "o_direct": self.store.direct,
-            "peak_rss": int(peak),
+            "peak_rss": int(rss),
+            "peak": int(capped if capped is not None else rss),
+            "peak_source": "cgroup" if capped is not None else "ru_maxrss",
             "budget": None if self.mem is None else int(self.mem),
             "floor": int(p.floor),
             "expert_cache": int(p.expert_cache),
@@ -541,7 +544,7 @@ class EdgeModel:
         return (
             f"prefill {s['prefill_tok_s']:.1f} tok/s | decode {s['decode_tok_s']:.1f} tok/s{vs} | "
             f"TTFT {s['ttft_s']:.2f} s | expert hits {100 * s['hit_rate']:.0f}% | {bits}"
-            f"read {Bytes(s['bytes_read'])} from flash | peak {Bytes(s['peak_rss'])} of {budget_s} "
+            f"read {Bytes(s['bytes_read'])} from flash | peak {Bytes(s['peak'])} of {budget_s} "
             f"(floor {Bytes(s['floor'])}, expert cache {Bytes(s['expert_cache'])} = {s['expert_slots']} experts)"
         )
 

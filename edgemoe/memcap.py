@@ -29,7 +29,14 @@ from pathlib import Path
 
 from edgemoe.units import Bytes
 
-__all__ = ["CapResult", "CgroupUnavailable", "available", "evict_page_cache", "run_capped"]
+__all__ = [
+    "CapResult",
+    "CgroupUnavailable",
+    "available",
+    "evict_page_cache",
+    "own_peak",
+    "run_capped",
+]
 
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOT = Path("/sys/fs/cgroup")
@@ -105,6 +112,37 @@ def evict_page_cache(path: str | os.PathLike) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def own_peak() -> Bytes | None:
+    """The peak memory of the capped cgroup this process runs in (what the cap counts: RSS,
+    page cache and every process in it), or None when no memory limit applies to it."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, ctrl, path = line.split(":", 2)
+        if path in ("/", ""):
+            continue
+        if "memory" in ctrl.split(","):  # v1
+            d, limit, peak = (
+                V1_ROOT / path.lstrip("/"),
+                "memory.limit_in_bytes",
+                "memory.max_usage_in_bytes",
+            )
+        elif ctrl == "":  # v2 unified
+            d, limit, peak = V2_ROOT / path.lstrip("/"), "memory.max", "memory.peak"
+        else:
+            continue
+        try:
+            cap = (d / limit).read_text().strip()
+            if cap == "max" or int(cap) >= 1 << 60:
+                return None
+            return Bytes(int((d / peak).read_text()))
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 class _Cgroup:

@@ -49,6 +49,8 @@ def test_capped_runs_from_all_experts_to_the_minimum(memory_cap):
     for name, mem in budgets.items():
         r, text, s = _run(memory_cap, path, mem)
         assert r.peak <= mem
+        # the summary's peak is the cap's own figure (page cache and all), read inside it
+        assert s["peak_source"] == "cgroup" and s["peak"] <= r.peak, (s["peak"], r.peak)
         assert text == ref_text, f"{name}: output differs"
         reads.append(s["bytes_read"])
         rows.append(
