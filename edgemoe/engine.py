@@ -36,6 +36,7 @@ from edgemoe.kvcache import KVCache
 from edgemoe.models import build_model, parse_args
 from edgemoe.moe.api import ExecutorContext
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
+from edgemoe.moe.schedule import UpgradeCost
 from edgemoe.sampling import Sampling
 from edgemoe.store import ExpertStore
 from edgemoe.tokenizer import Tokenizer
@@ -216,6 +217,7 @@ class EdgeModel:
             policy,
             self.bits,
             lambda layer, level: f.expert_nbytes(layer, level),
+            worth=self._upgrade_cost(),
         )
         self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)
@@ -227,6 +229,23 @@ class EdgeModel:
         self._lock = threading.Lock()  # one forward pass at a time
         self._kv: KVCache | None = None
         self._free_slots = list(range(batch))
+
+    def _upgrade_cost(self) -> UpgradeCost | None:
+        """Under device emulation, skip upgrades whose read would outlast the compute they serve
+        (the device's flash speed and per-level expert times); else None: every upgrade."""
+        if self.device is None:
+            return None
+        from edgemoe.planning import expert_ms
+
+        r = self.reader
+        width, hidden = r.tensors[next(iter(r.experts.values())).tensors["gate"]].shape
+
+        def read_bytes(key, have: int, level: int) -> int:
+            e = r.expert(*key)
+            return sum(r.chunks[ci].length for ci in e.levels[have:level])
+
+        ms = expert_ms(self.device.compute_factor, int(hidden), int(width))
+        return UpgradeCost(read_bytes, float(self.device.flash_rand_read), ms)
 
     def _bit_policy(self, spec: str | None, level: int | None) -> BitPolicy | None:
         """The policy a spec names; None for one level everywhere (the executor's level(),

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import devices
 from edgemoe import budget
 from edgemoe.bound import expected_bound
 from edgemoe.cache import DEFAULT_POLICY
@@ -11,6 +16,34 @@ from edgemoe.models import parse_args
 from edgemoe.routing import RoutingTrace, expected_uses
 from edgemoe.units import Bytes
 from formats.reader import EmoeReader
+
+
+def expert_ms(compute_factor: float, hidden: int, width: int) -> Callable[[int, int], float]:
+    """(level, tokens) -> ms of one nested expert of this shape at that level on a device,
+    from the devbox's per-level mwq times (devices/reference_expert_ms.json) times the
+    device's compute_factor: the reference shape nearest in size, scaled by size, linear
+    between the measured batches (1, 4, 16) and past them; a level above the measured ones
+    scaled by its parts (one int4 part a level)."""
+    ref = json.loads((Path(devices.__file__).parent / "reference_expert_ms.json").read_text())
+    shapes = {
+        tuple(int(d) for d in k.split("_")[-1].split(".")[0].split("x"))
+        for k in ref
+        if "mwq_l" in k
+    }
+    h, w = min(shapes, key=lambda s: abs(s[0] * s[1] - hidden * width))
+    scale = compute_factor * hidden * width / (h * w)
+    levels = sorted({int(k.split("mwq_l")[1][0]) for k in ref if "mwq_l" in k})
+    batches = (1, 4, 16)
+
+    def ms(level: int, tokens: int) -> float:
+        k = min(level, levels[-1])
+        t = [ref[f"expert_ms.mwq_l{k}_{h}x{w}.b{b}"] for b in batches]
+        i = 0 if tokens <= 4 else 1
+        lo, hi = batches[i], batches[i + 1]
+        at = t[i] + (t[i + 1] - t[i]) * (max(tokens, 1) - lo) / (hi - lo)
+        return scale * at * level / k
+
+    return ms
 
 
 def reachable(cache: int, experts: int, base: int, top: int) -> dict:

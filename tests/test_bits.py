@@ -154,3 +154,28 @@ def test_reachable_counts_the_base_of_many_and_the_top_of_a_few():
     assert reachable(1000, 8, 100, 300) == {"base": 8, "top": 1, "experts": 8}
     assert reachable(500, 8, 100, 300) == {"base": 5, "top": 1, "experts": 8}
     assert reachable(3000, 8, 100, 300) == {"base": 8, "top": 8, "experts": 8}
+
+
+def test_an_upgrade_not_worth_its_read_computes_at_the_level_in_memory(tiny_emoe):
+    import dataclasses
+
+    from edgemoe.moe.schedule import Slice, UpgradeCost
+
+    slow = UpgradeCost(lambda key, have, level: 10**6, 1e6, lambda level, n: 1.0 * n)
+    assert not slow(Slice((0, 0), 1, 2, 1)) and slow(Slice((0, 0), 1, 2, 1001))
+    path = tiny_emoe("mixtral", experts="mwq:2,3,4")
+
+    def factory(ctx):
+        return dataclasses.replace(ctx, worth=lambda s: False).local()
+
+    with edgemoe.load(path, ctx=64, executor=factory) as m:
+        ex, d = m.executor, m.facts.args.hidden_size
+        x = torch.randn(2, d, generator=torch.Generator().manual_seed(0)).to(m.dtype)
+        ids = torch.tensor([[0, 1], [1, 0]])
+        w = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+        ref1 = ResidentExecutor(load_all_experts(m.reader, m.dtype, level=1))
+        # a miss reads level 1 (never skipped); levels 2-3 are upgrades, not worth it here
+        got = ex.run(0, x, ids, w, torch.full_like(ids, 3))
+        torch.testing.assert_close(got, ref1.run(0, x, ids, w))
+        st = ex.stats()
+        assert st.reads == 2 and st.upgrades == 0 and st.average_bits == pytest.approx(2.0)

@@ -52,6 +52,7 @@ class ExecutorContext:
     bits: BitPolicy | None = None  # each (token, expert) pair's level; None: level() for all
     level_nbytes: Callable[[int, int], int] | None = None  # (layer, level): one expert's bytes
     order: str = "hebf"  # the order level slices are read in (moe/schedule.py: hebf, fifo)
+    worth: Callable | None = None  # (slice) -> whether an upgrade is worth its read; None: all
 
     def prepare(self, layer: int, expert: int, payloads: list) -> ExpertWeights:
         """Compute-ready weights of one expert from its level chunks' payloads."""
@@ -79,6 +80,7 @@ class ExecutorContext:
             self.upgrade,
             self.level_nbytes,
             self.order,
+            self.worth,
         )
 
 

@@ -71,6 +71,7 @@ class LocalExecutor(ExpertExecutor):
     level_nbytes: (layer, level) -> prepared bytes of one expert of that layer at that level;
         None: expert_nbytes(layer) at every level.
     order: the read order, "hebf" or "fifo" (moe/schedule.py).
+    worth: whether an upgrade slice is worth its read (schedule.UpgradeCost); None: always.
     """
 
     def __init__(
@@ -86,13 +87,14 @@ class LocalExecutor(ExpertExecutor):
         upgrade: Callable | None = None,
         level_nbytes: Callable[[int, int], int] | None = None,
         order: str = "hebf",
+        worth: Callable[[Slice], bool] | None = None,
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
         self.level, self.expert_nbytes = level, expert_nbytes
         self.borrow = borrow or (lambda layer, expert, level: False)
         self.bits, self.weight_bits, self.upgrade = bits, weight_bits, upgrade
         self.level_nbytes = level_nbytes or (lambda layer, level: expert_nbytes(layer))
-        self.order = order
+        self.order, self.worth = order, worth
         cache.on_evict = self._recycle
         cache.shrink = self._shrink
         self._reads = self._uncached = self._upgrades = 0
@@ -200,7 +202,7 @@ class LocalExecutor(ExpertExecutor):
             groups.setdefault(key, []).append(a)
             need.setdefault(key, {})[a.level] = len(a.tokens)
         self.cache.now = layer
-        plan = schedule(self.cache, need, self._size, self.order)
+        plan = schedule(self.cache, need, self._size, self.order, self.worth)
         # this layer now holds what it uses; the holds its prediction took end here
         for key in self._prefetched.pop(layer, set()):
             self.cache.release(key)
@@ -234,7 +236,10 @@ class LocalExecutor(ExpertExecutor):
         done: dict[Key, int] = {}  # the highest level computed of each expert
 
         def compute(key: Key, ew: ExpertWeights, upto: int) -> None:
-            """Compute the groups of `key` at levels done[key]+1 .. upto on ew."""
+            """Compute the groups of `key` at levels done[key]+1 .. upto on ew (all that are
+            left once no read of it is pending: those above what is read compute at ew's)."""
+            if not pending.get(key):
+                upto = h.groups[key][-1].level
             for a in h.groups[key]:
                 if done.get(key, 0) < a.level <= upto:
                     use = expert_at(ew, a.level)

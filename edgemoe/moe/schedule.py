@@ -122,6 +122,7 @@ def schedule(
     need: dict[Key, dict[int, int]],
     size: Callable[[Key, int], int],
     order: str = "hebf",
+    worth: Callable[[Slice], bool] | None = None,
 ) -> LayerSchedule:
     """Acquire the experts in `need` and plan the reads of the levels they lack.
 
@@ -129,6 +130,9 @@ def schedule(
         need: (layer, expert) -> {level: its pairs at that level}, ascending expert.
         size: (key, level) -> bytes of that expert prepared at that level (0 at level 0).
         order: "hebf" or "fifo".
+        worth: whether an upgrade slice (a level above one in memory) is worth its read
+            (UpgradeCost); a slice that is not, and the expert's later ones, are not read:
+            their pairs compute at the highest level in memory. None: every one is.
     """
     hits, have = [], {}
     for key in need:
@@ -137,6 +141,15 @@ def schedule(
             hits.append((key, entry))
         have[key] = entry.level if entry is not None else 0
     slices = order_slices(need, have, order)
+    if worth is not None:  # each expert's slices come in ascending level
+        stopped: set[Key] = set()
+        kept = []
+        for s in slices:
+            if s.key in stopped or (s.have > 0 and not worth(s)):
+                stopped.add(s.key)
+            else:
+                kept.append(s)
+        slices = kept
     pending: dict[Key, int] = {}
     for s in slices:
         pending[s.key] = pending.get(s.key, 0) + 1
@@ -189,6 +202,29 @@ def _rest(room: _Room, slices: list[Slice]) -> Iterator[Wave]:
             n += 1
         wave, slices = slices[:n], slices[n:]
         yield Wave(wave, [room.take(s) for s in wave])
+
+
+@dataclass(frozen=True)
+class UpgradeCost:
+    """When an upgrade is worth its read, from a device's flash speed and per-level expert
+    times (D²MoE profiles both per device): a slice's pairs could compute now at the level
+    in memory, or wait for the slice's read; the read is worth it when it takes no longer
+    than the compute it serves (the slice's waiting pairs at its level), so it hides behind
+    compute instead of stalling it. On fast flash every upgrade passes; on slow flash (an SD
+    card) a slice few tokens wait on is skipped and they compute at the lower level.
+
+    read_bytes: (key, have, level) -> bytes the slice's read moves.
+    flash: bytes/s of expert-sized random reads (the profile's flash_rand_read).
+    expert_ms: (level, tokens) -> ms of one expert at that level over that many tokens.
+    """
+
+    read_bytes: Callable[[Key, int, int], int]
+    flash: float
+    expert_ms: Callable[[int, int], float]
+
+    def __call__(self, s: Slice) -> bool:
+        read_ms = 1e3 * self.read_bytes(s.key, s.have, s.level) / self.flash
+        return read_ms <= self.expert_ms(s.level, s.waiting)
 
 
 def simulate(
