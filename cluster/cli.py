@@ -244,6 +244,7 @@ def _cmd_status(args) -> int:
                 "node": name
                 or ("head" if n.get("Resources", {}).get("node:__internal_head__") else "-"),
                 "alive": bool(n.get("Alive")),
+                "address": n.get("NodeManagerAddress", ""),  # 127.0.0.1: nothing leaves the machine
                 "profile": lab.get("edgemoe-profile", ""),
                 "budget": int(specs[name].budget) if name in specs else 0,
                 "host": hosts.get(name),
@@ -267,7 +268,10 @@ def _cmd_status(args) -> int:
         f"cluster {out['address'] or '(auto)'}: {sum(r['alive'] for r in rows)} of {len(rows)} raylets alive"
     )
     loads = {p["name"]: p for p in out.get("placement", [])}
-    print(f"{'node':<12} {'alive':<6} {'profile':<24} {'budget':>10}  {'planned':<22} host")
+    print(
+        f"{'node':<12} {'alive':<6} {'address':<10} {'profile':<24} {'budget':>10}  "
+        f"{'planned':<22} host"
+    )
     for r in rows:
         p = loads.get(r["node"])
         plan = f"{p['experts']} experts, {100 * p['load']:.0f}% load" if p else ""
@@ -280,7 +284,8 @@ def _cmd_status(args) -> int:
             host = f"DOWN ({h.get('error', '')})"
         budget = f"{r['budget'] // 2**20} MiB" if r["budget"] else ""
         print(
-            f"{r['node']:<12} {str(r['alive']).lower():<6} {r['profile']:<24} {budget:>10}  {plan:<22} {host}"
+            f"{r['node']:<12} {str(r['alive']).lower():<6} {r['address']:<10} {r['profile']:<24} "
+            f"{budget:>10}  {plan:<22} {host}"
         )
     return 0
 

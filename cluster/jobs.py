@@ -36,10 +36,12 @@ class PromptItem:
     id: str
     prompt: object  # text, or a list of token ids
     max_tokens: int | None = None
+    klass: object = None  # its MoE² RequestClass (latency_ms / energy_mj keys), None: unlimited
 
 
 def read_prompts(path: str | Path) -> list[PromptItem]:
-    """Every line a JSON object {"prompt": text or [ids], "id"?: str, "max_tokens"?: int}.
+    """Every line a JSON object {"prompt": text or [ids], "id"?: str, "max_tokens"?: int,
+    "latency_ms"?: number, "energy_mj"?: number} (the last two: the request's MoE² class).
 
     Raises:
         BadPromptsFile: names the file and line.
@@ -63,7 +65,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
             raise BadPromptsFile(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise BadPromptsFile(f"{where}: not a JSON object")
-        unknown = set(obj) - {"prompt", "id", "max_tokens"}
+        unknown = set(obj) - {"prompt", "id", "max_tokens", "latency_ms", "energy_mj"}
         if unknown:
             raise BadPromptsFile(f"{where}: unknown key(s) {sorted(unknown)}")
         prompt = obj.get("prompt")
@@ -84,7 +86,25 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         mt = obj.get("max_tokens")
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise BadPromptsFile(f"{where}: 'max_tokens' must be a whole number >= 1")
-        items.append(PromptItem(len(items), pid, prompt, mt))
+        budgets = {}
+        for key in ("latency_ms", "energy_mj"):
+            v = obj.get(key)
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+            ):
+                raise BadPromptsFile(f"{where}: {key!r} must be a number > 0")
+            budgets[key] = v
+        klass = None
+        if budgets["latency_ms"] is not None or budgets["energy_mj"] is not None:
+            from cluster.selection import RequestClass
+
+            lat, mj = budgets["latency_ms"], budgets["energy_mj"]
+            klass = RequestClass(
+                f"{lat or '-'}ms/{mj or '-'}mJ",
+                float("inf") if lat is None else lat / 1e3,
+                None if mj is None else mj / 1e3,
+            )
+        items.append(PromptItem(len(items), pid, prompt, mt, klass))
     if not items:
         raise BadPromptsFile(f"{p}: no prompts")
     return items
@@ -194,7 +214,7 @@ def generate_job(
             log(f"edgemoe job: hosts {', '.join(co.live())} serving map v{co.executor.map.version}")
             t0 = time.perf_counter()
             for k, it in enumerate(todo, start=1):
-                (c,) = co.model.complete([it.prompt], it.max_tokens or max_tokens, s)
+                (c,) = co.complete([it.prompt], it.max_tokens or max_tokens, s, [it.klass])
                 rec = {
                     "id": it.id,
                     "text": c.text,

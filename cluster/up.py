@@ -4,7 +4,7 @@
 on 127.0.0.1:PORT) and one raylet per node of the nodes file, each with its
 custom resource and its spec as labels, writes STATE (JSON: its pid, the
 addresses, the nodes) once every node is up, and sleeps. SIGTERM (`edgemoe
-cluster down`) shuts every raylet down and removes STATE. The CLI starts it
+cluster down`) removes STATE and shuts every raylet down. The CLI starts it
 detached and waits for STATE.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,14 @@ def read_state(path: Path) -> dict | None:
     return st
 
 
+def free_port() -> int:
+    """A port free on the loopback now (another Ray cluster on this machine holds the
+    defaults: its GCS on 6379, its dashboard agent on 52365)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str]) -> int:
     nodes_file, state, port = argv[0], Path(argv[1]), int(argv[2])
     from cluster.jobs import spec_labels
@@ -47,6 +56,11 @@ def main(argv: list[str]) -> int:
         initialize_head=True,
         head_node_args={
             "node_ip_address": LOOPBACK,
+            "gcs_server_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+            "metrics_export_port": free_port(),
+            "metrics_agent_port": free_port(),
+            "runtime_env_agent_port": free_port(),
             "num_cpus": 1,
             "include_dashboard": True,
             "dashboard_host": LOOPBACK,
@@ -56,9 +70,7 @@ def main(argv: list[str]) -> int:
     )
 
     def stop(*_):
-        state.unlink(missing_ok=True)
-        c.shutdown()
-        sys.exit(0)
+        raise SystemExit(0)  # the finally below removes STATE and stops every raylet
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -72,6 +84,10 @@ def main(argv: list[str]) -> int:
                 object_store_memory=80 * 1024 * 1024,
             )
         c.wait_for_nodes()
+        # again: each Ray node started in this process installs its own SIGTERM handler,
+        # which exits without removing STATE
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         state.parent.mkdir(parents=True, exist_ok=True)
         tmp = state.with_suffix(".tmp")
         tmp.write_text(
@@ -86,11 +102,11 @@ def main(argv: list[str]) -> int:
             )
         )
         os.replace(tmp, state)
-    except BaseException:
+        while True:
+            time.sleep(3600)
+    finally:
+        state.unlink(missing_ok=True)
         c.shutdown()
-        raise
-    while True:
-        time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from edgemoe.units import Bytes
         ),
         ('{"prompt": "a", "max_tokens": 0}\n', "max_tokens"),
         ('{"prompt": "a", "temp": 1}\n', "unknown key"),
+        ('{"prompt": "a", "latency_ms": 0}\n', "'latency_ms' must be a number > 0"),
+        ('{"prompt": "a", "energy_mj": "low"}\n', "'energy_mj' must be a number > 0"),
     ],
 )
 def test_bad_prompts_named(tmp_path, text, match):
@@ -54,6 +56,16 @@ def test_bad_prompts_cli_one_line_nothing_started(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "line 2" in err
     assert not out.exists() and not (tmp_path / "out.jsonl.parts").exists()
+
+
+def test_prompt_classes(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text(
+        '{"prompt": "a", "latency_ms": 10}\n{"prompt": "b"}\n{"prompt": "c", "energy_mj": 2}\n'
+    )
+    a, b, c = read_prompts(f)
+    assert a.klass.latency_s == 0.01 and a.klass.energy_j is None and b.klass is None
+    assert c.klass.energy_j == 0.002 and c.klass.latency_s == float("inf")
 
 
 def test_labels_round_trip():

@@ -210,6 +210,10 @@ def test_bad_joins_are_named_and_leave_nothing(ray_nodes, tiny_emoe, tmp_path):
     ray_nodes.ensure("a", "b", "c")
     path = tiny_emoe("qwen3_moe")
     other = tiny_emoe("mixtral")
+    # at start: the whole start is refused and every host it opened is stopped
+    with pytest.raises(ModelMismatch, match="node 'b'.*header CRC"):
+        Coordinator(path, [NODES[0], spec("b", model=str(other))], timeout=20).start()
+    assert alive_hosts() == []
     with Coordinator(path, NODES[:2], batch=1, timeout=20) as co:
         with pytest.raises(ModelMismatch, match="header CRC"):
             co.join(spec("c", model=str(other)))

@@ -41,9 +41,22 @@ def test_restrict_renormalises_over_kept():
     assert kept3[2].tolist() == [True, False] and float(w3[2].sum()) == 1.0
 
 
+def test_bad_request_class_is_named():
+    import pytest
+
+    from cluster.types import ClusterError
+
+    with pytest.raises(ClusterError, match="latency budget 0"):
+        RequestClass("x", latency_s=0)
+    with pytest.raises(ClusterError, match="energy budget -1"):
+        RequestClass("x", energy_j=-1)
+
+
 def test_latency_budget_picks_replicas_and_excludes():
     sel = select_experts(EMAP, COSTS, LOADS, RequestClass("rt", latency_s=0.010), SHAPE)
     assert sel.replica == {(0, 0): "fast", (0, 2): "fast"}  # the slow node misses the budget
+    # a fallback (no served choice) goes to the expert's fastest replica
+    assert sel.host((0, 1)) == "slow" and sel.host((0, 2)) == "fast"
     sel = select_experts(EMAP, COSTS, LOADS, RequestClass("any"), SHAPE)
     assert sel.replica[(0, 2)] == "slow" and sel.served() == 4  # cheapest energy when no limit
 
