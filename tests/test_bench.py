@@ -232,6 +232,7 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     cmd = [sys.executable, "-m", "edgemoe.cli", "bench", str(DEMO), "--baseline", "none"]
     cmd += ["--caps", "none", "--repeats", "1", "--prompt-tokens", "16", "--new-tokens", "8"]
     cmd += ["--no-doc", "--no-drop-caches", "--json", str(out)]
+    cmd += ["--bits", "fixed:1", "--lever-emoe", str(DEMO)]  # a D²MoE lever system beside
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -241,6 +242,9 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     assert run["decode_tok_s"] > 0 and run["peak"] > 0
     assert 1 <= run["prompt_tokens"] <= 16 and run["new_tokens"] >= 1
     assert "| none |" in p.stdout
+    (lever,) = [r for r in record["runs"] if r["system"] == "edgemoe+fixed:1"]
+    assert lever["status"] == OK and lever["extra"]["bits_policy"] == "fixed:1"
+    assert lever["extra"]["average_bits"] > 0
 
 
 def test_cap_sizes_for_the_reference_measurement():

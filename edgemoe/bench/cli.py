@@ -22,12 +22,19 @@ from pathlib import Path
 from edgemoe import memcap
 from edgemoe.bench import report
 from edgemoe.bench.models import SHAPES, make_model
-from edgemoe.bench.prepare import CACHE, BenchInputError, find_llama_bench, prepare
+from edgemoe.bench.prepare import (
+    CACHE,
+    BenchInputError,
+    find_llama_bench,
+    prepare,
+    to_emoe,
+)
 from edgemoe.bench.report import Run
 from edgemoe.bench.runners import (
     LLAMA_CPP,
     SYSTEMS,
     Settings,
+    System,
     edgemoe_run_flags,
     prompts_of,
     run_edgemoe,
@@ -79,6 +86,18 @@ def add_parser(sub) -> None:
         default="edgemoe-naive,edgemoe",
         help="edgemoe systems (default edgemoe-naive,edgemoe; naive runs where `edgemoe run` offers --engine)",
     )
+    b.add_argument(
+        "--bits",
+        default="",
+        help="D²MoE levers: bit policies (edgemoe run --bits-policy), comma-separated, each run as "
+        "a system `edgemoe+SPEC` on a bit-nested .emoe of the same model (--lever-experts)",
+    )
+    b.add_argument(
+        "--lever-experts",
+        default="mwq:2,3,4",
+        help="codec of routed experts for the --bits systems' .emoe (default mwq:2,3,4)",
+    )
+    b.add_argument("--lever-emoe", help="the --bits systems' .emoe as is (a .emoe MODEL needs it)")
     b.add_argument(
         "--batch", default="1", help="batch sizes, e.g. 1,8 (llama-bench runs batch 1 only)"
     )
@@ -143,7 +162,28 @@ def _validate(a) -> tuple[list, list[int], list[str]]:
             raise ValueError(f"--systems: no edgemoe system {s!r}; choose from {ours}")
     if not names:
         raise ValueError("--systems is empty")
+    for spec in _bit_specs(a):
+        if "," in spec or " " in spec:
+            raise ValueError(f"--bits: {spec!r} is not one bit policy")
     return caps, batches, names
+
+
+def _bit_specs(a) -> list[str]:
+    return [b.strip() for b in a.bits.split(",") if b.strip()] if a.bits else []
+
+
+def lever_systems(a) -> dict[str, System]:
+    """One system per --bits policy, on the bit-nested .emoe."""
+    return {
+        f"edgemoe+{spec}": System(
+            f"edgemoe+{spec}",
+            "edgemoe",
+            ("--bits-policy", spec),
+            "--bits-policy",
+            f"edgemoe, bit policy {spec} on {a.lever_experts} experts",
+        )
+        for spec in _bit_specs(a)
+    }
 
 
 def machine() -> str:
@@ -196,10 +236,13 @@ def cmd_bench(a) -> int:
     baseline = None if a.baseline == "none" else LLAMA_CPP
     bench_bin = find_llama_bench(a.llama_bench) if baseline and not a.from_json else None
     help_text = edgemoe_run_flags()
-    skipped = [s for s in wanted if SYSTEMS[s].needs and SYSTEMS[s].needs not in help_text]
+    levers = lever_systems(a)
+    known = {**SYSTEMS, **levers}
+    wanted = wanted + list(levers)
+    skipped = [s for s in wanted if known[s].needs and known[s].needs not in help_text]
     systems = ([baseline] if baseline else []) + [s for s in wanted if s not in skipped]
     for s in skipped:
-        print(f"bench: skipping {s}: `edgemoe run` has no {SYSTEMS[s].needs} yet", file=sys.stderr)
+        print(f"bench: skipping {s}: `edgemoe run` has no {known[s].needs} yet", file=sys.stderr)
 
     model = a.model or make_model(a.make, CACHE / "bench" / "models" / a.make)
     prep = prepare(
@@ -211,6 +254,16 @@ def cmd_bench(a) -> int:
         outtype=a.outtype,
         converter=a.llama_convert,
     )
+    lever_emoe = None
+    if levers:
+        if a.lever_emoe:
+            lever_emoe = Path(a.lever_emoe)
+        elif Path(model).suffix == ".emoe":
+            raise BenchInputError(
+                "--bits with a .emoe MODEL: give the bit-nested one (--lever-emoe)"
+            )
+        else:
+            lever_emoe = to_emoe(Path(model).expanduser(), a.lever_experts, a.dense)
     ref = prep.gguf or prep.emoe
     base = ref.stat().st_size
     settings = Settings(a.prompt_tokens, a.new_tokens, a.threads, a.timeout, not a.no_drop_caches)
@@ -231,9 +284,8 @@ def cmd_bench(a) -> int:
             if name == LLAMA_CPP:
                 run = run_llamacpp(bench_bin, prep.gguf, cap.label, limit, rep, b, settings)
             else:
-                run = run_edgemoe(
-                    SYSTEMS[name], prep.emoe, prompts[b], cap.label, limit, rep, settings
-                )
+                emoe = lever_emoe if name in levers else prep.emoe
+                run = run_edgemoe(known[name], emoe, prompts[b], cap.label, limit, rep, settings)
             run.position = pos
             run.extra["loadavg"] = os.getloadavg()[0]  # the machine is shared: say how busy it was
             runs.append(run)
@@ -333,7 +385,13 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
             else ""
         )
         + f", {now}.",
-        f"Model: {prep.about}; {gguf_size}.emoe{codecs} {emoe_size.human()}.",
+        f"Model: {prep.about}; {gguf_size}.emoe{codecs} {emoe_size.human()}."
+        + (
+            f" The edgemoe+POLICY systems run `--bits-policy POLICY` on the same model converted "
+            f"with `--experts {a.lever_experts}`."
+            if a.bits
+            else ""
+        ),
         f"Caps are percents of {ref} ({Bytes(base).human()}). Each run is a fresh process inside a memory "
         "cgroup whose limit is the cap (page cache included; `none`: no limit, peak still measured), "
         "after the model files were evicted from the page cache"
@@ -357,7 +415,7 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
     if skipped:
         out += [
             "",
-            f"Not run: {', '.join(skipped)} (`edgemoe run` has no {SYSTEMS[skipped[0]].needs} flag yet).",
+            f"Not run: {', '.join(skipped)} (`edgemoe run` lacks the flag it needs).",
         ]
     planned = len(systems) * len(caps) * len({r.batch for r in runs} or {1}) * a.repeats
     if len(runs) < planned:

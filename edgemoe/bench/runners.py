@@ -270,7 +270,15 @@ def run_edgemoe(
     run.extra.update(
         {
             k: summary.get(k)
-            for k in ("peak_rss", "floor", "expert_cache", "expert_slots", "o_direct")
+            for k in (
+                "peak_rss",
+                "floor",
+                "expert_cache",
+                "expert_slots",
+                "o_direct",
+                "bits_policy",
+                "average_bits",
+            )
         }
     )
     run.status = OK
