@@ -21,9 +21,9 @@ Fallback: a token none of whose choices is in S (no chosen expert has a replica
 within the latency budget, or within the energy budget) keeps its single
 highest-weight choice, at that expert's fastest replica, with the gate's whole
 weight; it is counted (`fallbacks`), since that token's layer may exceed the
-budget. Dropping every choice instead would leave the token with its shared
-expert and residual only: on the demo model that costs far more perplexity than
-one slow call costs latency.
+budget. A strict class (`RequestClass(strict=True)`) never exceeds its budgets:
+such a token gets no routed output (its shared expert and residual remain),
+which costs far more perplexity on the demo model (docs/BENCHMARKS.md, moe2).
 
 Classes are per request: each row of a layer's batch carries its request's
 class (`route_rows`), so one batch mixes a latency-tight class with an
@@ -57,11 +57,13 @@ DEFAULT_WATTS = 10.0  # a profile without `watts`
 @dataclass(frozen=True)
 class RequestClass:
     """latency_s: the slowest expert call a MoE layer may wait for; energy_j: expected joules
-    per token over its routed experts (None: unlimited)."""
+    per token over its routed experts (None: unlimited); strict: a token with no served choice
+    gets no routed output instead of the fallback (the budgets are never exceeded)."""
 
     name: str
     latency_s: float = float("inf")
     energy_j: float | None = None
+    strict: bool = False
 
     def __post_init__(self):
         from cluster.types import ClusterError
@@ -116,6 +118,7 @@ class Selection:
     replica: Mapping[ExpertKey, str]
     expected_j: float  # energy per token if tokens route as the statistics say
     fastest: Mapping[ExpertKey, str] = dataclasses.field(default_factory=dict)  # for fallbacks
+    fallback: bool = True  # a token with no served choice keeps its top one (not strict)
 
     def host(self, key: ExpertKey) -> str | None:
         """The replica this class calls for an expert: its served one, else (a fallback)
@@ -167,7 +170,8 @@ def select_experts(
     allowed = {layer: torch.zeros(shape.experts, dtype=torch.bool) for layer in shape.layers}
     for layer, e in chosen:
         allowed[layer][e] = True
-    return Selection(allowed, {k: best[k].name for k in chosen}, spent, fastest)
+    replica = {k: best[k].name for k in chosen}
+    return Selection(allowed, replica, spent, fastest, not klass.strict)
 
 
 def restrict(
@@ -238,11 +242,11 @@ def route_rows(
             assigns = dispatch(i, w)
         else:
             fell = ~sel.allowed[layer][i].any(dim=1)  # [n] tokens with no served choice
-            i2, w2, kept = restrict(i, w, sel.allowed[layer])
+            i2, w2, kept = restrict(i, w, sel.allowed[layer], sel.fallback)
             assigns = [a for a in dispatch(torch.where(kept, i2, -1), w2) if a.expert >= 0]
             if counts is not None:
                 counts.dropped += int((~kept).sum())
-                counts.fallbacks += int(fell.sum())
+                counts.fallbacks += int(fell.sum()) if sel.fallback else 0
         if counts is not None:
             counts.tokens += len(i)
             mass = (w * kept).sum(dim=1) / w.sum(dim=1).clamp_min(1e-30)
@@ -307,9 +311,9 @@ class SelectingExecutor(ExpertExecutor):
         self.routed(layer, expert_ids)
         ids, w = expert_ids, expert_weights
         if self.policy == "moe2" and self.selection is not None:
-            allowed = self.selection.allowed[layer]
-            self.count.fallbacks += int((~allowed[ids].any(dim=1)).sum())
-            ids, w, kept = restrict(ids, w, allowed)  # a fallback is served at its fastest
+            allowed, top = self.selection.allowed[layer], self.selection.fallback
+            self.count.fallbacks += int((~allowed[ids].any(dim=1)).sum()) if top else 0
+            ids, w, kept = restrict(ids, w, allowed, top)  # a fallback is served at its fastest
             mass = (expert_weights * kept).sum(dim=1) / expert_weights.sum(dim=1).clamp_min(1e-30)
         else:
             kept = torch.ones_like(ids, dtype=torch.bool)

@@ -7,15 +7,18 @@ different profiles (devbox, Raspberry Pi 5 NVMe, Jetson Orin Nano, laptop: their
 bandwidth and compute factor are emulated). Each host's budget leaves room for about a
 third of the demo model's experts (its measured floor plus I/O buffers plus --room), so
 one node pages experts from flash on most tokens and more nodes hold more of them in
-memory. For 1..4 nodes: decode tokens/s, per-token latency and bytes read from flash per
-token (all hosts), greedy, the same prompts. Writes docs/BENCHMARKS.md section
-cluster-scale.
+memory. For 1..4 nodes: decode tokens/s, per-token latency (each decode step gives every
+stream one token: p50 and p99 of the step times) and bytes read from flash per token (all
+hosts), greedy, the same prompts. Writes docs/BENCHMARKS.md section cluster-scale, with the
+command, the machine and the date.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,28 @@ PROFILES = [
     ("d", "laptop-8gb"),
 ]
 PROMPTS = [[5, 17, 42, 99, 7], [3, 3, 8, 120], [11, 12, 13, 14], [200, 1, 77, 9]]
+
+
+def machine() -> str:
+    """The CPU's model name and cores, torch's version and the date, for the record."""
+    import torch
+
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]  # the machine is shared: its load says how noisy the times are
+    return f"{name}, {os.cpu_count()} cores (load average {load:.1f}), torch {torch.__version__}, {when}"
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
 
 
 def main(argv=None) -> int:
@@ -80,19 +105,25 @@ def main(argv=None) -> int:
             with Coordinator(DEMO, specs, batch=a.batch, timeout=60) as co:
                 co.model.complete(prompts, 4, Sampling.greedy())  # warm the caches' working set
                 before = {h["name"]: h["bytes_read"] for h in co.status()["hosts"]}
-                t0 = time.perf_counter()
-                out = co.model.complete(prompts, a.tokens, Sampling.greedy())
+                steps, tokens = [], 0
+                t0 = last = time.perf_counter()
+                for recs in co.model.records(prompts, a.tokens, Sampling.greedy()):
+                    now = time.perf_counter()
+                    steps.append(now - last)  # each running stream's gap to its next token
+                    last = now
+                    tokens += sum(r.token is not None for r in recs)
                 took = time.perf_counter() - t0
                 st = co.status()
                 read = sum(h["bytes_read"] - before[h["name"]] for h in st["hosts"])
-                tokens = sum(len(c_.token_ids) for c_ in out)
+                decode = steps[1:]  # the first step is the prefill
                 rows.append(
                     {
                         "nodes": n,
                         "profiles": ", ".join(p for _, p in PROFILES[:n]),
                         "room_mib": sum(h["room"] for h in st["hosts"]) / 2**20,
                         "tok_s": tokens / took,
-                        "ms_per_step": 1e3 * took / a.tokens,
+                        "p50_ms": 1e3 * percentile(decode, 0.5),
+                        "p99_ms": 1e3 * percentile(decode, 0.99),
                         "flash_kib_per_token": read / tokens / 1024,
                     }
                 )
@@ -111,20 +142,24 @@ def main(argv=None) -> int:
             "## Cluster scale: the gain is memory",
             "",
             f"The demo model's routed experts ({all_mib:.1f} MiB at level {info.level}) on 1 to 4 "
-            f"emulated nodes (local Ray cluster, ethernet links), each host's budget its measured "
-            f"floor + I/O buffers + {a.room} of expert cache, so one node holds about a third of the "
-            f"experts and pages the rest from its (throttled) flash. Batch {a.batch}, "
-            f"{a.tokens} greedy tokens each, after a 4-token warm-up; tokens/s over all "
-            "sequences, ms per decode step, bytes read from flash per token over all hosts. "
-            "`python tools/cluster_bench.py` (2-core devbox: every host and the coordinator "
-            "share its two cores, so compute does not scale here; the flash reads are what "
-            "the extra memory removes).",
+            f"emulated nodes of different profiles (local Ray cluster on 127.0.0.1, ethernet links "
+            f"emulated: 0.5 ms, 1 Gbit/s), each host's budget its measured floor + I/O buffers + "
+            f"{a.room} of expert cache, so no single node's budget holds the experts: one node "
+            f"pages most of them from its (throttled) flash, more nodes hold more in memory. "
+            f"Batch {a.batch}, {a.tokens} greedy tokens each, after a 4-token warm-up; tokens/s "
+            "over all streams (prefill included); per-token latency: each decode step gives "
+            "every stream its next token, p50 / p99 of the step times; flash: bytes read from "
+            "flash per generated token, all hosts. "
+            f"`{' '.join(['python tools/cluster_bench.py', *sys.argv[1:]])}` on {machine()} "
+            "(every host and the coordinator share these cores, so compute does not scale "
+            "here; the flash reads are what the extra memory removes).",
             "",
-            "| nodes | profiles | expert cache (MiB) | tokens/s | ms / step | flash KiB / token |",
+            "| nodes | profiles | expert cache (MiB) | tokens/s | per-token latency p50 / p99 (ms) "
+            "| flash KiB / token |",
             "|---|---|---|---|---|---|",
             *(
                 f"| {r['nodes']} | {r['profiles']} | {r['room_mib']:.1f} | {r['tok_s']:.1f} | "
-                f"{r['ms_per_step']:.0f} | {r['flash_kib_per_token']:.1f} |"
+                f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['flash_kib_per_token']:.1f} |"
                 for r in rows
             ),
         ]

@@ -47,6 +47,23 @@ NODES = [
 ]
 
 
+def machine() -> str:
+    """The CPU's model name, torch's version and the date, for the record."""
+    import datetime
+    import os
+
+    name = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {when}"
+
+
 def segments(text: str, tok, n: int, length: int) -> list[list[int]]:
     ids = tok.encode(text)
     step = max(length, (len(ids) - length) // n)
@@ -104,20 +121,31 @@ def main(argv=None) -> int:
         d = ex.count.as_dict(layers)
         rows.append({"policy": label, "budget": budget, "ppl": ppl, **d})
         print(f"{label:<22} {budget:<14} ppl {ppl:7.2f}  kept {d['gate_mass_kept']:.3f}  "
+              f"fallback {d['fallback_share']:.3f}  "
               f"{d['latency_ms_per_layer']:6.2f} ms/layer  {d['energy_mj_per_token']:.4f} mJ/token  "
               f"({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
 
     run("nearest replica", "-", "nearest")
     run("random replica", "-", "random")
     full = select_experts(emap, costs, loads, RequestClass("all"), info.shape).expected_j
-    for ms in (50.0, 10.0, 1.0):
-        sel = select_experts(emap, costs, loads, RequestClass("rt", latency_s=ms / 1e3), info.shape)
-        run("MoE² latency", f"{ms:g} ms", "moe2", sel)
-    for share in (1.0, 0.75, 0.5, 0.35, 0.2):
-        sel = select_experts(
-            emap, costs, loads, RequestClass("eco", energy_j=full * share), info.shape
-        )
-        run("MoE² energy", f"{share:.0%} of all", "moe2", sel)
+    for strict in (False, True):  # strict: no fallback, the budgets are never exceeded
+        tag = ", strict" if strict else ""
+        for ms in (50.0, 10.0, 1.0):
+            k = RequestClass("rt", latency_s=ms / 1e3, strict=strict)
+            run(
+                "MoE² latency" + tag,
+                f"{ms:g} ms",
+                "moe2",
+                select_experts(emap, costs, loads, k, info.shape),
+            )
+        for share in (1.0, 0.75, 0.5, 0.35, 0.2):
+            k = RequestClass("eco", energy_j=full * share, strict=strict)
+            run(
+                "MoE² energy" + tag,
+                f"{share:.0%} of all",
+                "moe2",
+                select_experts(emap, costs, loads, k, info.shape),
+            )
     lines = [
         "## MoE² selection: perplexity against latency and energy budgets",
         "",
@@ -129,13 +157,20 @@ def main(argv=None) -> int:
         "(profile key `watts`) times that compute time. Latency is the slowest call of a MoE "
         "layer (calls go in parallel), averaged over layers. Budgets: the latency a layer may "
         "wait; the energy a token may spend, as a share of serving every expert at its "
-        "cheapest replica. `python tools/moe2_tradeoff.py /tmp/heldout.txt`.",
+        "cheapest replica. A token none of whose chosen experts is served within the budgets "
+        "falls back to its top choice at that expert's fastest replica (column fallback: the "
+        "share of (token, layer)s that did; their calls count in the latency and energy, so "
+        "the budgets can be exceeded); a strict class has no fallback (such a token gets its "
+        "shared expert only) and never exceeds its budgets. "
+        f"`python tools/moe2_tradeoff.py {' '.join(sys.argv[1:])}` on {machine()}.",
         "",
-        "| policy | budget | perplexity | gate weight kept | latency ms/layer | energy mJ/token |",
-        "|---|---|---|---|---|---|",
+        "| policy | budget | perplexity | gate weight kept | fallback | latency ms/layer "
+        "| energy mJ/token |",
+        "|---|---|---|---|---|---|---|",
         *(
             f"| {r['policy']} | {r['budget']} | {r['ppl']:.2f} | {r['gate_mass_kept']:.3f} | "
-            f"{r['latency_ms_per_layer']:.2f} | {r['energy_mj_per_token']:.4f} |"
+            f"{r['fallback_share']:.3f} | {r['latency_ms_per_layer']:.2f} | "
+            f"{r['energy_mj_per_token']:.4f} |"
             for r in rows
         ),
         "",
@@ -160,12 +195,17 @@ def plot(rows, out: Path) -> None:
         (a1, "MoE² latency", "latency_ms_per_layer", "latency per MoE layer (ms)"),
         (a2, "MoE² energy", "energy_mj_per_token", "energy per token (mJ)"),
     ):
-        pts = [r for r in rows if r["policy"] == key]
-        ax.plot([r[label] for r in pts], [r["ppl"] for r in pts], "o-", label="MoE²")
+        for policy, name, style in (
+            (key, "MoE² (fallback)", "o-"),
+            (key + ", strict", "MoE² strict", "x--"),
+        ):
+            pts = [r for r in rows if r["policy"] == policy]
+            ax.plot([r[label] for r in pts], [r["ppl"] for r in pts], style, label=name)
         for r, mk in ((rows[0], "s"), (rows[1], "^")):
             ax.plot([r[label]], [r["ppl"]], mk, label=r["policy"])
         ax.set_xlabel(xlab)
         ax.set_ylabel("held-out perplexity")
+        ax.set_yscale("log")
         ax.legend()
         ax.grid(alpha=0.3)
     a1.set_title("perplexity vs latency budget")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster.raynet import ray_env
+from edgemoe.cli import main
 from edgemoe.units import Bytes
 
 NODES = """
@@ -89,7 +90,7 @@ def test_down_when_nothing_is_up(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_up_status_down(tmp_path):
+def test_up_status_down(tmp_path, capsys):
     from tests.cluster.conftest import need_ray
 
     need_ray()
@@ -130,10 +131,10 @@ def test_up_status_down(tmp_path):
         ]
         assert listening and all(_loopback(a.ip) for _, a in listening), listening
 
-        r = _run("up", "--nodes", str(nodes), "--state", str(state), timeout=120)
-        assert r.returncode == 2 and "already up" in r.stderr  # one cluster per state file
+        # one cluster per state file: a second `up` is refused before it starts anything
+        assert main(["cluster", "up", "--nodes", str(nodes), "--state", str(state)]) == 2
+        assert "already up" in capsys.readouterr().err
 
-        print(f"up refused: {time.perf_counter() - t0:.1f} s")
         r = _run("down", "--state", str(state), timeout=120)
         print(f"down: {time.perf_counter() - t0:.1f} s")
         assert r.returncode == 0 and "stopped" in r.stdout

@@ -117,3 +117,28 @@ def test_unlimited_budgets_change_nothing_and_tight_ones_cost_less():
     assert got["all"] == want and got["all_stats"]["gate_mass_kept"] == 1.0
     assert got["rt_stats"]["gate_mass_kept"] < 1.0
     assert got["rt_stats"]["latency_ms_per_layer"] < got["all_stats"]["latency_ms_per_layer"]
+
+
+def test_route_rows_fallback_and_strict():
+    """Rows of two classes in one layer: a row with no served choice keeps its top choice at
+    its fastest replica (counted), unless its class is strict (no routed output at all)."""
+    from cluster.selection import RowCounts, route_rows
+
+    ids = torch.tensor([[1, 3], [0, 1], [3, 1]])  # experts 1 and 3 are on the slow node only
+    w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.6, 0.4]])
+    for strict in (False, True):
+        k = RequestClass("rt", latency_s=0.010, strict=strict)
+        sel = select_experts(EMAP, COSTS, LOADS, k, SHAPE)
+        counts = RowCounts()
+        rows = torch.tensor([0, 2])
+        got = route_rows(0, ids, w, [(rows, sel), (torch.tensor([1]), None)], counts)
+        pairs = sorted(
+            (r.assignment.expert, r.assignment.tokens.tolist(), r.selection is sel) for r in got
+        )
+        served = [(0, [1], False), (1, [1], False)]  # row 1: no class, every choice
+        if strict:
+            assert pairs == served and counts.fallbacks == 0 and counts.dropped == 4
+        else:  # rows 0 and 2 keep their top choices (1 and 3) at the slow node, whole weight
+            assert pairs == sorted([*served, (1, [0], True), (3, [2], True)])
+            assert counts.fallbacks == 2 and counts.dropped == 2
+            assert all(sel.host((0, e)) == "slow" for e in (1, 3))
