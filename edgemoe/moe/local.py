@@ -21,6 +21,7 @@ that layer's `begin`, so the layers in between cannot evict them.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -141,13 +142,35 @@ class LocalExecutor(ExpertExecutor):
                 layer, expert, s.level, then=lambda p: self.prepare(layer, expert, p), own=own
             )
         self._upgrades += 1
+        if not isinstance(base, Future):  # the levels below are in memory: upgrade as it lands
+            return self.store.fetch(
+                layer,
+                expert,
+                s.level,
+                have=have,
+                then=lambda p: self.upgrade(layer, expert, base, p),
+            )
+        # the levels below are still being read: read this one meanwhile, and upgrade once both
+        # have landed, on whichever thread lands last (a reader thread never blocks on another)
+        raw = self.store.fetch(layer, expert, s.level, have=have)
+        out: Future = Future()
+        lock, started = threading.Lock(), []
 
-        def then(payloads):
-            # the previous slice was submitted first, so it has started (or is done): no deadlock
-            ew = base.result() if isinstance(base, Future) else base
-            return self.upgrade(layer, expert, ew, payloads)
+        def go(_):
+            with lock:
+                if started or not (base.done() and raw.done()):
+                    return
+                started.append(True)
+            if not out.set_running_or_notify_cancel():
+                return
+            try:
+                out.set_result(self.upgrade(layer, expert, base.result(), raw.result()))
+            except BaseException as e:
+                out.set_exception(e)
 
-        return self.store.fetch(layer, expert, s.level, have=have, then=then)
+        base.add_done_callback(go)
+        raw.add_done_callback(go)
+        return out
 
     def _recycle(self, ew) -> None:
         """An expert left memory: its read buffer serves the next read."""
