@@ -321,8 +321,14 @@ class LocalExecutor(ExpertExecutor):
         return entry.value
 
     def _abandon(self, h: _Handle) -> None:
-        """A read failed: drop this layer's holds and the slots that never got a value."""
+        """A read failed: drop this layer's holds, the slots that never got a value and those
+        grown for levels that never landed."""
         for key in h.held:
             self.cache.release(key)
-            if key in self.cache and self.cache.peek(key).value is None:
+            e = self.cache.peek(key)
+            if e is None:
+                continue
+            if e.value is None or (
+                e.pins == 0 and not e.in_flight and getattr(e.value, "level", e.level) != e.level
+            ):
                 self.cache.evict(key)
