@@ -337,23 +337,24 @@ def encode_fast(w: np.ndarray, g: int, bits: list[int], levels: int) -> list[byt
     wt = torch.from_numpy(np.ascontiguousarray(w).reshape(-1, g))
     st, zt = torch.from_numpy(s.reshape(-1)), torch.from_numpy(z.reshape(-1))
     n_g = wt.shape[0]
-    codes = np.empty((n_g, g), dtype=np.uint8)
-    signs = np.empty((len(bits) - 1, n_g, g), dtype=np.bool_)
+    # packed as each block is done (a block is whole groups, so a whole number of bytes of
+    # every plane): the planes never sit in memory unpacked
+    planes: list[list[bytes]] = [[] for _ in range(bits[0] + len(bits) - 1)]
     scales = np.empty((len(bits) - 1, n_g), dtype=np.float32)
     step = max(1, EXACT_BLOCK_WEIGHTS // g)
     for i in range(0, n_g, step):
         j = min(n_g, i + step)
         _, q, sg, sk = exact_levels(wt[i:j], st[i:j], zt[i:j], maxq, len(bits), planes=True)
-        codes[i:j] = q.numpy()
+        flat = q.numpy().reshape(-1)
+        for p in range(bits[0]):
+            planes[p].append(np.packbits((flat >> p) & 1, bitorder="little").tobytes())
         for k in range(len(bits) - 1):
-            signs[k, i:j] = sg[k].numpy()
+            bit = sg[k].numpy().reshape(-1)
+            planes[bits[0] + k].append(np.packbits(bit, bitorder="little").tobytes())
             scales[k, i:j] = sk[k].numpy()
-    flat = codes.reshape(-1)
-    seg = b"".join(
-        np.packbits((flat >> p) & 1, bitorder="little").tobytes() for p in range(bits[0])
-    )
+    seg = b"".join(b"".join(planes[p]) for p in range(bits[0]))
     segments = [seg + s.astype("<f2").tobytes() + z.astype("<f2").tobytes()]
     for k in range(len(bits) - 1):
-        plane = np.packbits(signs[k].reshape(-1), bitorder="little").tobytes()
+        plane = b"".join(planes[bits[0] + k])
         segments.append(plane + scales[k].astype("<f2").tobytes())
     return segments

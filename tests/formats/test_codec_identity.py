@@ -122,3 +122,14 @@ def test_bounds_contain_every_exact_score(levels):
         assert (blo[:, r] <= exact).all() and (exact <= bhi[:, r]).all()
     width = (bhi - blo) / bhi
     assert width.median() < 3e-3  # tight enough that few groups need the exact pass
+
+
+@pytest.mark.parametrize("case", [MATRICES[0], MATRICES[2]], ids=lambda c: c[0])
+def test_mwq_bytes_match_across_many_blocks(case, monkeypatch):
+    """Blocks of a few groups (not whole rows): the pieces join into the same bytes."""
+    _, w, group = case
+    monkeypatch.setattr(mwq_fast, "BLOCK_WEIGHTS", 7 * group)
+    monkeypatch.setattr(mwq_fast, "EXACT_BLOCK_WEIGHTS", 11 * group)
+    params = {"group": group, "bits": [2, 3, 4], "compensate": False, "joint_clip": True}
+    new = codec_by_name("mwq").encode(w, params)
+    assert new == ref.mwq_encode(w, group, [2, 3, 4], True)
