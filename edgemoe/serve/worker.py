@@ -187,6 +187,8 @@ class Worker:
         self.served = 0
         self.generated = 0
         self.prefill_s = self.decode_s = 0.0  # time in the model's prefill and decode passes
+        # the worker thread's CPU time in them, and in all (wall time is not CPU on shared cores)
+        self.prefill_cpu = self.decode_cpu = self.cpu_s = 0.0
         self._series: deque[list] = deque(maxlen=180)  # [t, tokens, hits, misses, bytes] per second
         self._series_lock = threading.Lock()
         self._last_use: np.ndarray | None = None  # [layers, experts] step of last use, -1 never
@@ -248,6 +250,7 @@ class Worker:
             self.state = SERVING
         if self.on_ready:
             self.on_ready()
+        cpu0 = time.thread_time()
         try:
             self._loop()
         except BaseException as e:  # noqa: BLE001 (a bug in a step: stop serving, say why)
@@ -263,6 +266,7 @@ class Worker:
                     job.emit(Failed("the server is shutting down"))
                 self._waiting.clear()
             m.free_slots(self._all_slots)  # the model outlives its worker (tests, embedding)
+            self.cpu_s = time.thread_time() - cpu0
         self.state = STOPPED
 
     def _loop(self) -> None:
@@ -280,15 +284,17 @@ class Worker:
             tokens = 0
             try:
                 for group in _prefill_groups(newcomers):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     records = prefill(m, cache, [j.seq for j in group])
                     self.prefill_s += time.perf_counter() - t0
+                    self.prefill_cpu += time.thread_time() - c0
                     tokens += self._deliver(records)
                 self._retire()
                 if self.running:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     records = decode_step(m, cache, [j.seq for j in self.running])
                     self.decode_s += time.perf_counter() - t0
+                    self.decode_cpu += time.thread_time() - c0
                     tokens += self._deliver(records)
                     self._retire()
             except Exception as e:  # noqa: BLE001 (fail this batch's requests, keep serving)
@@ -401,7 +407,9 @@ class Worker:
         budget = "unlimited" if m.mem is None else str(m.mem)
         return (
             f"{self.served} requests, {self.generated} tokens in {self.steps} steps (prefill "
-            f"{self.prefill_s:.1f} s, decode {self.decode_s:.1f} s) | expert hits {100 * ex.hit_rate:.0f}% | read "
+            f"{self.prefill_s:.1f} s, decode {self.decode_s:.1f} s; worker CPU {self.cpu_s:.1f} s: "
+            f"prefill {self.prefill_cpu:.1f} s, decode {self.decode_cpu:.1f} s) | expert hits "
+            f"{100 * ex.hit_rate:.0f}% | read "
             f"{Bytes(ex.bytes_read)} from flash | peak {peak} of {budget}"
         )
 
