@@ -47,6 +47,7 @@ POLICIES = (
     ("mwq 5-6-7-8", "gate:q=0.5"),
     ("mwq 2-3-4", "gate:q=0.5"),
     ("mwq 2-3-4", "gate:q=0.9"),
+    ("bitplane 2-4-8", "gate:q=0.5"),
 )
 
 
@@ -74,8 +75,10 @@ def run(args) -> list[dict]:
     from edgemoe.eval import evaluate_file
 
     rows: list[dict] = []
-    if args.json.exists() and not args.fresh:  # resume: rows already measured are kept
-        rows = json.loads(args.json.read_text())["rows"]
+    if args.json.exists() and not args.fresh:  # resume: rows measured the same way are kept
+        old = json.loads(args.json.read_text())
+        same = all(old["setup"].get(k) == getattr(args, k) for k in ("ctx", "max_tokens"))
+        rows = old["rows"] if same else []
     done = {(r["codec"], r["level"], r["policy"]) for r in rows}
     files = {}
 
