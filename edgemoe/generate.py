@@ -5,6 +5,9 @@
     while any(not s.done for s in seqs):
         records = decode_step(model, cache, seqs)  # one token for every running sequence
 
+    records = step(model, cache, new, running)  # both in one pass: newcomers' prompts
+                                                # beside the running sequences' next tokens
+
 `stream` does that loop for a fixed set of requests; a server steps a running
 batch itself, adding sequences (prefill of the newcomers, then decode with the
 rest) and dropping finished ones between steps: every sequence owns a slot of
@@ -234,37 +237,62 @@ def prefill(
 ) -> list[Record]:
     """Run the prompts of new sequences and sample each one's first token. A sequence's slot
     holds its first `cached` prompt tokens already (0: the slot starts empty)."""
-    if not seqs:
-        return []
-    given, seqs = seqs, _by_slot(seqs)
-    _begin(model, seqs)
+    return step(model, cache, seqs, [], chunk)
+
+
+def step(
+    model: Steppable,
+    cache: KVCache,
+    new: list[Sequence],
+    running: list[Sequence],
+    chunk: int = PREFILL_CHUNK,
+) -> list[Record]:
+    """One pass over the prompts of new sequences and the next token of running ones: each
+    new sequence's first token and each running one's next (finished ones are skipped).
+
+    Rows are right-padded to the longest prompt, so every running row costs that many
+    positions in the dense layers and attention (MoE layers skip pads): worth it for short
+    prompts, whose own pass would cost more than the padding (the serve worker decides).
+    """
+    running = [s for s in running if not s.done]
+    if not new:
+        return decode_step(model, cache, running)
+    given, rows = new + running, _by_slot(new + running)
+    fresh = {id(s) for s in new}
+    _begin(model, new)
     t0 = time.perf_counter()
-    todo = [s.request.ids[s.cached :] for s in seqs]
+    todo = [
+        s.request.ids[s.cached :] if id(s) in fresh else (s.out[-1],) for s in rows
+    ]  # a running row's next input is its last token; the slot holds everything before
     longest = max(len(ids) for ids in todo)
-    tokens = torch.zeros(len(seqs), longest, dtype=torch.int64)
-    valid = torch.zeros(len(seqs), longest, dtype=torch.bool)
-    for i, (s, ids) in enumerate(zip(seqs, todo)):
-        cache.lengths[s.slot] = s.cached
+    tokens = torch.zeros(len(rows), longest, dtype=torch.int64)
+    valid = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for i, (s, ids) in enumerate(zip(rows, todo)):
+        if id(s) in fresh:
+            cache.lengths[s.slot] = s.cached
         tokens[i, : len(ids)] = torch.tensor(ids)
         valid[i, : len(ids)] = True
-    slots = torch.tensor([s.slot for s in seqs])
+    slots = torch.tensor([s.slot for s in rows])
     last = None
     for a in range(0, longest, chunk):
         v = valid[:, a : a + chunk]
-        rows = v.any(dim=1)  # rows whose prompt still has tokens in this chunk
-        idx = rows.nonzero()[:, 0]
+        live = v.any(dim=1)  # rows that still have tokens in this chunk
+        idx = live.nonzero()[:, 0]
         h = model.forward(tokens[idx, a : a + chunk], cache, v[idx], slots[idx])  # [b, S, D]
         if last is None:
-            last = torch.zeros(len(seqs), h.shape[-1], dtype=h.dtype)
+            last = torch.zeros(len(rows), h.shape[-1], dtype=h.dtype)
         ends = v[idx].sum(dim=1) - 1  # each row's last real token in this chunk
         last[idx] = h[torch.arange(len(idx)), ends]
     logits = model.logits(last)  # [B, V]
     elapsed = time.perf_counter() - t0
-    records = _sample_rows(logits, seqs)
+    records = _sample_rows(logits, rows)
     now = time.perf_counter()
-    for s in seqs:
-        s.stats.prefill_s = elapsed
-        s.stats.ttft_s = now - s.stats.queued_at
+    for s in rows:
+        if id(s) in fresh:
+            s.stats.prefill_s = elapsed
+            s.stats.ttft_s = now - s.stats.queued_at
+        else:
+            s.stats.decode_s += now - t0
     _end(model, records)
     return _in_order(records, given)
 

@@ -35,10 +35,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 
-from edgemoe.generate import Record, Request, Sequence, decode_step, prefill
+from edgemoe.generate import Record, Request, Sequence, prefill, step
 from edgemoe.moe.executor import ExecutorStats
 
 LOADING, SERVING, FAILED, STOPPED = "loading", "serving", "failed", "stopped"
+
+# A newcomer with at most this many prompt tokens to compute joins the running rows' decode
+# pass (every row padded to its length) instead of a pass of its own. Measured on the demo,
+# 7 running rows, worker CPU of fused against separate passes (AVX2, 1 thread): f32 0.74x at
+# 4 tokens, 0.85x at 10, 1.02x at 22, 1.50x at 61; bf16 0.88x at 4, 1.18x at 10.
+FUSE_TOKENS = 8
 
 
 class QueueFull(Exception):
@@ -137,6 +143,11 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def _pending(job: Job) -> int:
+    """Prompt tokens a newcomer still has to compute (its slot may keep the rest)."""
+    return len(job.request.ids) - job.seq.cached
 
 
 def _prefill_groups(jobs: list[Job]) -> list[list[Job]]:
@@ -282,8 +293,12 @@ class Worker:
                 newcomers = self._admit()
             self._drop_cancelled()
             tokens = 0
+            live = {id(j) for j in self.running}
+            newcomers = [j for j in newcomers if id(j) in live]  # not dropped as cancelled
+            older = len(self.running) > len(newcomers)  # rows already decoding
+            fuse = {id(j) for j in newcomers if older and _pending(j) <= FUSE_TOKENS}
             try:
-                for group in _prefill_groups(newcomers):
+                for group in _prefill_groups([j for j in newcomers if id(j) not in fuse]):
                     t0, c0 = time.perf_counter(), time.thread_time()
                     records = prefill(m, cache, [j.seq for j in group])
                     self.prefill_s += time.perf_counter() - t0
@@ -292,7 +307,9 @@ class Worker:
                 self._retire()
                 if self.running:
                     t0, c0 = time.perf_counter(), time.thread_time()
-                    records = decode_step(m, cache, [j.seq for j in self.running])
+                    new = [j.seq for j in self.running if id(j) in fuse]
+                    rest = [j.seq for j in self.running if id(j) not in fuse]
+                    records = step(m, cache, new, rest)
                     self.decode_s += time.perf_counter() - t0
                     self.decode_cpu += time.thread_time() - c0
                     tokens += self._deliver(records)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import edgemoe
-from edgemoe.generate import Request
+from edgemoe.generate import Request, Sequence, decode_step, prefill, step
 from edgemoe.sampling import Sampling
 from edgemoe.serve.worker import Done, Failed, Job, QueueFull, Slots, Worker
 
@@ -71,6 +71,37 @@ def test_a_short_request_does_not_wait_for_a_long_one(demo_f32):
         assert len(s.seq.out) == 4 and s.seq.finish_reason == "length"
     finally:
         w.stop()
+
+
+def test_a_short_newcomer_joins_the_decode_pass(demo_f32):
+    """A prompt of a few tokens is computed in the running rows' decode pass (rows padded to
+    its length): one forward pass, and every sequence's tokens are its solo greedy run's."""
+    m = demo_f32
+    long_ids, short_ids = m.encode("In the beginning God created"), m.encode("The function")
+    assert len(short_ids) <= 8
+    want = [m.complete([x], max_tokens=n, sampling=GREEDY)[0].token_ids
+            for x, n in ((long_ids, 12), (short_ids, 6))]  # fmt: skip
+    cache, slots = m.kv_cache(), m.take_slots(2)
+    passes, forward = [], m.forward
+    m.forward = lambda tokens, *a: passes.append(tuple(tokens.shape)) or forward(tokens, *a)
+    try:
+        a, b = (
+            Sequence(Request(tuple(x), n, GREEDY), slot, m.tokenizer)
+            for x, n, slot in zip((long_ids, short_ids), (12, 6), slots)
+        )
+        prefill(m, cache, [a])
+        decode_step(m, cache, [a])
+        passes.clear()
+        records = step(m, cache, [b], [a])
+        assert passes == [(2, len(short_ids))]  # one pass: a's next token beside b's prompt
+        assert [r.seq for r in records] == [b, a] and b.out and len(a.out) == 3
+        while not (a.done and b.done):
+            decode_step(m, cache, [a, b])
+        assert [a.out, b.out] == want
+        assert int(cache.lengths[b.slot]) == len(short_ids) + 6 - 1
+    finally:
+        del m.forward
+        m.free_slots(slots)
 
 
 def test_static_batching_makes_the_newcomer_wait(demo_f32):
