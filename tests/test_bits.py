@@ -174,8 +174,14 @@ def test_an_upgrade_not_worth_its_read_computes_at_the_level_in_memory(tiny_emoe
         ids = torch.tensor([[0, 1], [1, 0]])
         w = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
         ref1 = ResidentExecutor(load_all_experts(m.reader, m.dtype, level=1))
-        # a miss reads level 1 (never skipped); levels 2-3 are upgrades, not worth it here
-        got = ex.run(0, x, ids, w, torch.full_like(ids, 3))
-        torch.testing.assert_close(got, ref1.run(0, x, ids, w))
-        st = ex.stats()
-        assert st.reads == 2 and st.upgrades == 0 and st.average_bits == pytest.approx(2.0)
+        ref3 = ResidentExecutor(load_all_experts(m.reader, m.dtype, level=3))
+        one, top = torch.ones_like(ids), torch.full_like(ids, 3)
+        # misses are read to the level they need: 3 slices each
+        torch.testing.assert_close(ex.run(0, x, ids, w, top), ref3.run(0, x, ids, w))
+        assert ex.stats().reads == 6
+        # in memory at level 1 only (layer 1's experts), level 3 wanted: not worth it here
+        torch.testing.assert_close(ex.run(1, x, ids, w, one), ref1.run(1, x, ids, w))
+        s0 = ex.stats()
+        torch.testing.assert_close(ex.run(1, x, ids, w, top), ref1.run(1, x, ids, w))
+        st = ex.stats() - s0
+        assert st.reads == 0 and st.upgrades == 0 and st.average_bits == pytest.approx(2.0)

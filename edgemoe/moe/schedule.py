@@ -130,9 +130,10 @@ def schedule(
         need: (layer, expert) -> {level: its pairs at that level}, ascending expert.
         size: (key, level) -> bytes of that expert prepared at that level (0 at level 0).
         order: "hebf" or "fifo".
-        worth: whether an upgrade slice (a level above one in memory) is worth its read
-            (UpgradeCost); a slice that is not, and the expert's later ones, are not read:
-            their pairs compute at the highest level in memory. None: every one is.
+        worth: whether an upgrade of an expert in memory (a level above those it has) is
+            worth its read (UpgradeCost); a slice that is not, and the expert's later ones,
+            are not read: their pairs compute at the level in memory. A miss is read to the
+            level it needs (it is read anyway). None: every upgrade is worth it.
     """
     hits, have = [], {}
     for key in need:
@@ -145,7 +146,7 @@ def schedule(
         stopped: set[Key] = set()
         kept = []
         for s in slices:
-            if s.key in stopped or (s.have > 0 and not worth(s)):
+            if s.key in stopped or (have[s.key] > 0 and not worth(s)):
                 stopped.add(s.key)
             else:
                 kept.append(s)
