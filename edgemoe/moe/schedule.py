@@ -15,9 +15,13 @@ Read order (`order`):
 - "hebf", D²MoE's hottest-expert-bit-first: one queue per expert holding its
   missing levels in ascending order, one slice each; the next read is the queue
   head with the most tokens waiting on it (pairs needing that expert at that
-  level or above); ties go to the lower level, then the lower expert. The
-  consumer computes an (expert, level) group as soon as its level's slice lands,
-  so a token at level 1 never waits for another's level-3 read.
+  level or above); ties go to the slice that completes the most pairs (those at
+  exactly its level), then to the lower expert, so an expert's levels run on and
+  its tokens compute while the next expert is read. The consumer computes an
+  (expert, level) group as soon as its level's slice lands, so a token at level
+  1 never waits for another's level-3 read. Slices of one expert that come next
+  to each other in this order are read as one (nothing would be read between
+  them; a read costs a syscall and a thread hand-off here).
 - "fifo": one read per expert, ascending expert, of all its missing levels (the
   order before nesting); its tokens compute once the whole read lands.
 
@@ -102,18 +106,24 @@ def order_slices(need: dict[Key, dict[int, int]], have: dict[Key, int], order: s
             if len(b[key]) - 2 > have[key]
         ]
     rank = {key: i for i, key in enumerate(sorted(need))}
-    heap = [
-        (-b[key][have[key] + 1], have[key] + 1, rank[key], key)
-        for key in need
-        if len(b[key]) - 2 > have[key]
-    ]
-    heapq.heapify(heap)  # the most waiting first; ties: the lower level, then the lower expert
-    out = []
+
+    def head(key: Key, level: int) -> tuple:
+        # the most pairs waiting first; among equals, the slice that completes the most pairs
+        # (those at exactly its level), then the lower expert, so one expert's levels run on
+        done = b[key][level] - b[key][level + 1]
+        return (-b[key][level], -done, rank[key], level, key)
+
+    heap = [head(key, have[key] + 1) for key in need if len(b[key]) - 2 > have[key]]
+    heapq.heapify(heap)
+    out: list[Slice] = []
     while heap:
-        neg, level, r, key = heapq.heappop(heap)
-        out.append(Slice(key, level - 1, level, -neg))
+        neg, _, _, level, key = heapq.heappop(heap)
+        if out and out[-1].key == key:  # next in line anyway: one read, not two
+            out[-1] = Slice(key, out[-1].have, level, out[-1].waiting)
+        else:
+            out.append(Slice(key, level - 1, level, -neg))
         if level < len(b[key]) - 2:
-            heapq.heappush(heap, (-b[key][level + 1], level + 1, r, key))
+            heapq.heappush(heap, head(key, level + 1))
     return out
 
 
