@@ -161,6 +161,9 @@ def run(mode: str, args) -> dict:
                     warmed=ev["join"] + rep.warmed_s,
                     serving=ev["join"] + rep.switched_s,
                     drained=ev["join"] + rep.drained_s,
+                    moved=rep.moved,  # experts warmed (minimal-move re-placement)
+                    fresh_moved=rep.fresh_moved,  # what a from-scratch placement would move
+                    share=next(x["load"] for x in co.status()["loads"] if x["name"] == rep.node),
                 )
             else:
                 gate.close()  # drain: every stream stops after its current step
@@ -218,8 +221,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def machine() -> str:
+    """The CPU's model name and cores, the load, torch's version and the date."""
+    import datetime
+
+    import torch
+
+    name = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]  # the machine is shared: its load says how noisy the times are
+    return f"{name}, {os.cpu_count()} cores (load average {load:.1f}), torch {torch.__version__}, {when}"
+
+
 def write_doc(res, a, window) -> None:
     from bench_doc import write_section
+
+    ev = next(r["events"] for r in res if r["name"] == "elastic")
 
     lines = [
         "## Elastic scale-up vs stop-the-world",
@@ -228,11 +252,16 @@ def write_doc(res, a, window) -> None:
         f"hosts, then a third joins {a.join_at:g} s into a {a.seconds:g} s run of {a.streams} "
         "concurrent streams (greedy requests of 24 tokens back to back, one forward pass at a "
         "time on the coordinator). Elastic: the new host opens, every host warms what the new "
-        "map gives it, the map switches by version, the old one drains, old copies are dropped. "
+        "map gives it (the join re-places moving as few experts as it can: "
+        f"{ev['moved']} warmed, where a from-scratch placement would have moved "
+        f"{ev['fresh_moved']}: the joining {NODES[2].profile} is the fastest profile and takes "
+        f"{100 * ev['share']:.0f}% of the load), the map switches by version, the old one "
+        "drains, old copies are dropped. "
         "Stop-the-world: drain, stop every host, start three, re-place, warm, resume. Per-token "
         "latency is the gap between a stream's tokens; the unavailability window is the longest "
         "time no stream got a token from the join on; throughput is over the stop-the-world "
-        f"window ({window:.1f} s from the join). `python tools/elastic_bench.py` (2-core devbox).",
+        f"window ({window:.1f} s from the join). "
+        f"`{' '.join(['python tools/elastic_bench.py', *sys.argv[1:]])}` on {machine()}.",
         "",
         "| | failed requests | join to new map (s) | unavailable (s) | p50 / p99 before (ms) | p50 / p99 during (ms) | p50 / p99 after (ms) | tokens/s in the window |",
         "|---|---|---|---|---|---|---|---|",
