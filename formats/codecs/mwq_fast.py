@@ -3,7 +3,7 @@
 The numpy encoder tries 20 clipping ratios per group and keeps the one with the lowest error
 (or joint score over the levels); each try costs some 30 passes over the weights. Here:
 
-1. A cheap pass per ratio (13 float32 passes) computes bounds on each candidate's exact score
+1. A cheap pass per ratio (10 float32 passes) computes bounds on each candidate's exact score
    (see _bounds): level k's error follows from level k-1's error and absolute sum in exact
    arithmetic, and every rounding is bounded.
 2. A group whose best candidate's bounds overlap another's (a near tie, a few per cent) gets

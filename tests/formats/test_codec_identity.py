@@ -133,3 +133,10 @@ def test_mwq_bytes_match_across_many_blocks(case, monkeypatch):
     params = {"group": group, "bits": [2, 3, 4], "compensate": False, "joint_clip": True}
     new = codec_by_name("mwq").encode(w, params)
     assert new == ref.mwq_encode(w, group, [2, 3, 4], True)
+
+
+def test_zero_minus_d_has_no_negative_zero():
+    """The sign step relies on -d + 0.0 turning -0 into +0 (B = +1 where R = 0)."""
+    d = torch.tensor([0.0, -0.0, 1.0, -2.0] * 50_000)  # long enough for the vector loop
+    y = torch.neg(d).add_(0.0)
+    assert torch.equal(torch.signbit(y), d > 0)
