@@ -95,6 +95,7 @@ def run(args) -> list[dict]:
             ctx=args.ctx,
             max_tokens=args.max_tokens,
             dtype="f32",
+            fused=False,  # the codec's dequantized weights: same values, f32 int4 kernels are slow
         )
         rows.append(
             {
@@ -176,7 +177,8 @@ def table(rows: list[dict], setup_: dict) -> list[str]:
         )
         + (f". {setup_['note']}" if setup_.get("note") else "")
         + ". Each codec is `edgemoe convert --dense f32 --experts CODEC` of its f32 checkpoint, "
-        "so only routed experts differ; `edgemoe eval --dtype f32 --ctx "
+        "so only routed experts differ; `edgemoe eval --dtype f32` (experts on their dequantized "
+        "weights, `fused=False`) with `--ctx "
         f"{setup_['ctx']}` over the first {rows[0]['tokens']} tokens of the held-out split "
         "(every 50th document, tools/heldout_text.py), the same tokens for every row. Bits: "
         "encoded bits per expert weight actually computed, scales and zero points included "
@@ -257,7 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text", type=Path, default=Path("/work/demo-train/heldout.txt"))
     ap.add_argument("--out", type=Path, default=Path("/work/demo-train/quality"), help="files")
     ap.add_argument("--ctx", type=int, default=128, help="tokens per window (training's seq)")
-    ap.add_argument("--max-tokens", type=int, default=20000, help="held-out tokens scored")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens scored")
     ap.add_argument("--json", type=Path, default=None, help="default: OUT/quality.json")
     ap.add_argument("--note", default="", help="a sentence on the model's provenance")
     ap.add_argument("--fresh", action="store_true", help="measure every row again")
