@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         return 0
     torch.manual_seed(0)
     a.work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, commit = time.perf_counter(), _commit()  # the code that ran, not HEAD at the end
     hf, source = a.hf, str(a.hf)
     if a.from_emoe is not None:
         hf = hf_from_emoe(a.from_emoe, a.work / "hf-from-emoe")
@@ -272,10 +272,10 @@ def main(argv=None) -> int:
         "eval_text": f"held-out documents, first {a.eval_tokens} tokens, ctx {a.ctx}",
         "calib_text": f"training documents, {a.calib_segments} x {a.calib_tokens} tokens",
         "rows": rows,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
+        "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python tools/bit_policies.py " + " ".join(argv or sys.argv[1:]),
-        "edgemoe": _commit(),
+        "edgemoe": commit,
         "wall_s": round(time.perf_counter() - t_start),
     }
     (a.work / "results.json").write_text(json.dumps(res, indent=1))
@@ -284,6 +284,15 @@ def main(argv=None) -> int:
 
         write_section("bit-policies", doc_lines(res))
     return 0
+
+
+def machine() -> str:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )  # fmt: skip
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def _commit() -> str:
