@@ -73,13 +73,23 @@ def _free_port() -> int:
         ("[[node]\n", "not valid TOML"),
     ],
 )
-def test_up_bad_nodes_file_starts_nothing(tmp_path, text, match):
+def test_up_bad_nodes_file_starts_nothing(tmp_path, capsys, text, match):
     f = tmp_path / "nodes.toml"
     f.write_text(text)
     state = tmp_path / "up.json"
+    assert main(["cluster", "up", "--nodes", str(f), "--state", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and str(f) in err and "fix the nodes file" in err
+    assert not state.exists() and not state.with_suffix(".log").exists()
+
+
+def test_up_bad_nodes_file_subprocess(tmp_path):
+    """The same through the installed command: one line, exit status 2, nothing started."""
+    f = tmp_path / "nodes.toml"
+    f.write_text('[[node]]\nname = "a"\nprofile = "nosuch"\n')
+    state = tmp_path / "up.json"
     r = _run("up", "--nodes", str(f), "--state", str(state), timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and match in r.stderr
-    assert "BadNodesFile" in r.stderr or "nodes" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nosuch" in r.stderr
     assert not state.exists() and not state.with_suffix(".log").exists()
 
 
