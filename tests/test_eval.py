@@ -71,6 +71,9 @@ def test_bits_follow_the_level(tiny_emoe):
     assert 2.0 < bits[0] < 3.0
     assert all(1.0 < b - a < 1.5 for a, b in zip(bits, bits[1:]))
     assert all(r.expert_codecs == ("mwq",) for r in runs)
+    dequantized = perplexity(path, TEXT, ctx=32, level=1, dtype="f32", fused=False)
+    assert dequantized.perplexity == pytest.approx(runs[0].perplexity, rel=1e-4)
+    assert dequantized.avg_bits == runs[0].avg_bits
     full = perplexity(tiny_emoe("qwen3_moe"), TEXT, ctx=32, dtype="f32").perplexity
     gaps = [abs(r.perplexity - full) for r in runs]
     assert gaps[2] < gaps[0]  # more bits, closer to the full-precision model
