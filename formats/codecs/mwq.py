@@ -72,6 +72,9 @@ layout and the decode formulas above are the format):
       joint_clip, simulating the sign levels on those weights). The
       sign levels are then fitted against the original W. Without X,
       compensate has no effect.
+    - Without X the work is done by formats/codecs/mwq_fast.py (torch, the same
+      bytes as the numpy code here, which stays for calibrated weights and as
+      the definition: tests/formats/test_codec_identity.py compares them).
 """
 
 from __future__ import annotations
