@@ -210,44 +210,42 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     ref = reference(rows)
+
+    def pct(r: dict) -> float:
+        return 100 * (r["perplexity"] / ref - 1)
+
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colour = {}
     for label, _ in CODECS:
-        pts = [
-            (r["avg_bits"], r["perplexity"])
-            for r in rows
-            if r["codec"] == label and not r["policy"]
-        ]
-        if pts:
-            xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=label)
-    pol = [r for r in rows if r["policy"]]
-    if pol:
-        ax.scatter(
-            [r["avg_bits"] for r in pol],
-            [r["perplexity"] for r in pol],
-            marker="*",
-            s=140,
-            c="k",
-            zorder=5,
-            label="bit policy",
+        pts = sorted(
+            (r["avg_bits"], pct(r)) for r in rows if r["codec"] == label and not r["policy"]
         )
-        for r in pol:
-            ax.annotate(
-                f"{r['codec']} {r['policy']}",
-                (r["avg_bits"], r["perplexity"]),
-                fontsize=7,
-                xytext=(4, 4),
-                textcoords="offset points",
-            )
-    ax.axhline(ref, color="grey", lw=0.8, ls="--")
-    ax.axhline(ref * 1.005, color="grey", lw=0.6, ls=":")
-    ax.axhline(ref * 1.03, color="grey", lw=0.6, ls=":")
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            (line,) = ax.plot(xs, ys, "o-" if len(xs) > 1 else "s", label=label)
+            colour[label] = line.get_color()
+    for r in (r for r in rows if r["policy"]):
+        ax.scatter(
+            r["avg_bits"],
+            pct(r),
+            marker="*",
+            s=160,
+            color=colour.get(r["codec"], "k"),
+            edgecolors="k",
+            zorder=5,
+            label=f"{r['codec']}, {r['policy']}",
+        )
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    top = max(pct(r) for r in rows)
+    for target in (0.5, 3.0):
+        if target < 1.5 * top:
+            ax.axhline(target, color="grey", lw=0.6, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xticks([2, 3, 4, 5, 6, 8, 12, 16, 32], ["2", "3", "4", "5", "6", "8", "12", "16", "32"])
     ax.set_xlabel("bits per expert weight computed (scales included)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("demo model: perplexity against bits per weight (f32 dashed; +0.5%, +3% dotted)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"perplexity over f32 ({ref:.1f}), %")
+    ax.set_title("demo model: held-out perplexity against bits per weight (stars: bit policies)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
