@@ -64,6 +64,27 @@ def convert(hf: Path, codec: str, out: Path) -> Path:
     return path
 
 
+def export_hf(emoe: Path, folder: Path) -> Path:
+    """A Hugging Face folder of a .emoe's weights decoded to float32 (its highest level), its
+    config and tokenizer: a source for codecs when no full-precision checkpoint is left."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from formats import constants as C
+    from formats.reader import EmoeReader
+
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with EmoeReader(emoe) as r:
+        weights = {n: np.ascontiguousarray(r.tensor(n), dtype=np.float32) for n in r.tensors}
+        save_file(weights, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(r.config, indent=1))
+        tok = r.read_chunk(r.blobs[C.BLOB_TOKENIZER])
+        (folder / "tokenizer.json").write_bytes(bytes(tok))
+    return folder
+
+
 def levels_of(path: Path) -> int:
     from formats.reader import EmoeReader
 
@@ -150,6 +171,7 @@ def setup(args) -> dict:
         "ctx": args.ctx,
         "max_tokens": args.max_tokens,
         "note": args.note,
+        "title": args.title,
         "training": {k: train.get(k) for k in ("command", "training", "heldout", "date")},
     }
 
@@ -158,20 +180,22 @@ def reference(rows: list[dict]) -> float:
     return next(r["perplexity"] for r in rows if r["codec"] == CODECS[0][0])
 
 
-def table(rows: list[dict], setup_: dict) -> list[str]:
+def table(rows: list[dict], setup_: dict, plot_name: str = "quality.png") -> list[str]:
     ref = reference(rows)
     t = setup_["training"] or {}
     tr = t.get("training") or {}
     lines = [
-        "## Quality: every expert codec at every level, demo model (trained)",
+        "## Quality: every expert codec at every level, demo model (trained)"
+        + (f", {setup_['title']}" if setup_.get("title") else ""),
         "",
         f"`{setup_['command']}` on {setup_['machine']}, {setup_['date']}.",
         "",
-        f"Model: the demo Qwen3-MoE (4 layers, 16 experts top-2, 9.4M of its 11.5M parameters in "
-        f"routed experts) retrained with `{t.get('command')}`"
+        "Model: the demo Qwen3-MoE (4 layers, 16 experts top-2, 9.4M of its 11.5M parameters in "
+        "routed experts)"
         + (
-            f" ({tr.get('steps')} steps, {tr.get('tokens_seen', 0) / 1e6:.2f}M tokens,"
-            f" held-out perplexity {t.get('heldout', {}).get('perplexity')} in training)"
+            f", retrained with `{t.get('command')}` ({tr.get('steps')} steps,"
+            f" {tr.get('tokens_seen', 0) / 1e6:.2f}M tokens, held-out perplexity"
+            f" {t.get('heldout', {}).get('perplexity')} in training)"
             if tr
             else ""
         )
@@ -196,11 +220,8 @@ def table(rows: list[dict], setup_: dict) -> list[str]:
             f"| {r['codec']} | {what} | {r['avg_bits']:.2f} ({r['nominal_bits']:.2f}) | "
             f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref - 1):+.2f}% |"
         )
-    lines += ["", f"![perplexity against bits per weight]({PLOT_REL})", ""]
+    lines += ["", f"![perplexity against bits per weight]({plot_name})", ""]
     return lines
-
-
-PLOT_REL = "quality.png"
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -254,15 +275,26 @@ def plot(rows: list[dict], out: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", type=Path, default=Path("/work/demo-train/hf"))
+    ap.add_argument(
+        "--from-emoe",
+        type=Path,
+        help="take the source weights from this .emoe instead (decoded to f32 into --hf)",
+    )
     ap.add_argument("--text", type=Path, default=Path("/work/demo-train/heldout.txt"))
     ap.add_argument("--out", type=Path, default=Path("/work/demo-train/quality"), help="files")
     ap.add_argument("--ctx", type=int, default=128, help="tokens per window (training's seq)")
     ap.add_argument("--max-tokens", type=int, default=16384, help="held-out tokens scored")
     ap.add_argument("--json", type=Path, default=None, help="default: OUT/quality.json")
+    ap.add_argument("--title", default="", help="words added to the section's heading")
     ap.add_argument("--note", default="", help="a sentence on the model's provenance")
     ap.add_argument("--fresh", action="store_true", help="measure every row again")
+    ap.add_argument(
+        "--section", default="quality", help="docs/BENCHMARKS.md section and docs/SECTION.png"
+    )
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/")
     args = ap.parse_args(argv)
+    if args.from_emoe is not None:
+        export_hf(args.from_emoe, args.hf)
     if not (args.hf / "config.json").exists():
         print(
             f"{args.hf} has no checkpoint; retrain the demo with tools/train_demo.py (the "
@@ -279,8 +311,9 @@ def main(argv=None) -> int:
     if not args.no_doc:
         from bench_doc import write_section
 
-        plot(rows, REPO / "docs" / PLOT_REL)
-        write_section("quality", table(rows, setup(args)))
+        plot_name = f"{args.section}.png"
+        plot(rows, REPO / "docs" / plot_name)
+        write_section(args.section, table(rows, setup(args), plot_name))
     return 0
 
 
