@@ -12,6 +12,25 @@ import os
 # i.e. before torch is first imported; a user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks below a threshold that grows with every large free (up to
+    32 MiB), so a process that builds and evicts experts of a few MiB again and again holds
+    their freed memory: 1.48 GB RSS under a 1.24 GB plan for mwq experts, OOM-killed inside a
+    cgroup equal to the budget. A fixed 4 MiB threshold maps larger blocks on their own and
+    returns them when freed: peak 1.09 GB for the same run. Other C libraries: nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD (also turns the growing threshold off)
+        libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD: give back a free heap top past 4 MiB
+    except (OSError, AttributeError):
+        pass
+
+
+_return_freed_memory()
+
 from edgemoe.units import Bytes  # noqa: E402
 
 __version__ = "0.1.0"
