@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 
-import devices
+from devices.profiler import REFERENCE
 from edgemoe import budget
 from edgemoe.bound import expected_bound
 from edgemoe.cache import DEFAULT_POLICY
@@ -24,7 +23,7 @@ def expert_ms(compute_factor: float, hidden: int, width: int) -> Callable[[int, 
     device's compute_factor: the reference shape nearest in size, scaled by size, linear
     between the measured batches (1, 4, 16) and past them; a level above the measured ones
     scaled by its parts (one int4 part a level)."""
-    ref = json.loads((Path(devices.__file__).parent / "reference_expert_ms.json").read_text())
+    ref = json.loads(REFERENCE.read_text())
     shapes = {
         tuple(int(d) for d in k.split("_")[-1].split(".")[0].split("x"))
         for k in ref
