@@ -16,9 +16,7 @@ command, the machine and the date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ from cluster.raynet import LOOPBACK, ray_env  # noqa: E402
 
 for _k, _v in ray_env().items():
     os.environ.setdefault(_k, _v)
+
+from bench_doc import machine  # noqa: E402
 
 from cluster.coordinator import Coordinator  # noqa: E402
 from cluster.model import model_info  # noqa: E402
@@ -47,22 +47,6 @@ PROFILES = [
 ]
 PROMPTS = [[5, 17, 42, 99, 7], [3, 3, 8, 120], [11, 12, 13, 14], [200, 1, 77, 9]]
 
-
-def machine() -> str:
-    """The CPU's model name and cores, torch's version and the date, for the record."""
-    import torch
-
-    name = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0]  # the machine is shared: its load says how noisy the times are
-    return f"{name}, {os.cpu_count()} cores (load average {load:.1f}), torch {torch.__version__}, {when}"
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -32,6 +32,8 @@ from cluster.raynet import LOOPBACK, ray_env  # noqa: E402
 for _k, _v in ray_env().items():
     os.environ.setdefault(_k, _v)
 
+from bench_doc import machine  # noqa: E402
+
 from cluster.coordinator import Coordinator  # noqa: E402
 from cluster.types import LINKS, NodeSpec  # noqa: E402
 from edgemoe.engine import DEMO  # noqa: E402
@@ -220,24 +222,6 @@ def main(argv=None) -> int:
         write_doc(res, a, window)
     return 0
 
-
-def machine() -> str:
-    """The CPU's model name and cores, the load, torch's version and the date."""
-    import datetime
-
-    import torch
-
-    name = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = os.getloadavg()[0]  # the machine is shared: its load says how noisy the times are
-    return f"{name}, {os.cpu_count()} cores (load average {load:.1f}), torch {torch.__version__}, {when}"
 
 
 def write_doc(res, a, window) -> None:

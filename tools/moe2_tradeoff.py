@@ -24,6 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bench_doc import machine  # noqa: E402
+
 import edgemoe  # noqa: E402
 from cluster.model import model_info  # noqa: E402
 from cluster.nodes import capacities  # noqa: E402
@@ -46,22 +48,6 @@ NODES = [
     NodeSpec("phone", "snapdragon-8gen3-phone", Bytes.parse("400MiB"), LINKS["lte"]),
 ]
 
-
-def machine() -> str:
-    """The CPU's model name, torch's version and the date, for the record."""
-    import datetime
-    import os
-
-    name = "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}, {when}"
 
 
 def segments(text: str, tok, n: int, length: int) -> list[list[int]]:
@@ -162,7 +148,7 @@ def main(argv=None) -> int:
         "share of (token, layer)s that did; their calls count in the latency and energy, so "
         "the budgets can be exceeded); a strict class has no fallback (such a token gets its "
         "shared expert only) and never exceeds its budgets. "
-        f"`python tools/moe2_tradeoff.py {' '.join(sys.argv[1:])}` on {machine()}.",
+        f"`python tools/moe2_tradeoff.py {' '.join(sys.argv[1:])}` on {machine(load=False)}.",
         "",
         "| policy | budget | perplexity | gate weight kept | fallback | latency ms/layer "
         "| energy mJ/token |",
