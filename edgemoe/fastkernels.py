@@ -32,7 +32,7 @@ import torch
 
 QK = 32  # activation block: one f32 scale per 32 INT8 values
 _SRC = Path(__file__).parent / "csrc" / "q8.c"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 _lock = threading.Lock()
 _lib: list = []  # [] not tried yet; [None] unavailable; [CDLL] loaded
@@ -98,7 +98,11 @@ def _load():
     lib.q8_quantize.argtypes = [p, i64, i64, p, p]
     lib.q8_quantize.restype = None
     lib.q8_gemm.argtypes = [p, p, i64, i64, p, p, i64, p, ctypes.c_int]
-    lib.q8_gemm.restype = None
+    lib.q8_gemm.restype = ctypes.c_int
+    lib.q8_swiglu.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int]
+    lib.q8_swiglu.restype = ctypes.c_int
+    lib.q8_isa.argtypes = [ctypes.c_int]
+    lib.q8_isa.restype = ctypes.c_int
     return lib
 
 
@@ -127,6 +131,17 @@ def _quantize(lib, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, xs
 
 
+def isa(want: int = -1) -> str:
+    """The SIMD path the kernels take: "avx512vnni" or "avx2". want=0 forces AVX2 (tests
+    compare the two), 1 restores the best this CPU has, -1 only asks."""
+    return "avx512vnni" if library().q8_isa(want) == 1 else "avx2"
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("the INT8 kernel could not allocate its scratch memory")
+
+
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] (any float dtype) times INT8 weights q [N, K] with f32 row scales [N]:
     f32 [T, N]. Needs `available()` and K % 32 == 0; q and scale contiguous."""
@@ -135,8 +150,28 @@ def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     t, k = xq.shape
     n = q.shape[0]
     y = torch.empty(t, n, dtype=torch.float32)
-    lib.q8_gemm(
-        xq.data_ptr(), xs.data_ptr(), t, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
-        torch.get_num_threads(),
+    _check(
+        lib.q8_gemm(
+            xq.data_ptr(), xs.data_ptr(), t, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
+            torch.get_num_threads(),
+        )
+    )  # fmt: skip
+    return y
+
+
+def q8_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """One SwiGLU expert, down(silu(gate(x)) * up(x)), in one kernel call: x [T, D] (any
+    float dtype), gate and up Int8Linear [I, D], down [D, I] (codes q, f32 row scales):
+    f32 [T, D]. Needs `available()` and D, I multiples of 32."""
+    lib = _lib[0] if _lib else library()
+    x = x.float().contiguous()
+    t, d = x.shape
+    y = torch.empty(t, d, dtype=torch.float32)
+    _check(
+        lib.q8_swiglu(
+            x.data_ptr(), t, d, gate.out_features, gate.q.data_ptr(), gate.scales.data_ptr(),
+            up.q.data_ptr(), up.scales.data_ptr(), down.q.data_ptr(), down.scales.data_ptr(),
+            y.data_ptr(), torch.get_num_threads(),
+        )
     )  # fmt: skip
     return y

@@ -9,12 +9,24 @@
 // 2-core AVX2 EPYC torch's _weight_int8pack_mm takes 3-9 ms for a 5632x2048 matrix and one
 // token; see docs/BENCHMARKS.md (kernel table) for this loop's figures.
 //
+// Where the CPU has AVX-512 VNNI the same sum runs as vpdpbusd (64 products an instruction):
+// weights made unsigned by flipping their top bit (w + 128), multiplied by the signed
+// activations, and 128 * sum(x) of each block subtracted once per token (it is the same for
+// every row). The integer block sums are exact either way; the f32 accumulation differs only
+// in rounding. q8_isa(0) forces the AVX2 path (tests compare the two).
+//
+// q8_swiglu computes one expert's SwiGLU (gate, up, silu * up, down) in one parallel region:
+// activations quantized once for gate and up, one thread wake-up per expert instead of three.
+//
 // Plain C with no torch headers: it compiles in about a second (edgemoe/fastkernels.py),
 // and is called through ctypes with the GIL released. Rows are split over OpenMP threads;
 // libgomp's soname is the one torch loads, so both share one runtime and one thread pool.
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define QK 32
 
@@ -66,56 +78,302 @@ static inline __m256 dot32(__m256i w, __m256i x, __m256i ones) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
-// y [T, N] f32 += nothing: y is written. w [N, K] int8 row-major, ws [N] f32.
-void q8_gemm(const int8_t* xq, const float* xs, int64_t T, int64_t K, const int8_t* w,
-             const float* ws, int64_t N, float* y, int threads) {
-  const int64_t nb = K / QK;
-  const int64_t blocks = (N + 3) / 4;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t rb = 0; rb < blocks; ++rb) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    const int64_t n0 = rb * 4;
-    const int64_t rows = N - n0 < 4 ? N - n0 : 4;
-    if (rows == 4) {
-      const int8_t* r0 = w + n0 * K;
-      const int8_t* r1 = r0 + K;
-      const int8_t* r2 = r1 + K;
-      const int8_t* r3 = r2 + K;
-      for (int64_t t = 0; t < T; ++t) {
-        const int8_t* xt = xq + t * K;
-        const float* st = xs + t * nb;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; ++b) {
-          const int64_t k = b * QK;
-          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + k));
-          const __m256 d = _mm256_set1_ps(st[b]);
-          a0 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(r0 + k)), xv, ones), d, a0);
-          a1 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(r1 + k)), xv, ones), d, a1);
-          a2 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(r2 + k)), xv, ones), d, a2);
-          a3 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(r3 + k)), xv, ones), d, a3);
-        }
-        float* yt = y + t * N + n0;
-        yt[0] = hsum(a0) * ws[n0];
-        yt[1] = hsum(a1) * ws[n0 + 1];
-        yt[2] = hsum(a2) * ws[n0 + 2];
-        yt[3] = hsum(a3) * ws[n0 + 3];
+// The activations of T tokens as the gemms take them: xq [T, K] int8, xs [T, K/32] f32, and
+// for the VNNI path sv [T, P, 16] (P = ceil(K / 64): each 64-byte step's two block scales,
+// 8 lanes each) and corr [T] (sum over blocks of xs * 128 * sum(xq)).
+typedef struct {
+  const int8_t* xq;
+  const float* xs;
+  float* sv;
+  float* corr;
+  int64_t T, K;
+} Acts;
+
+static int isa = -1;  // 1: AVX-512 VNNI, 0: AVX2
+
+// want -1: the path in use (detected on first call); 0: force AVX2; 1: the best this CPU has.
+int q8_isa(int want) {
+  if (isa < 0 || want == 1) {
+    __builtin_cpu_init();
+    isa = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  }
+  if (want == 0) isa = 0;
+  return isa;
+}
+
+// Rows [r0, r1) of one weight: y[t * ldy + (n - r0)] = ws[n] * sum_k w[n, k] x[t, k].
+static void rows_avx2(const Acts* a, const int8_t* w, const float* ws, int64_t r0, int64_t r1,
+                      float* y, int64_t ldy) {
+  const int64_t K = a->K, nb = K / QK;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t n = r0;
+  for (; n + 4 <= r1; n += 4) {
+    const int8_t* w0 = w + n * K;
+    const int8_t* w1 = w0 + K;
+    const int8_t* w2 = w1 + K;
+    const int8_t* w3 = w2 + K;
+    for (int64_t t = 0; t < a->T; ++t) {
+      const int8_t* xt = a->xq + t * K;
+      const float* st = a->xs + t * nb;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k = b * QK;
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + k));
+        const __m256 d = _mm256_set1_ps(st[b]);
+        a0 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(w0 + k)), xv, ones), d, a0);
+        a1 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(w1 + k)), xv, ones), d, a1);
+        a2 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(w2 + k)), xv, ones), d, a2);
+        a3 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(w3 + k)), xv, ones), d, a3);
       }
-    } else {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int8_t* row = w + (n0 + r) * K;
-        for (int64_t t = 0; t < T; ++t) {
-          const int8_t* xt = xq + t * K;
-          const float* st = xs + t * nb;
-          __m256 a = _mm256_setzero_ps();
-          for (int64_t b = 0; b < nb; ++b) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + b * QK));
-            a = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(row + b * QK)), xv, ones),
-                                _mm256_set1_ps(st[b]), a);
-          }
-          y[t * N + n0 + r] = hsum(a) * ws[n0 + r];
-        }
-      }
+      float* yt = y + t * ldy + (n - r0);
+      yt[0] = hsum(a0) * ws[n];
+      yt[1] = hsum(a1) * ws[n + 1];
+      yt[2] = hsum(a2) * ws[n + 2];
+      yt[3] = hsum(a3) * ws[n + 3];
     }
   }
+  for (; n < r1; ++n) {
+    const int8_t* row = w + n * K;
+    for (int64_t t = 0; t < a->T; ++t) {
+      const int8_t* xt = a->xq + t * K;
+      const float* st = a->xs + t * nb;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; ++b) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + b * QK));
+        acc = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(row + b * QK)), xv, ones),
+                              _mm256_set1_ps(st[b]), acc);
+      }
+      y[t * ldy + (n - r0)] = hsum(acc) * ws[n];
+    }
+  }
+}
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// sv and corr of each token (see Acts).
+VNNI static void prep_vnni(Acts* a) {
+  const int64_t K = a->K, nb = K / QK, P = (K + 63) / 64;
+  for (int64_t t = 0; t < a->T; ++t) {
+    const int8_t* xt = a->xq + t * K;
+    const float* st = a->xs + t * nb;
+    float* v = a->sv + t * P * 16;
+    double c = 0.0;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t s = 0;
+      for (int j = 0; j < QK; ++j) s += xt[b * QK + j];
+      c += (double)st[b] * 128.0 * (double)s;
+      for (int j = 0; j < 8; ++j) v[b * 8 + j] = st[b];
+    }
+    if (nb & 1)
+      for (int j = 0; j < 8; ++j) v[nb * 8 + j] = 0.0f;
+    a->corr[t] = (float)c;
+  }
+}
+
+VNNI static inline __m512i load64(const int8_t* p, int64_t left) {
+  return left >= 64 ? _mm512_loadu_si512((const void*)p)
+                    : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << left) - 1), p);
+}
+
+VNNI static inline __m512 step_vnni(__m512 acc, const int8_t* w, __m512i xv, __m512 d,
+                                    __m512i flip, int64_t left) {
+  const __m512i wu = _mm512_xor_si512(load64(w, left), flip);  // w + 128 as unsigned
+  const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xv);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc);
+}
+
+VNNI static void rows_vnni(const Acts* a, const int8_t* w, const float* ws, int64_t r0,
+                           int64_t r1, float* y, int64_t ldy) {
+  const int64_t K = a->K, P = (K + 63) / 64;
+  // a masked tail's flipped zero bytes are 128 * x = 128 * 0: x is zero-filled there too
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  int64_t n = r0;
+  for (; n + 4 <= r1; n += 4) {
+    const int8_t* w0 = w + n * K;
+    for (int64_t t = 0; t < a->T; ++t) {
+      const int8_t* xt = a->xq + t * K;
+      const float* v = a->sv + t * P * 16;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t k = p * 64, left = K - k;
+        const __m512i xv = load64(xt + k, left);
+        const __m512 d = _mm512_loadu_ps(v + p * 16);
+        a0 = step_vnni(a0, w0 + k, xv, d, flip, left);
+        a1 = step_vnni(a1, w0 + K + k, xv, d, flip, left);
+        a2 = step_vnni(a2, w0 + 2 * K + k, xv, d, flip, left);
+        a3 = step_vnni(a3, w0 + 3 * K + k, xv, d, flip, left);
+      }
+      float* yt = y + t * ldy + (n - r0);
+      const float c = a->corr[t];
+      yt[0] = (_mm512_reduce_add_ps(a0) - c) * ws[n];
+      yt[1] = (_mm512_reduce_add_ps(a1) - c) * ws[n + 1];
+      yt[2] = (_mm512_reduce_add_ps(a2) - c) * ws[n + 2];
+      yt[3] = (_mm512_reduce_add_ps(a3) - c) * ws[n + 3];
+    }
+  }
+  for (; n < r1; ++n) {
+    const int8_t* row = w + n * K;
+    for (int64_t t = 0; t < a->T; ++t) {
+      const int8_t* xt = a->xq + t * K;
+      const float* v = a->sv + t * P * 16;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t k = p * 64, left = K - k;
+        acc = step_vnni(acc, row + k, load64(xt + k, left), _mm512_loadu_ps(v + p * 16), flip,
+                        left);
+      }
+      y[t * ldy + (n - r0)] = (_mm512_reduce_add_ps(acc) - a->corr[t]) * ws[n];
+    }
+  }
+}
+
+static void rows(const Acts* a, const int8_t* w, const float* ws, int64_t r0, int64_t r1,
+                 float* y, int64_t ldy) {
+  if (isa == 1)
+    rows_vnni(a, w, ws, r0, r1, y, ldy);
+  else
+    rows_avx2(a, w, ws, r0, r1, y, ldy);
+}
+
+// This thread's share [r0, r1) of N rows in blocks of 4 (call inside a parallel region).
+static void share(int64_t N, int64_t* r0, int64_t* r1) {
+  const int64_t blocks = (N + 3) / 4;
+  const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+  const int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+  *r0 = b0 * 4;
+  *r1 = b1 * 4 < N ? b1 * 4 : N;
+}
+
+// Acts for T tokens of width K: quantized here (xq, xs, sv, corr in one malloc'd block).
+static void* acts_alloc(Acts* a, int64_t T, int64_t K) {
+  const int64_t nb = K / QK, P = (K + 63) / 64;
+  const size_t bytes = (size_t)(T * K + 64) + sizeof(float) * (size_t)(T * nb + T * P * 16 + T);
+  char* m = malloc(bytes + 64);
+  if (!m) return NULL;
+  float* f = (float*)(((uintptr_t)m + 63) & ~(uintptr_t)63);
+  a->xs = f;
+  a->sv = f + T * nb;
+  a->corr = a->sv + T * P * 16;
+  a->xq = (int8_t*)(a->corr + T);
+  a->T = T;
+  a->K = K;
+  return m;
+}
+
+static void acts_fill(Acts* a, const float* x) {
+  q8_quantize(x, a->T, a->K, (int8_t*)a->xq, (float*)a->xs);
+  if (isa == 1) prep_vnni(a);
+}
+
+// y [T, N] = x [T, K] (already quantized: xq, xs) times w [N, K] int8 with row scales ws [N].
+// Returns 0, or -1 when scratch memory could not be allocated.
+int q8_gemm(const int8_t* xq, const float* xs, int64_t T, int64_t K, const int8_t* w,
+            const float* ws, int64_t N, float* y, int threads) {
+  q8_isa(-1);
+  Acts a = {xq, xs, NULL, NULL, T, K};
+  void* m = NULL;
+  if (isa == 1) {
+    const int64_t P = (K + 63) / 64;
+    m = malloc(sizeof(float) * (size_t)(T * P * 16 + T));
+    if (!m) return -1;
+    a.sv = m;
+    a.corr = a.sv + T * P * 16;
+    prep_vnni(&a);
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t r0, r1;
+    share(N, &r0, &r1);
+    rows(&a, w, ws, r0, r1, y + r0, N);
+  }
+  free(m);
+  return 0;
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// exp of 8 floats (Cephes' expf: 2^n * a degree-5 polynomial on the remainder, ~1 ulp).
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// h[i] = silu(h[i]) * u[i] for i in [0, n)
+static void silu_mul(float* h, const float* u, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(h + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) h[i] = silu(h[i]) * u[i];
+}
+
+// Tokens [t0, t1) of an Acts: quantized, and the VNNI path's scales prepared.
+static void acts_fill_range(Acts* a, const float* x, int64_t t0, int64_t t1) {
+  Acts part = *a;
+  const int64_t nb = a->K / QK, P = (a->K + 63) / 64;
+  part.xq = a->xq + t0 * a->K;
+  part.xs = a->xs + t0 * nb;
+  part.sv = a->sv + t0 * P * 16;
+  part.corr = a->corr + t0;
+  part.T = t1 - t0;
+  acts_fill(&part, x + t0 * a->K);
+}
+
+// One SwiGLU expert for T tokens: y [T, D] = down(silu(gate(x)) * up(x)), x [T, D] f32,
+// gate and up [I, D], down [D, I], each int8 with f32 row scales. D and I multiples of 32.
+// One parallel region: x quantized once, gate and up rows side by side, h = silu(g) * u
+// quantized, then the down rows. Returns 0, or -1 when scratch memory could not be allocated.
+int q8_swiglu(const float* x, int64_t T, int64_t D, int64_t I, const int8_t* wg, const float* sg,
+              const int8_t* wu, const float* su, const int8_t* wd, const float* sd, float* y,
+              int threads) {
+  q8_isa(-1);
+  Acts ax, ah;
+  void* mx = acts_alloc(&ax, T, D);
+  void* mh = acts_alloc(&ah, T, I);
+  float* h = malloc(sizeof(float) * (size_t)(T * I));
+  float* u = malloc(sizeof(float) * (size_t)(T * I));
+  int ok = mx && mh && h && u;
+  if (ok) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      const int64_t t0 = T * tid / nth, t1 = T * (tid + 1) / nth;  // this thread's tokens
+      if (t1 > t0) acts_fill_range(&ax, x, t0, t1);
+#pragma omp barrier
+      int64_t r0, r1;
+      share(I, &r0, &r1);
+      rows(&ax, wg, sg, r0, r1, h + r0, I);
+      rows(&ax, wu, su, r0, r1, u + r0, I);
+      for (int64_t t = 0; t < T; ++t) silu_mul(h + t * I + r0, u + t * I + r0, r1 - r0);
+#pragma omp barrier
+      if (t1 > t0) acts_fill_range(&ah, h, t0, t1);
+#pragma omp barrier
+      share(D, &r0, &r1);
+      rows(&ah, wd, sd, r0, r1, y + r0, D);
+    }
+  }
+  free(u);
+  free(h);
+  free(mh);
+  free(mx);
+  return ok ? 0 : -1;
 }

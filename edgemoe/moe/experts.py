@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edgemoe.kernels import Linear
+from edgemoe import fastkernels
+from edgemoe.kernels import Int8Linear, Linear
 
 
 @dataclass
@@ -31,7 +32,19 @@ class ExpertWeights:
 
 
 def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)); x [N, D] -> [N, D]."""
+    """down(silu(gate(x)) * up(x)); x [N, D] -> [N, D].
+
+    Three INT8 Linears on the Q8 kernel run as one kernel call (fastkernels.q8_swiglu:
+    activations quantized once, one thread wake-up); anything else, Linear by Linear."""
+    if (
+        type(gate) is Int8Linear
+        and type(up) is Int8Linear
+        and type(down) is Int8Linear
+        and gate.fast
+        and up.fast
+        and down.fast
+    ):
+        return fastkernels.q8_swiglu(x, gate, up, down).to(down.dtype)
     return down(F.silu(gate(x)) * up(x))
 
 
