@@ -417,6 +417,10 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
             "",
             f"Not run: {', '.join(skipped)} (`edgemoe run` lacks the flag it needs).",
         ]
+    repack = [r.extra["repack_off"] for r in runs if r.extra.get("repack_off")]
+    if repack:
+        n = sum(r.system == LLAMA_CPP and r.batch == 1 for r in runs)
+        out += ["", f"llama.cpp on this machine: {repack[0]}, in {len(repack)} of its {n} runs."]
     planned = len(systems) * len(caps) * len({r.batch for r in runs} or {1}) * a.repeats
     if len(runs) < planned:
         out += ["", f"Stopped early: {len(runs)} of the {planned} planned runs were made."]

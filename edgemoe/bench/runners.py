@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -138,6 +139,12 @@ def run_llamacpp(
     cmd = [str(bench), "-m", str(gguf), "-p", str(s.prompt_tokens), "-n", str(s.new_tokens)]
     cmd += ["-r", "1", "-t", str(s.threads), "-o", "json", *SYSTEMS[LLAMA_CPP].argv]
     res = _capped(run, cmd, limit, [gguf], s)
+    if res is not None and res.returncode == -signal.SIGSEGV and "--repack" not in cmd:
+        # llama.cpp's AMX matmul (the extra buffer type its weight repacking picks on CPUs
+        # with AMX-INT8) segfaults on some machines (ggml-org/llama.cpp#20824): run it
+        # again without repacking, its AVX-512 path, and say so in the table.
+        run.extra["repack_off"] = "llama.cpp's AMX path segfaulted (llama.cpp#20824): --repack 0"
+        res = _capped(run, cmd + ["--repack", "0"], limit, [gguf], s)
     if res is None:
         return run
     try:
