@@ -399,8 +399,9 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         + f"; edgemoe gets `--mem` equal to the cap. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new, greedy, "
         f"{a.threads} threads. "
         + (
-            f"llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 -lm mmap`, its decode (tg) "
-            "runs at depth 0 after its own warm-up; edgemoe decodes after its prompt. "
+            f"llama-bench: `-p {a.prompt_tokens} -n {a.new_tokens} -r 1 -lm mmap --no-warmup`: its "
+            "prefill (pp) reads the weights cold, as edgemoe's does, and its decode (tg, depth 0) "
+            "follows in the same process; edgemoe decodes after its prompt. "
             if prep.gguf
             else ""
         )

@@ -129,15 +129,17 @@ def _capped(run: Run, cmd: list[str], limit: Bytes | None, files: list[Path], s:
 def run_llamacpp(
     bench: Path, gguf: Path, cap: str, limit: Bytes | None, repeat: int, batch: int, s: Settings
 ) -> Run:
-    """llama-bench once: prefill of prompt_tokens (pp) and decode of new_tokens (tg),
-    each after llama-bench's own warm-up, with mmap (`-lm mmap`, what its default
-    `auto` picks on a CPU) and -r 1."""
+    """llama-bench once: prefill of prompt_tokens (pp), cold, then decode of new_tokens (tg)
+    in the same process, with mmap (`-lm mmap`, what its default `auto` picks on a CPU),
+    -r 1 and no warm-up runs."""
     run = Run(LLAMA_CPP, cap, repeat, batch, limit=limit)
     if batch != 1:
         run.status, run.note = NA, "n/a (llama-bench decodes one sequence)"
         return run
     cmd = [str(bench), "-m", str(gguf), "-p", str(s.prompt_tokens), "-n", str(s.new_tokens)]
-    cmd += ["-r", "1", "-t", str(s.threads), "-o", "json", *SYSTEMS[LLAMA_CPP].argv]
+    # --no-warmup: its prefill (pp) reads the weights cold, as edgemoe's does; its decode (tg)
+    # follows in the same process, after that prefill, as edgemoe's does.
+    cmd += ["-r", "1", "-t", str(s.threads), "-o", "json", "--no-warmup", *SYSTEMS[LLAMA_CPP].argv]
     res = _capped(run, cmd, limit, [gguf], s)
     if res is not None and res.returncode == -signal.SIGSEGV and "--repack" not in cmd:
         # llama.cpp's AMX matmul (the extra buffer type its weight repacking picks on CPUs
@@ -160,8 +162,7 @@ def run_llamacpp(
             run.decode_tok_s, run.new_tokens = float(t["avg_ts"]), int(t["n_gen"])
         elif t.get("n_prompt", 0) > 0:
             run.prefill_tok_s, run.prompt_tokens = float(t["avg_ts"]), int(t["n_prompt"])
-    # llama-bench warms up with the whole prompt and with one generated token.
-    run.tokens = 2 * (run.prompt_tokens or 0) + (run.new_tokens or 0) + 1
+    run.tokens = (run.prompt_tokens or 0) + (run.new_tokens or 0)
     first = tests[0]
     run.extra.update(
         {
