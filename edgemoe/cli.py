@@ -553,8 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("output", nargs="?", help="the .emoe to write (default: SOURCE.emoe)")
     c.add_argument(
         "--dense",
-        default="bf16",
-        help="codec for non-expert weights: f32, f16, bf16, int8, int4 (default bf16)",
+        default="int8",
+        help="codec for non-expert weights: f32, f16, bf16, int8, int4 (default int8: within "
+        "0.2%% perplexity of f32 on the trained demo)",
     )
     c.add_argument(
         "--experts",

@@ -118,8 +118,9 @@ def add_parser(sub) -> None:
     )
     b.add_argument(
         "--dense",
-        default="bf16",
-        help="codec of dense weights in the .emoe made here (default bf16)",
+        default="int8",
+        help="codec of dense weights in the .emoe made here (default int8, as convert's and "
+        "as the Q8_0 GGUF's)",
     )
     b.add_argument("--outtype", default="q8_0", help="llama.cpp converter --outtype (default q8_0)")
     b.add_argument("--llama-bench", help="llama-bench binary (default: PATH or the build cache)")

@@ -204,7 +204,7 @@ def to_gguf(hf: Path, converter: Path, outtype: str = "q8_0") -> Path:
     return out
 
 
-def to_emoe(src: Path, experts: str = "int8", dense: str = "bf16") -> Path:
+def to_emoe(src: Path, experts: str = "int8", dense: str = "int8") -> Path:
     """The .emoe of a Hugging Face folder or GGUF, made by `edgemoe convert` (cached)."""
     out = (
         CACHE
@@ -229,7 +229,7 @@ def prepare(
     baseline: bool,
     gguf: str | None = None,
     experts: str = "int8",
-    dense: str = "bf16",
+    dense: str = "int8",
     outtype: str = "q8_0",
     converter: str | None = None,
 ) -> Prepared:

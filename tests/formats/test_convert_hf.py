@@ -74,7 +74,7 @@ def test_default_codecs_nest_and_route_small_tensors_f32(tiny_hf, family, tmp_pa
         off1, n1 = r.expert_span(e.layer, e.expert, 1)
         off3, n3 = r.expert_span(e.layer, e.expert, 3)
         assert off1 == off3 and n1 < n3 and off1 % C.ALIGNMENT == 0
-        assert r.tensors["model.embed_tokens.weight"].codec.name == "bf16"
+        assert r.tensors["model.embed_tokens.weight"].codec.name == "int8"  # the default dense
 
 
 @pytest.mark.parametrize("experts", ["bitplane:2,4,8", "int4@32", "int8", "bf16", "mwq:5,6,7,8"])
