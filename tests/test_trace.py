@@ -27,3 +27,9 @@ def test_run_writes_a_chrome_trace(tmp_path):
     io_lanes = {e["tid"] for e in reads}
     compute = {e["tid"] for e in steps}
     assert io_lanes.isdisjoint(compute)  # reads happen off the computing thread
+    # each MoE layer's span lies inside a forward pass's span, on the same clock
+    spans = [(e["ts"], e["ts"] + e["dur"]) for e in steps]
+    moes = [e for e in events if e.get("cat") == "moe"]
+    assert moes and all(
+        any(a <= m["ts"] and m["ts"] + m["dur"] <= b + 1 for a, b in spans) for m in moes
+    )

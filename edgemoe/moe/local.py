@@ -237,7 +237,7 @@ class LocalExecutor(ExpertExecutor):
             self._issued -= read
             self._pf_used += len(read & groups.keys())
             self._pf_wasted += len(read - groups.keys())
-        h = _Handle(layer, x, groups, plan, [], {k for k, _ in plan.hits}, time.perf_counter())
+        h = _Handle(layer, x, groups, plan, [], {k for k, _ in plan.hits}, t0=time.perf_counter())
         h.latest = {key: entry.value for key, entry in plan.hits}
         h.first = self._issue(h, plan.first)
         return h
