@@ -117,7 +117,40 @@ class D2(LFU):
     downgrade_first = True
 
 
-POLICIES = {"lru": LRU, "lfu": LFU, "d2": D2}
+class LayerDistance:
+    """EdgeMoE's eviction score: how often a key was used, over how soon its layer comes
+    round again. Decode walks the layers in a cycle, so an expert of the layer just computed
+    waits a whole cycle for its next chance while one of the next layer may be needed at
+    once: score = uses / (layers until its layer's turn + 1), the lowest goes, the one
+    furthest from its turn among equals. The current layer is the last touched key's; the
+    cycle's length the most layers seen. A victim is a scan over the held keys (a few
+    hundred at most; a miss costs a read of megabytes)."""
+
+    def __init__(self):
+        self._uses: dict[Key, int] = {}  # kept after removal: a key that comes back is known
+        self._held: set[Key] = set()
+        self._layer = 0
+        self._layers = 1
+
+    def touch(self, key):
+        self._uses[key] = self._uses.get(key, 0) + 1
+        self._held.add(key)
+        self._layer = key[0]
+        self._layers = max(self._layers, key[0] + 1)
+
+    def remove(self, key):
+        self._held.discard(key)
+
+    def _rank(self, key) -> tuple[float, int]:
+        wait = (key[0] - self._layer - 1) % self._layers  # 0: the next layer
+        return self._uses[key] / (wait + 1), -wait
+
+    def victim(self, pinned):
+        free = [k for k in self._held if k not in pinned]
+        return min(free, key=self._rank) if free else None
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "d2": D2, "layer": LayerDistance}
 # LFU: on the demo's routing trace it keeps 0.59-0.98 of Belady's hits from 4 to 32 slots
 # where LRU keeps 0.0-0.97 (0 at 4 slots: the layers' cycle), tools/cache_study.py
 DEFAULT_POLICY = "lfu"

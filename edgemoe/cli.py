@@ -528,9 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--cache-policy",
-        choices=("lfu", "lru", "d2"),
+        choices=("lfu", "lru", "d2", "layer"),
         help="expert eviction (default lfu; d2: lfu, but cut high levels of the previous "
-        "layers' experts before evicting any)",
+        "layers' experts before evicting any; layer: EdgeMoE's uses over layer distance)",
     )
     r.add_argument(
         "--prefetch",
