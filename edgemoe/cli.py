@@ -201,6 +201,7 @@ def _cmd_run(args) -> int:
         level=args.level,
         threads=args.threads,
         device=args.device,
+        bound_device=args.bound,
         expert_cache=args.expert_cache,
         engine=args.engine,
         **({"policy": args.cache_policy} if args.cache_policy else {}),
@@ -512,6 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--device",
         help="emulate a device profile: its memory as the budget, its flash and compute speed",
+    )
+    r.add_argument(
+        "--bound",
+        metavar="PROFILE",
+        help="report the decode bound for the bytes this run moved on this device profile "
+        "(e.g. this machine's, from `edgemoe profile`) without emulating it",
     )
     r.add_argument(
         "--expert-cache",

@@ -115,6 +115,9 @@ class EdgeModel:
             hints the executor, which starts their reads early. Off by default: measured, it
             read 1.5-2.4x the bytes for no clear speed-up (random bench weights predict 40%
             of experts; on the demo it cost 20% of decode speed).
+        bound_device: a device profile (a name or a .profile path) the summary's decode bound
+            is computed on, for the bytes the run moved, without emulating that device (the
+            emulated device's by default).
         engine: "naive" runs the engine as it was before the fast path (LRU, no prefetch,
             experts copied out of the read buffer, every read's CRC checked), for comparison.
     Raises:
@@ -140,14 +143,23 @@ class EdgeModel:
         prefetch: bool = False,
         engine: str = "fast",
         bits: str | None = None,
+        bound_device: str | None = None,
     ):
         floor = budget.process_floor()
         self.device, throttle, self.slowdown = None, None, None
+        # the device the summary's decode bound is computed for: the emulated one, or a profile
+        # of this machine (`edgemoe profile`) when nothing is emulated
+        self.bound_device = None
+        if bound_device is not None:
+            from devices.profile import load_profile
+
+            self.bound_device = load_profile(bound_device)
         if device is not None:
             from devices.emulate import ComputeSlowdown, TokenBucket
             from devices.profile import load_profile
 
             self.device = load_profile(device)
+            self.bound_device = self.bound_device or self.device
             mem = self.device.usable_memory if mem is None else mem
             throttle = TokenBucket(self.device.flash_rand_read).take
             self.slowdown = ComputeSlowdown(self.device.compute_factor)
@@ -530,12 +542,14 @@ class EdgeModel:
             "all_experts": int(p.all_experts),
             "device": self.device.name if self.device else None,
             "bound_tok_s": self._bound(st) if stats is not None else None,
+            "bound_device": self.bound_device.name if self.bound_device else None,
             "plan": p.as_dict(),
         }
 
     def _bound(self, st: RunStats) -> float | None:
         """The decode bound for a run's measured misses, on the emulated device (None without one)."""
-        if self.device is None or st.batch == 0 or st.new_tokens <= st.batch:
+        dev = self.bound_device
+        if dev is None or st.batch == 0 or st.new_tokens <= st.batch:
             return None
         from edgemoe.bound import measured_bound
 
@@ -548,8 +562,8 @@ class EdgeModel:
             kv_bytes_per_token=f.kv_bytes(st.batch, st.ctx_used),
             hit_rate=d.hit_rate,
             flash_bytes_per_step=d.bytes_read / steps,
-            memory_bandwidth=self.device.memory_bandwidth,
-            flash_rand_read=self.device.flash_rand_read,
+            memory_bandwidth=dev.memory_bandwidth,
+            flash_rand_read=dev.flash_rand_read,
             batch=st.batch,
             lookup_only=f.lookup_only,
         ).tokens_per_s
@@ -557,7 +571,8 @@ class EdgeModel:
     def summary_line(self, stats: RunStats | None = None) -> str:
         s = self.summary(stats)
         budget_s = "unlimited" if s["budget"] is None else str(Bytes(s["budget"]))
-        vs = f" (bound {s['bound_tok_s']:.0f} on {s['device']})" if s["bound_tok_s"] else ""
+        on = self.bound_device.name if self.bound_device else s["device"]
+        vs = f" (bound {s['bound_tok_s']:.0f} on {on})" if s["bound_tok_s"] else ""
         avg = s["average_bits"]
         bits = "" if avg is None else f"{avg:.2f} bits/weight ({s['bits_policy']}) | "
         return (

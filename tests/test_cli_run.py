@@ -159,3 +159,21 @@ def test_profile_writes_to_the_user_config_folder(tmp_path):
     )
     assert pl.returncode == 0, pl.stderr
     assert json.loads(pl.stdout)["device"] == "mybox"
+
+
+def test_bound_on_a_profile_without_emulating_it():
+    """--bound PROFILE: the summary carries the decode bound for the bytes the run moved on
+    that profile, and the speed is not throttled to it (nothing is emulated)."""
+    args = ["-p", "The function returns", "-n", "16", "--temperature", "0", "--json", "-q"]
+    runs = {}
+    for extra in ([], ["--bound", "rpi5-8gb-sd"], ["--device", "rpi5-8gb-sd"]):
+        p = subprocess.run(CMD + args + extra, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        runs[" ".join(extra)] = json.loads(p.stdout)["summary"]
+    assert runs[""]["bound_tok_s"] is None and runs[""]["bound_device"] is None
+    bound = runs["--bound rpi5-8gb-sd"]
+    emulated = runs["--device rpi5-8gb-sd"]
+    name = emulated["device"]
+    assert name and emulated["bound_device"] == name and emulated["bound_tok_s"] > 0
+    assert bound["bound_device"] == name and bound["device"] is None
+    assert bound["bound_tok_s"] > 0

@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from edgemoe.bench.prepare import (
     prepare,
     to_emoe,
 )
-from edgemoe.bench.report import Run
+from edgemoe.bench.report import OK, Run
 from edgemoe.bench.runners import (
     LLAMA_CPP,
     SYSTEMS,
@@ -143,6 +144,12 @@ def add_parser(sub) -> None:
         "--no-drop-caches",
         action="store_true",
         help="evict only the model files, not the whole page cache",
+    )
+    b.add_argument(
+        "--bound",
+        metavar="PROFILE",
+        help="a profile of this machine (`edgemoe profile`): each edgemoe run reports its "
+        "decode bound for the bytes it moved, and the doc the share of it reached",
     )
     b.set_defaults(fn=cmd_bench)
 
@@ -268,6 +275,7 @@ def cmd_bench(a) -> int:
     ref = prep.gguf or prep.emoe
     base = ref.stat().st_size
     settings = Settings(a.prompt_tokens, a.new_tokens, a.threads, a.timeout, not a.no_drop_caches)
+    settings.bound = a.bound
     prompts = {b: prompts_of(prep.emoe, a.prompt_tokens, b) for b in batches}
     runs: list[Run] = []
     plan = report.schedule(systems, caps, batches, a.repeats)
@@ -362,6 +370,16 @@ def _measured_args(args: list[str]) -> list[str]:
     return out
 
 
+def _bound_shares(runs) -> dict:
+    """(system, cap) -> the median of decode tok/s over its bound, where runs report one."""
+    got: dict = {}
+    for r in runs:
+        b = r.extra.get("bound_tok_s")
+        if r.status == OK and b and r.decode_tok_s and r.batch == 1:
+            got.setdefault((r.system, r.cap), []).append(r.decode_tok_s / b)
+    return {k: statistics.median(v) for k, v in got.items()}
+
+
 def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when):
     now = when.strftime("%Y-%m-%d %H:%M UTC")
     argv = " ".join(shlex.quote(x) for x in ["edgemoe", "bench", *_measured_args(sys.argv[2:])])
@@ -418,6 +436,16 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         out += [
             "",
             f"Not run: {', '.join(skipped)} (`edgemoe run` lacks the flag it needs).",
+        ]
+    shares = _bound_shares(runs)
+    if shares:
+        out += [
+            "",
+            f"Decode against its bound (`edgemoe run --bound {a.bound}`: the bytes each run "
+            "moved, from memory at the profile's memory bandwidth and from flash at its random-"
+            "read bandwidth; medians): "
+            + "; ".join(f"{name} at {cap}: {share:.0%}" for (name, cap), share in shares.items())
+            + ".",
         ]
     repack = [r.extra["repack_off"] for r in runs if r.extra.get("repack_off")]
     if repack:

@@ -94,6 +94,7 @@ class Settings:
     timeout: float = 1800
     drop_caches: bool = True
     env: dict = field(default_factory=dict)
+    bound: str | None = None  # device profile edgemoe's decode bound is computed on
 
     def environ(self) -> dict:
         return dict(
@@ -249,6 +250,8 @@ def run_edgemoe(
         cmd += ["-p", p]
     if limit is not None:
         cmd += ["--mem", str(int(limit))]
+    if s.bound:
+        cmd += ["--bound", s.bound]
     cmd += list(system.argv)
     fastkernels.library()  # compiled here, outside the cap, before the first capped run
     res = _capped(run, cmd, limit, [emoe], s, system.env)
@@ -286,6 +289,7 @@ def run_edgemoe(
                 "o_direct",
                 "bits_policy",
                 "average_bits",
+                "bound_tok_s",
             )
         }
     )
