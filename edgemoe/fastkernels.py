@@ -103,6 +103,8 @@ def _load():
     lib.q8_swiglu.restype = ctypes.c_int
     lib.q8_isa.argtypes = [ctypes.c_int]
     lib.q8_isa.restype = ctypes.c_int
+    lib.mwq_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, ctypes.c_int, p, i64, i64, p, ctypes.c_int]
+    lib.mwq_gemm.restype = ctypes.c_int
     return lib
 
 
@@ -138,8 +140,40 @@ def isa(want: int = -1) -> str:
 
 
 def _check(rc: int) -> None:
+    if rc == -2:
+        raise RuntimeError("the mwq kernel needs AVX-512 VNNI, which this CPU lacks")
     if rc != 0:
         raise MemoryError("the INT8 kernel could not allocate its scratch memory")
+
+
+def mwq_available() -> bool:
+    """Whether mwq weights can be computed as stored (mwq_linear): AVX-512 VNNI."""
+    return available() and isa() == "avx512vnni"
+
+
+def mwq_linear(x: torch.Tensor, parts, b1: int, group: int, n: int) -> torch.Tensor:
+    """x [T, K] (any float dtype) times an mwq weight [n, K] at level len(parts), as the file
+    stores it (formats/codecs/mwq.py): parts[0] = (the b1 code planes, uint8; s1 then z1, f16
+    bits as int16), parts[l] = (sign plane l + 1, its scales). f32 [T, n]. Needs
+    mwq_available(), K % 64 == 0 and group % 64 == 0."""
+    lib = _lib[0] if _lib else library()
+    x = x.float().contiguous()
+    t, k = x.shape
+    plane, groups = n * k // 8, k // group
+    planes = [parts[0][0].data_ptr() + i * plane for i in range(b1)]
+    planes += [p.data_ptr() for p, _ in parts[1:]]
+    scales = [parts[0][1].data_ptr(), parts[0][1].data_ptr() + 2 * n * groups]
+    scales += [sz.data_ptr() for _, sz in parts[1:]]
+    pp = (ctypes.c_void_p * len(planes))(*planes)
+    sp = (ctypes.c_void_p * len(scales))(*scales)
+    y = torch.empty(t, n, dtype=torch.float32)
+    _check(
+        lib.mwq_gemm(
+            x.data_ptr(), t, k, pp, b1, len(planes), sp, n, group, y.data_ptr(),
+            torch.get_num_threads(),
+        )
+    )  # fmt: skip
+    return y
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -185,7 +185,7 @@ class Int4Linear(Linear):
         n = self.ends[level - 1]
         if n is None:
             return None
-        view = object.__new__(Int4Linear)
+        view = object.__new__(type(self))
         view.__dict__.update(self.__dict__)
         view.parts, view.ends, view.level, view.nbytes = self.parts[:n], self.ends[:level], level, 0
         return view
@@ -213,6 +213,40 @@ class Int4Linear(Linear):
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group, sz)
             y = part if y is None else y + part
         return y.reshape(*lead, self.out_features)
+
+
+class MwqLinear(Int4Linear):
+    """An mwq weight computed as the file stores it (fastkernels.mwq_linear, AVX-512 VNNI):
+    one part per level, (its bit planes, its f16 scales): level 1 the b1 code planes with s1
+    and z1, each further level its sign plane and scale. A level holds and reads its own bits
+    and nothing is unpacked or repacked (torch's int4 path costs 4 bits and a repack per level).
+    Int4Linear's level protocol (append, at, truncate) applies as it is."""
+
+    fast = True  # activations rounded to INT8 per 32, as the Q8 kernel does
+
+    def __init__(self, parts, group: int, shape, dtype: torch.dtype, b1: int, level: int = 1):
+        self.b1 = b1
+        super().__init__(parts, group, shape, dtype, level)
+
+    def __call__(self, x):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = fastkernels.mwq_linear(x2, self.parts, self.b1, self.group, self.out_features)
+        return y.to(self.dtype).reshape(*lead, self.out_features)
+
+
+def _mwq_native_ok(shape, params: dict) -> bool:
+    """The shapes the stored-planes mwq kernel takes, on a CPU that runs it."""
+    if len(shape) != 2:
+        return False
+    cols, group = int(shape[1]), params.get("group", 0)
+    return cols % 64 == 0 and group % 64 == 0 and cols % group == 0 and fastkernels.mwq_available()
+
+
+def _mwq_part(segment, planes_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A level's segment as (its planes, its scales as int16 f16 bits): copies."""
+    raw = torch.frombuffer(bytearray(segment), dtype=torch.uint8)
+    return raw[:planes_bytes], raw[planes_bytes:].view(torch.int16)
 
 
 class BiasLinear(Linear):
@@ -561,14 +595,32 @@ class MwqKernel(_NestedKernel):
     weight the decoder has reached (shared with the weight when dtype is float32)."""
 
     def _fused_ok(self, shape, params):
-        return _int4_ok(shape, params) and params["bits"][0] <= 4
+        return _mwq_native_ok(shape, params) or (
+            _int4_ok(shape, params) and params["bits"][0] <= 4
+        )
 
     def _fused_nbytes(self, shape, params, levels, dtype):
+        if _mwq_native_ok(shape, params):
+            return sum(sum(f) for f in self.codec.level_fields(shape, params)[:levels])
         rows, cols = int(shape[0]), int(shape[1])
         return levels * _int4_part_nbytes(rows, cols, params["group"], _item(dtype))
 
-    def _parts(self, shape, params, segment, level, dtype, lin=None):
+    def _build_fused(self, shape, params, segments, dtype):
+        if not _mwq_native_ok(shape, params):
+            return super()._build_fused(shape, params, segments, dtype)
+        self.codec._check_segments(segments, shape, params)
+        parts = self._parts(shape, params, segments[0], 0, dtype, native=True)
+        lin = MwqLinear(parts, params["group"], shape, dtype, params["bits"][0])
+        for k in range(1, len(segments)):
+            lin.append(self._parts(shape, params, segments[k], k, dtype, lin))
+        return lin
+
+    def _parts(self, shape, params, segment, level, dtype, lin=None, native=False):
         rows, cols = int(shape[0]), int(shape[1])
+        if native or isinstance(lin, MwqLinear):
+            sizes = _fields(self.codec, shape, params, segment, level)  # checks the length
+            planes = sum(len(f) for f in sizes[: params["bits"][0] if level == 0 else 1])
+            return [_mwq_part(segment, planes)]
         n, fields = rows * cols, _fields(self.codec, shape, params, segment, level)
         if level == 0:
             b1 = params["bits"][0]

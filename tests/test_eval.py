@@ -72,7 +72,9 @@ def test_bits_follow_the_level(tiny_emoe):
     assert all(1.0 < b - a < 1.5 for a, b in zip(bits, bits[1:]))
     assert all(r.expert_codecs == ("mwq",) for r in runs)
     dequantized = perplexity(path, TEXT, ctx=32, level=1, dtype="f32", fused=False)
-    assert dequantized.perplexity == pytest.approx(runs[0].perplexity, rel=1e-4)
+    # the stored-planes mwq kernel (AVX-512 VNNI) rounds activations to INT8 per 32 values, as
+    # llama.cpp's Q8_0 matmul does: 0.016% of perplexity here; torch's int4 path is exact
+    assert dequantized.perplexity == pytest.approx(runs[0].perplexity, rel=1e-3)
     assert dequantized.avg_bits == runs[0].avg_bits
     full = perplexity(tiny_emoe("qwen3_moe"), TEXT, ctx=32, dtype="f32").perplexity
     gaps = [abs(r.perplexity - full) for r in runs]

@@ -149,7 +149,7 @@ static void rows_avx2(const Acts* a, const int8_t* w, const float* ws, int64_t r
   }
 }
 
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 
 // sv and corr of each token (see Acts).
 VNNI static void prep_vnni(Acts* a) {
@@ -376,4 +376,109 @@ int q8_swiglu(const float* x, int64_t T, int64_t D, int64_t I, const int8_t* wg,
   free(mh);
   free(mx);
   return ok ? 0 : -1;
+}
+
+// ---------------------------------------------------------------- mwq, computed as stored
+//
+// A weight in D²MoE's MWQ (formats/codecs/mwq.py) at level L is
+//     W = (Q1 - z1) * s1 + sum_{l=2..L} s_l * B_l,   Q1 = sum_p 2^p bit_p, B_l = 2 bit_l - 1,
+// with b1 code planes and one sign plane per further level, each plane one bit per weight in
+// row-major order (little-endian bits), and f16 scales per group of `group` weights [N, G].
+// With activations x = xs * xq (INT8 per block of 32) a row's dot product is
+//     sum_j s1 sum_b xs_b sum_p 2^p P_p(b) + sum_l 2 s_l sum_b xs_b P_l(b)
+//     - sum_j XS_j (s1 z1 + sum_l s_l),     P(b) = sum of xq_k over block b where the bit is 1,
+// XS_j = sum over group j of x. P comes from vpdpbusd on the activations masked by the plane's
+// bits (a 64-bit mask straight from the plane's bytes), so the weight is read as stored: a
+// level costs its own bits and nothing is unpacked or repacked. AVX-512 (BW, VNNI, F16C) only;
+// edgemoe/kernels.py keeps torch's int4 parts elsewhere. Needs K % 64 == 0, group % 64 == 0.
+
+VNNI static void mwq_rows(const int8_t* xq, const float* sv, const float* XS, int64_t T,
+                          int64_t K, const uint8_t* const* planes, int b1, int nplanes,
+                          const uint16_t* const* scales, int64_t group, int64_t r0, int64_t r1,
+                          float* y, int64_t ldy) {
+  const int64_t G = K / group, P = K / 64, steps = group / 64;
+  const int levels = nplanes - b1 + 1;  // 1 + sign levels
+  __m512i pw[8];
+  for (int p = 0; p < 8; ++p) pw[p] = _mm512_set1_epi8((char)(1 << p));
+  const __m512i ones = pw[0];
+  for (int64_t n = r0; n < r1; ++n) {
+    const uint16_t* s1 = scales[0] + n * G;
+    const uint16_t* z1 = scales[1] + n * G;
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* xt = xq + t * K;
+      const float* vt = sv + t * P * 16;
+      const float* XSt = XS + t * G;
+      __m512 acc = _mm512_setzero_ps();
+      float corr = 0.0f;
+      for (int64_t j = 0; j < G; ++j) {
+        float s[8];
+        s[0] = _cvtsh_ss(s1[j]);
+        float c = s[0] * _cvtsh_ss(z1[j]);
+        for (int l = 1; l < levels; ++l) {
+          s[l] = _cvtsh_ss(scales[l + 1][n * G + j]);
+          c += s[l];
+        }
+        corr -= c * XSt[j];
+        for (int64_t st = 0; st < steps; ++st) {
+          const int64_t k = j * group + st * 64, bit = n * K + k;  // bit index of the weight
+          const __m512i xv = _mm512_loadu_si512((const void*)(xt + k));
+          const __m512 d = _mm512_loadu_ps(vt + (k / 64) * 16);
+          __m512i base = _mm512_setzero_si512();
+          for (int p = 0; p < b1; ++p) {
+            const __mmask64 m = _cvtu64_mask64(*(const uint64_t*)(planes[p] + bit / 8));
+            base = _mm512_dpbusd_epi32(base, pw[p], _mm512_maskz_mov_epi8(m, xv));
+          }
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(base), _mm512_mul_ps(d, _mm512_set1_ps(s[0])),
+                                acc);
+          for (int l = 1; l < levels; ++l) {
+            const __mmask64 m = _cvtu64_mask64(*(const uint64_t*)(planes[b1 + l - 1] + bit / 8));
+            const __m512i pl = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                                   _mm512_maskz_mov_epi8(m, xv));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl),
+                                  _mm512_mul_ps(d, _mm512_set1_ps(2.0f * s[l])), acc);
+          }
+        }
+      }
+      y[t * ldy + (n - r0)] = _mm512_reduce_add_ps(acc) + corr;
+    }
+  }
+}
+
+// y [T, N] = x [T, K] f32 times an mwq weight at level `levels` (1 + the sign planes given):
+// planes[0..b1) the code planes, planes[b1..) the sign planes, scales = s1, z1, s2, ... (f16
+// [N, G] each). Returns 0; -1: scratch memory; -2: this CPU lacks AVX-512 VNNI.
+int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes, int b1,
+             int nplanes, const uint16_t* const* scales, int64_t N, int64_t group, float* y,
+             int threads) {
+  if (q8_isa(-1) != 1) return -2;
+  Acts a;
+  const int64_t G = K / group;
+  void* m = acts_alloc(&a, T, K);
+  float* XS = malloc(sizeof(float) * (size_t)(T * G));
+  if (!m || !XS) {
+    free(m);
+    free(XS);
+    return -1;
+  }
+  acts_fill(&a, x);
+  const int64_t per = group / QK;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < G; ++j) {
+      double s = 0.0;
+      for (int64_t b = j * per; b < (j + 1) * per; ++b) {
+        int32_t q = 0;
+        for (int i = 0; i < QK; ++i) q += a.xq[t * K + b * QK + i];
+        s += (double)a.xs[t * (K / QK) + b] * q;
+      }
+      XS[t * G + j] = (float)s;
+    }
+#pragma omp parallel num_threads(threads)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
+    mwq_rows(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0, N);
+  }
+  free(XS);
+  free(m);
+  return 0;
 }
