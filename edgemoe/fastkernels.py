@@ -32,7 +32,7 @@ import torch
 
 QK = 32  # activation block: one f32 scale per 32 INT8 values
 _SRC = Path(__file__).parent / "csrc" / "q8.c"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
 
 _lock = threading.Lock()
 _lib: list = []  # [] not tried yet; [None] unavailable; [CDLL] loaded
@@ -140,22 +140,21 @@ def isa(want: int = -1) -> str:
 
 
 def _check(rc: int) -> None:
-    if rc == -2:
-        raise RuntimeError("the mwq kernel needs AVX-512 VNNI, which this CPU lacks")
     if rc != 0:
         raise MemoryError("the INT8 kernel could not allocate its scratch memory")
 
 
 def mwq_available() -> bool:
-    """Whether mwq weights can be computed as stored (mwq_linear): AVX-512 VNNI."""
-    return available() and isa() == "avx512vnni"
+    """Whether mwq weights can be computed as stored (mwq_linear): the kernel library is
+    there (AVX2 and F16C at least; AVX-512 VNNI where the CPU has it)."""
+    return available() and _cpu_has("f16c")
 
 
 def mwq_linear(x: torch.Tensor, parts, b1: int, group: int, n: int) -> torch.Tensor:
     """x [T, K] (any float dtype) times an mwq weight [n, K] at level len(parts), as the file
     stores it (formats/codecs/mwq.py): parts[0] = (the b1 code planes, uint8; s1 then z1, f16
     bits as int16), parts[l] = (sign plane l + 1, its scales). f32 [T, n]. Needs
-    mwq_available(), K % 64 == 0 and group % 64 == 0."""
+    mwq_available(), K % 64 == 0 and group % 64 == 0; AVX-512 VNNI where the CPU has it."""
     lib = _lib[0] if _lib else library()
     x = x.float().contiguous()
     t, k = x.shape

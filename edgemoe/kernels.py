@@ -216,7 +216,8 @@ class Int4Linear(Linear):
 
 
 class MwqLinear(Int4Linear):
-    """An mwq weight computed as the file stores it (fastkernels.mwq_linear, AVX-512 VNNI):
+    """An mwq weight computed as the file stores it (fastkernels.mwq_linear; AVX2, or AVX-512
+    VNNI where the CPU has it):
     one part per level, (its bit planes, its f16 scales): level 1 the b1 code planes with s1
     and z1, each further level its sign plane and scale. A level holds and reads its own bits
     and nothing is unpacked or repacked (torch's int4 path costs 4 bits and a repack per level).

@@ -32,7 +32,7 @@ CASES = [
     ("bitplane", {"bits": [1, 2, 3, 4, 5, 6, 7, 8]}, DenseLinear),  # 8 int4 parts: dense
     ("bf16", None, DenseLinear),
     ("f32", None, DenseLinear),
-    # 5-bit base codes: no int4 parts; computed as stored where the CPU has AVX-512 VNNI
+    # 5-bit base codes: no int4 parts; computed as stored where the kernel library builds
     ("mwq", {"bits": [5, 6, 7, 8]}, MwqLinear if fastkernels.mwq_available() else DenseLinear),
 ]
 # Shape classes: fused int4 (rows % 16, cols % 64), cols too narrow for int4 (the tiny test
@@ -253,18 +253,24 @@ print("ok")
     assert off.stdout.strip() == "False"
 
 
-@pytest.mark.skipif(not fastkernels.mwq_available(), reason="needs AVX-512 VNNI")
-def test_mwq_is_computed_as_stored():
-    """On AVX-512 VNNI an mwq weight holds exactly its stored level segments (no int4 repack,
-    a level costs its own bits) and computes each level as the reference decode does, up to
-    the activations' INT8 rounding; truncate frees the top levels' bytes."""
-    shape = (128, 256)
-    codec, params, segs = _encode("mwq", {"bits": [2, 3, 4], "group": 64}, shape)
-    x = torch.randn(3, shape[1])
-    lin = kernel_for(codec).build(shape, params, segs, torch.float32)
-    assert type(lin) is MwqLinear and lin.nbytes == sum(len(s) for s in segs)
-    for level in (1, 2, 3):
-        want = reference_linear(codec.id, shape, params, segs[:level])(x)
-        got = lin.at(level)(x)
-        assert ((got - want).norm() / want.norm()).item() < 0.02, level
-    assert lin.truncate(1) and lin.nbytes == len(segs[0]) and lin.level == 1
+@pytest.mark.skipif(not fastkernels.mwq_available(), reason="no AVX2/F16C or no C compiler")
+@pytest.mark.parametrize("path", ["avx2", "avx512vnni"])
+def test_mwq_is_computed_as_stored(path):
+    """An mwq weight holds exactly its stored level segments (no int4 repack, a level costs
+    its own bits) and computes each level as the reference decode does, up to the
+    activations' INT8 rounding, on each SIMD path; truncate frees the top levels' bytes."""
+    if fastkernels.isa(0 if path == "avx2" else 1) != path:
+        pytest.skip(f"this CPU has no {path}")
+    try:
+        shape = (128, 256)
+        codec, params, segs = _encode("mwq", {"bits": [2, 3, 4], "group": 64}, shape)
+        x = torch.randn(3, shape[1])
+        lin = kernel_for(codec).build(shape, params, segs, torch.float32)
+        assert type(lin) is MwqLinear and lin.nbytes == sum(len(s) for s in segs)
+        for level in (1, 2, 3):
+            want = reference_linear(codec.id, shape, params, segs[:level])(x)
+            got = lin.at(level)(x)
+            assert ((got - want).norm() / want.norm()).item() < 0.02, level
+        assert lin.truncate(1) and lin.nbytes == len(segs[0]) and lin.level == 1
+    finally:
+        fastkernels.isa(1)

@@ -389,8 +389,8 @@ int q8_swiglu(const float* x, int64_t T, int64_t D, int64_t I, const int8_t* wg,
 //     - sum_j XS_j (s1 z1 + sum_l s_l),     P(b) = sum of xq_k over block b where the bit is 1,
 // XS_j = sum over group j of x. P comes from vpdpbusd on the activations masked by the plane's
 // bits (a 64-bit mask straight from the plane's bytes), so the weight is read as stored: a
-// level costs its own bits and nothing is unpacked or repacked. AVX-512 (BW, VNNI, F16C) only;
-// edgemoe/kernels.py keeps torch's int4 parts elsewhere. Needs K % 64 == 0, group % 64 == 0.
+// level costs its own bits and nothing is unpacked or repacked. AVX-512 VNNI where the CPU has
+// it, else AVX2 (the bits expanded to byte masks). Needs K % 64 == 0, group % 64 == 0.
 
 VNNI static void mwq_rows(const int8_t* xq, const float* sv, const float* XS, int64_t T,
                           int64_t K, const uint8_t* const* planes, int b1, int nplanes,
@@ -444,13 +444,71 @@ VNNI static void mwq_rows(const int8_t* xq, const float* sv, const float* XS, in
   }
 }
 
+// The bits of m (32 weights) as bytes: 0xFF where the bit is 1.
+static inline __m256i expand_bits(uint32_t m) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                        2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m), shuf);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(b, sel), sel);
+}
+
+// The same sum on AVX2, a block of 32 at a time: each plane's bits expanded to a byte mask
+// (shuffle, and, compare), the masked activations summed by maddubs (the code planes weighted
+// 2^p in one int16 sum: at most 2 * 127 * (2^7 - 1) = 32258, no saturation).
+static void mwq_rows_avx2(const int8_t* xq, const float* xs, const float* XS, int64_t T,
+                          int64_t K, const uint8_t* const* planes, int b1, int nplanes,
+                          const uint16_t* const* scales, int64_t group, int64_t r0, int64_t r1,
+                          float* y, int64_t ldy) {
+  const int64_t G = K / group, nb = K / QK, per = group / QK;
+  const int levels = nplanes - b1 + 1;
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t n = r0; n < r1; ++n) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int8_t* xt = xq + t * K;
+      const float* st = xs + t * nb;
+      __m256 acc = _mm256_setzero_ps();
+      float corr = 0.0f;
+      for (int64_t j = 0; j < G; ++j) {
+        float s[8];
+        s[0] = _cvtsh_ss(scales[0][n * G + j]);
+        float c = s[0] * _cvtsh_ss(scales[1][n * G + j]);
+        for (int l = 1; l < levels; ++l) {
+          s[l] = _cvtsh_ss(scales[l + 1][n * G + j]);
+          c += s[l];
+        }
+        corr -= c * XS[t * G + j];
+        for (int64_t b = j * per; b < (j + 1) * per; ++b) {
+          const int64_t bit = n * K + b * QK;
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + b * QK));
+          __m256i base = _mm256_setzero_si256();
+          for (int p = 0; p < b1; ++p) {
+            const uint32_t m = *(const uint32_t*)(planes[p] + bit / 8);
+            const __m256i xm = _mm256_and_si256(expand_bits(m), xv);
+            base = _mm256_add_epi16(base, _mm256_maddubs_epi16(_mm256_set1_epi8((char)(1 << p)), xm));
+          }
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(base, ones16)),
+                                _mm256_set1_ps(st[b] * s[0]), acc);
+          for (int l = 1; l < levels; ++l) {
+            const uint32_t m = *(const uint32_t*)(planes[b1 + l - 1] + bit / 8);
+            const __m256i xm = _mm256_and_si256(expand_bits(m), xv);
+            const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, xm), ones16);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), _mm256_set1_ps(2.0f * st[b] * s[l]), acc);
+          }
+        }
+      }
+      y[t * ldy + (n - r0)] = hsum(acc) + corr;
+    }
+  }
+}
+
 // y [T, N] = x [T, K] f32 times an mwq weight at level `levels` (1 + the sign planes given):
 // planes[0..b1) the code planes, planes[b1..) the sign planes, scales = s1, z1, s2, ... (f16
-// [N, G] each). Returns 0; -1: scratch memory; -2: this CPU lacks AVX-512 VNNI.
+// [N, G] each). Returns 0, or -1 when scratch memory could not be allocated.
 int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes, int b1,
              int nplanes, const uint16_t* const* scales, int64_t N, int64_t group, float* y,
              int threads) {
-  if (q8_isa(-1) != 1) return -2;
+  q8_isa(-1);
   Acts a;
   const int64_t G = K / group;
   void* m = acts_alloc(&a, T, K);
@@ -476,7 +534,11 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
-    mwq_rows(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0, N);
+    if (isa == 1)
+      mwq_rows(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0, N);
+    else
+      mwq_rows_avx2(a.xq, a.xs, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0,
+                    N);
   }
   free(XS);
   free(m);
