@@ -564,6 +564,7 @@ class EdgeModel:
             flash_bytes_per_step=d.bytes_read / steps,
             memory_bandwidth=dev.memory_bandwidth,
             flash_rand_read=dev.flash_rand_read,
+            flash_seq_read=dev.flash_seq_read,
             batch=st.batch,
             lookup_only=f.lookup_only,
         ).tokens_per_s

@@ -78,6 +78,7 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
             kv_bytes_per_token=f.kv_bytes(batch, ctx),
             memory_bandwidth=device.memory_bandwidth,
             flash_rand_read=device.flash_rand_read,
+            flash_seq_read=device.flash_seq_read,
             batch=batch,
             lookup_only=f.lookup_only,
         )
