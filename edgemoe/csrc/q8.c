@@ -444,6 +444,111 @@ VNNI static void mwq_rows(const int8_t* xq, const float* sv, const float* XS, in
   }
 }
 
+// One token's sums over groups [j0, j1) of R rows unpacked to bytes (u: R x levels rows of
+// K; s, c: each row's scales and corrections, 64 groups a row): out[r].
+VNNI static inline __attribute__((always_inline)) void mwq_token(
+    const int8_t* xt, const float* vt, const float* XSt, const uint8_t* u, int64_t K,
+    int64_t group, int64_t j0, int64_t j1, const float* s, const float* c, const int levels,
+    const int R, float* out) {
+  const int64_t steps = group / 64;
+  __m512 acc[4];
+  float corr[4];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), corr[r] = 0.0f;
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 lv[4][4];
+    for (int r = 0; r < R; ++r) {
+      corr[r] -= c[r * 64 + (j - j0)] * XSt[j];
+      for (int l = 0; l < levels; ++l) lv[r][l] = _mm512_setzero_ps();
+    }
+    for (int64_t st = 0; st < steps; ++st) {
+      const int64_t k = j * group + st * 64;
+      const __m512i xv = _mm512_loadu_si512((const void*)(xt + k));
+      const __m512 d = _mm512_loadu_ps(vt + (k / 64) * 16);
+      for (int r = 0; r < R; ++r)
+        for (int l = 0; l < levels; ++l) {
+          const __m512i w = _mm512_loadu_si512((const void*)(u + (r * levels + l) * K + k));
+          const __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+          lv[r][l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), d, lv[r][l]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int l = 0; l < levels; ++l)
+        acc[r] = _mm512_fmadd_ps(lv[r][l], _mm512_set1_ps(s[(r * 64 + (j - j0)) * 8 + l]), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) + corr[r];
+}
+
+// The same for several tokens (prefill): rows are first unpacked to bytes, 4 at a time, the
+// codes Q1 (sum_p 2^p bit_p) and each sign plane's bits, so a token costs one vpdpbusd per
+// level and 64 weights instead of one per plane, and each activation load serves 4 rows;
+// each level's products are summed over the group with the activation scales, then scaled by
+// the group's s once. `u` is the thread's scratch of 4 * levels * K bytes. Levels 1-4 only
+// (the caller checks).
+VNNI static void mwq_rows_unpacked(const int8_t* xq, const float* sv, const float* XS, int64_t T,
+                                   int64_t K, const uint8_t* const* planes, int b1, int nplanes,
+                                   const uint16_t* const* scales, int64_t group, int64_t r0,
+                                   int64_t r1, float* y, int64_t ldy, uint8_t* u) {
+  const int64_t G = K / group, P = K / 64;
+  const int levels = nplanes - b1 + 1;
+  float s[4 * 64 * 8], c[4 * 64];  // each row's scales (2 s_l for signs) and corrections
+  for (int64_t n0 = r0; n0 < r1; n0 += 4) {
+    const int R = r1 - n0 < 4 ? (int)(r1 - n0) : 4;
+    for (int r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; k += 64) {
+        const int64_t bit = (n0 + r) * K + k;
+        __m512i q = _mm512_setzero_si512();
+        for (int p = 0; p < b1; ++p) {
+          const __mmask64 m = _cvtu64_mask64(*(const uint64_t*)(planes[p] + bit / 8));
+          q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(m, _mm512_set1_epi8((char)(1 << p))));
+        }
+        _mm512_storeu_si512((void*)(u + (r * levels) * K + k), q);
+        for (int l = 1; l < levels; ++l) {
+          const __mmask64 m = _cvtu64_mask64(*(const uint64_t*)(planes[b1 + l - 1] + bit / 8));
+          _mm512_storeu_si512((void*)(u + (r * levels + l) * K + k),
+                              _mm512_maskz_mov_epi8(m, _mm512_set1_epi8(1)));
+        }
+      }
+    for (int64_t j0 = 0; j0 < G; j0 += 64) {
+      const int64_t j1 = j0 + 64 < G ? j0 + 64 : G;
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t n = n0 + r;
+          float* sj = s + (r * 64 + (j - j0)) * 8;
+          sj[0] = _cvtsh_ss(scales[0][n * G + j]);
+          float cj = sj[0] * _cvtsh_ss(scales[1][n * G + j]);
+          for (int l = 1; l < levels; ++l) {
+            sj[l] = _cvtsh_ss(scales[l + 1][n * G + j]);
+            cj += sj[l];
+            sj[l] *= 2.0f;
+          }
+          c[r * 64 + (j - j0)] = cj;
+        }
+      for (int64_t t = 0; t < T; ++t) {
+        float got[4];
+        const int8_t* xt = xq + t * K;
+        const float* vt = sv + t * P * 16;
+        const float* XSt = XS + t * G;
+#define MWQ_TOKEN(L, RR) mwq_token(xt, vt, XSt, u, K, group, j0, j1, s, c, L, RR, got)
+        if (R == 4) {
+          switch (levels) {  // constant counts: the accumulators stay in registers
+            case 1: MWQ_TOKEN(1, 4); break;
+            case 2: MWQ_TOKEN(2, 4); break;
+            case 3: MWQ_TOKEN(3, 4); break;
+            default: MWQ_TOKEN(4, 4);
+          }
+        } else {
+          MWQ_TOKEN(levels, R);
+        }
+#undef MWQ_TOKEN
+        for (int r = 0; r < R; ++r) {
+          float* yt = y + t * ldy + (n0 + r - r0);
+          *yt = j0 == 0 ? got[r] : *yt + got[r];
+        }
+      }
+    }
+  }
+}
+
 // The bits of m (32 weights) as bytes: 0xFF where the bit is 1.
 static inline __m256i expand_bits(uint32_t m) {
   const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
@@ -502,6 +607,11 @@ static void mwq_rows_avx2(const int8_t* xq, const float* xs, const float* XS, in
   }
 }
 
+// From this many tokens on, rows are unpacked first (measured: see tools/kernel_table.py).
+#ifndef MWQ_UNPACK_T
+#define MWQ_UNPACK_T 4
+#endif
+
 // y [T, N] = x [T, K] f32 times an mwq weight at level `levels` (1 + the sign planes given):
 // planes[0..b1) the code planes, planes[b1..) the sign planes, scales = s1, z1, s2, ... (f16
 // [N, G] each). Returns 0, or -1 when scratch memory could not be allocated.
@@ -534,11 +644,18 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
-    if (isa == 1)
+    const int levels = nplanes - b1 + 1;
+    uint8_t* u = (isa == 1 && T >= MWQ_UNPACK_T && levels <= 4) ? malloc((size_t)(4 * levels) * K)
+                                                                : NULL;
+    if (u)
+      mwq_rows_unpacked(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0,
+                        N, u);
+    else if (isa == 1)
       mwq_rows(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0, N);
     else
       mwq_rows_avx2(a.xq, a.xs, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0,
                     N);
+    free(u);
   }
   free(XS);
   free(m);
