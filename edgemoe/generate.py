@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from edgemoe.kvcache import KVCache
+from edgemoe.kvcache import KVCache, Packed
 from edgemoe.moe.executor import ExecutorStats
 from edgemoe.sampling import Sampling, sample
 
@@ -250,40 +250,37 @@ def step(
     """One pass over the prompts of new sequences and the next token of running ones: each
     new sequence's first token and each running one's next (finished ones are skipped).
 
-    Rows are right-padded to the longest prompt, so every running row costs that many
-    positions in the dense layers and attention (MoE layers skip pads): worth it for short
-    prompts, whose own pass would cost more than the padding (the serve worker decides).
+    The pass is packed (kvcache.Packed): the rows' tokens back to back, no padding, so a
+    running row costs its one token beside a newcomer's prompt, and attention reads each
+    row's own keys. A prompt longer than `chunk` takes further passes of its next `chunk`
+    tokens (the running rows ride in the first).
     """
     running = [s for s in running if not s.done]
-    if not new:
-        return decode_step(model, cache, running)
     given, rows = new + running, _by_slot(new + running)
+    if not rows:
+        return []
     fresh = {id(s) for s in new}
     _begin(model, new)
     t0 = time.perf_counter()
     todo = [
         s.request.ids[s.cached :] if id(s) in fresh else (s.out[-1],) for s in rows
     ]  # a running row's next input is its last token; the slot holds everything before
-    longest = max(len(ids) for ids in todo)
-    tokens = torch.zeros(len(rows), longest, dtype=torch.int64)
-    valid = torch.zeros(len(rows), longest, dtype=torch.bool)
-    for i, (s, ids) in enumerate(zip(rows, todo)):
-        if id(s) in fresh:
-            cache.lengths[s.slot] = s.cached
-        tokens[i, : len(ids)] = torch.tensor(ids)
-        valid[i, : len(ids)] = True
-    slots = torch.tensor([s.slot for s in rows])
-    last = None
-    for a in range(0, longest, chunk):
-        v = valid[:, a : a + chunk]
-        live = v.any(dim=1)  # rows that still have tokens in this chunk
-        idx = live.nonzero()[:, 0]
-        h = model.forward(tokens[idx, a : a + chunk], cache, v[idx], slots[idx])  # [b, S, D]
-        if last is None:
-            last = torch.zeros(len(rows), h.shape[-1], dtype=h.dtype)
-        ends = v[idx].sum(dim=1) - 1  # each row's last real token in this chunk
-        last[idx] = h[torch.arange(len(idx)), ends]
-    logits = model.logits(last)  # [B, V]
+    for s in new:
+        cache.lengths[s.slot] = s.cached
+    last: list[torch.Tensor | None] = [None] * len(rows)
+    for a in range(0, max(len(ids) for ids in todo), chunk):
+        live = [i for i, ids in enumerate(todo) if len(ids) > a]
+        pieces = [todo[i][a : a + chunk] for i in live]
+        counts = [len(x) for x in pieces]
+        tokens = torch.tensor([[t for x in pieces for t in x]])  # [1, T]
+        layout = Packed(tuple(rows[i].slot for i in live), tuple(counts))
+        h = model.forward(tokens, cache, None, layout)[0]  # [T, D]
+        end = 0
+        for i, n in zip(live, counts):
+            end += n
+            if len(todo[i]) <= a + chunk:  # the row's last token is in this pass
+                last[i] = h[end - 1]
+    logits = model.logits(torch.stack(last))  # [B, V]
     elapsed = time.perf_counter() - t0
     records = _sample_rows(logits, rows)
     now = time.perf_counter()
@@ -299,19 +296,7 @@ def step(
 
 def decode_step(model: Steppable, cache: KVCache, seqs: list[Sequence]) -> list[Record]:
     """One token for every running sequence (finished ones are skipped)."""
-    running = _by_slot([s for s in seqs if not s.done])
-    if not running:
-        return []
-    t0 = time.perf_counter()
-    tokens = torch.tensor([[s.out[-1]] for s in running])  # [B, 1]
-    slots = torch.tensor([s.slot for s in running])
-    h = model.forward(tokens, cache, None, slots)
-    records = _sample_rows(model.logits(h[:, -1]), running)
-    dt = time.perf_counter() - t0
-    for s in running:
-        s.stats.decode_s += dt
-    _end(model, records)
-    return _in_order(records, seqs)
+    return step(model, cache, [], seqs)
 
 
 def stream(

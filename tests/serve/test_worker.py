@@ -74,8 +74,9 @@ def test_a_short_request_does_not_wait_for_a_long_one(demo_f32):
 
 
 def test_a_short_newcomer_joins_the_decode_pass(demo_f32):
-    """A prompt of a few tokens is computed in the running rows' decode pass (rows padded to
-    its length): one forward pass, and every sequence's tokens are its solo greedy run's."""
+    """A newcomer's prompt is computed in the running rows' decode pass (packed: a's one token
+    beside b's prompt, no padding): one forward pass, and every sequence's tokens are its solo
+    greedy run's."""
     m = demo_f32
     long_ids, short_ids = m.encode("In the beginning God created"), m.encode("The function")
     assert len(short_ids) <= 8
@@ -93,7 +94,7 @@ def test_a_short_newcomer_joins_the_decode_pass(demo_f32):
         decode_step(m, cache, [a])
         passes.clear()
         records = step(m, cache, [b], [a])
-        assert passes == [(2, len(short_ids))]  # one pass: a's next token beside b's prompt
+        assert passes == [(1, 1 + len(short_ids))]  # one pass: a's next token beside b's prompt
         assert [r.seq for r in records] == [b, a] and b.out and len(a.out) == 3
         while not (a.done and b.done):
             decode_step(m, cache, [a, b])
