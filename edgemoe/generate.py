@@ -96,6 +96,8 @@ class Sequence:
 
     cached: how many of the prompt's first tokens the slot already holds (a chat's earlier
     turns kept for the next one); prefill computes only the rest (at least the last token).
+    prefilled: prompt tokens in the slot so far (cached, then what passes have computed: a
+    step with a token budget computes a long prompt over several passes).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Sequence:
     ):
         self.request, self.slot, self.tokenizer = request, slot, tokenizer
         self.cached = max(0, min(cached, len(request.ids) - 1))
+        self.prefilled = self.cached
         self.eos_ids = frozenset(eos_ids)
         s = request.sampling
         self.gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
@@ -117,6 +120,11 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is still to be computed (no token yet)."""
+        return self.prefilled < len(self.request.ids) and not self.done
 
     @property
     def text(self) -> str:
@@ -219,9 +227,11 @@ def _in_order(records: list[Record], seqs: list[Sequence]) -> list[Record]:
 
 
 def _begin(model: Steppable, seqs: list[Sequence]) -> None:
-    now = model.executor_stats()
+    now = None
     for seq in seqs:
-        seq._exec0 = now
+        if seq._exec0 is None:  # its first pass (a prompt may take several)
+            now = now or model.executor_stats()
+            seq._exec0 = now
 
 
 def _end(model: Steppable, records: list[Record]) -> None:
@@ -246,6 +256,7 @@ def step(
     new: list[Sequence],
     running: list[Sequence],
     chunk: int = PREFILL_CHUNK,
+    budget: int | None = None,
 ) -> list[Record]:
     """One pass over the prompts of new sequences and the next token of running ones: each
     new sequence's first token and each running one's next (finished ones are skipped).
@@ -254,19 +265,32 @@ def step(
     running row costs its one token beside a newcomer's prompt, and attention reads each
     row's own keys. A prompt longer than `chunk` takes further passes of its next `chunk`
     tokens (the running rows ride in the first).
+
+    budget: at most this many prompt tokens in all (None: every prompt whole), taken by the
+    new sequences in the order given; one whose prompt does not fit computes what does
+    (its `prefilled` advances) and gets no record until a later step finishes it, so a
+    long prompt does not hold up the running rows' next token for its whole length.
     """
     running = [s for s in running if not s.done]
+    new = [s for s in new if s.prefilling]
+    todo_of: dict[int, tuple[int, ...]] = {}
+    left = budget
+    for s in new:
+        ids = s.request.ids[s.prefilled :]
+        if left is not None:
+            ids, left = ids[: max(left, 0)], left - len(ids)
+        if ids:
+            todo_of[id(s)] = ids
+    new = [s for s in new if id(s) in todo_of]
     given, rows = new + running, _by_slot(new + running)
     if not rows:
         return []
-    fresh = {id(s) for s in new}
     _begin(model, new)
     t0 = time.perf_counter()
-    todo = [
-        s.request.ids[s.cached :] if id(s) in fresh else (s.out[-1],) for s in rows
-    ]  # a running row's next input is its last token; the slot holds everything before
     for s in new:
-        cache.lengths[s.slot] = s.cached
+        cache.lengths[s.slot] = s.prefilled
+    # a running row's next input is its last token; the slot holds everything before
+    todo = [todo_of.get(id(s)) or (s.out[-1],) for s in rows]
     last: list[torch.Tensor | None] = [None] * len(rows)
     for a in range(0, max(len(ids) for ids in todo), chunk):
         live = [i for i, ids in enumerate(todo) if len(ids) > a]
@@ -280,14 +304,20 @@ def step(
             end += n
             if len(todo[i]) <= a + chunk:  # the row's last token is in this pass
                 last[i] = h[end - 1]
-    logits = model.logits(torch.stack(last))  # [B, V]
-    elapsed = time.perf_counter() - t0
-    records = _sample_rows(logits, rows)
+    for s in new:
+        s.prefilled += len(todo_of[id(s)])
+    # rows that sample now: running ones and prompts finished in this pass
+    ready = [i for i, s in enumerate(rows) if not s.prefilling]
+    records = []
+    if ready:
+        logits = model.logits(torch.stack([last[i] for i in ready]))  # [B, V]
+        records = _sample_rows(logits, [rows[i] for i in ready])
     now = time.perf_counter()
     for s in rows:
-        if id(s) in fresh:
-            s.stats.prefill_s = elapsed
-            s.stats.ttft_s = now - s.stats.queued_at
+        if id(s) in todo_of:
+            s.stats.prefill_s += now - t0
+            if not s.prefilling:
+                s.stats.ttft_s = now - s.stats.queued_at
         else:
             s.stats.decode_s += now - t0
     _end(model, records)
