@@ -267,4 +267,4 @@ class KVCache:
 
     def commit(self) -> None:
         """Advance each row's slot by its real tokens."""
-        self.lengths[self._rows] += self._added
+        self.lengths.index_add_(0, self._rows, self._added)
