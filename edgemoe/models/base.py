@@ -117,17 +117,26 @@ def attend_runs(q, kc, vc, runs: Runs, scale: float) -> torch.Tensor:
     -> [1, T, H * Dv]. Each run reads a view of its slots' own keys (no padding past the
     run's longest row, no copy)."""
     gqa = kc.shape[1] != q.shape[1]
+    rows = q[0].transpose(0, 1)[:, :, None]  # [T, H, 1, Dh]: a decode run's queries are a slice
     outs = []
     for r in runs:
-        if r.hi - r.lo > 1 or r.t1 - r.t0 == 1:  # decode rows: [b, H, 1, Dh]
-            qr = q[0, :, r.t0 : r.t1].transpose(0, 1)[:, :, None]
-        else:  # one row's new tokens: [1, H, s, Dh]
-            qr = q[:, :, r.t0 : r.t1]
         k, v = kc[r.lo : r.hi, :, : r.length], vc[r.lo : r.hi, :, : r.length]
-        o = F.scaled_dot_product_attention(
-            qr, k, v, attn_mask=r.mask, is_causal=r.causal, scale=scale, enable_gqa=gqa
-        )  # [b, H, s, Dv]
-        outs.append(o.transpose(1, 2).reshape(r.t1 - r.t0, -1))  # [tokens, H * Dv]
+        if r.hi - r.lo > 1 or r.t1 - r.t0 == 1:  # decode rows: [b, H, 1, Dh]
+            o = F.scaled_dot_product_attention(
+                rows[r.t0 : r.t1], k, v, attn_mask=r.mask, scale=scale, enable_gqa=gqa
+            )
+            outs.append(o.reshape(r.t1 - r.t0, -1))  # [b, H * Dv]
+        else:  # one row's new tokens: [1, H, s, Dh]
+            o = F.scaled_dot_product_attention(
+                q[:, :, r.t0 : r.t1],
+                k,
+                v,
+                attn_mask=r.mask,
+                is_causal=r.causal,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            outs.append(o[0].transpose(0, 1).reshape(r.t1 - r.t0, -1))  # [s, H * Dv]
     o = outs[0] if len(outs) == 1 else torch.cat(outs)
     return o[None]
 
