@@ -44,7 +44,9 @@ LOADING, SERVING, FAILED, STOPPED = "loading", "serving", "failed", "stopped"
 
 # Prompt tokens a step computes beside running sequences (none running: every prompt whole).
 # A pass is packed (no padding), so newcomers cost only their own tokens in the running rows'
-# pass; the budget bounds how long one pass holds those rows' next token.
+# pass; the budget bounds how long one pass holds those rows' next token. Measured on the
+# demo (f32, 1 thread), a 311-token prompt beside 7 decoding rows: whole, one pass of 27.2 ms
+# CPU; 256, passes of 21.3 + 9.4 ms; 128, 13.4 + 13.6 + 9.2 ms (a decode step alone ~5 ms).
 PREFILL_BUDGET = 256
 
 
