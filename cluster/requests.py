@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from cluster.selection import RequestClass
 from cluster.types import ClusterError
+from edgemoe.kvcache import Packed
 
 
 class RequestClasses:
@@ -46,10 +47,18 @@ class RequestClasses:
         """Each row's class in a layer's batch of this pass (None: no slots given).
 
         tokens: [B, S]; valid: [B, S] bool or None; slots: [B] KV slots. The MoE layers see
-        the rows of [B * S] that are valid, in order (the model's `keep`).
+        the rows of [B * S] that are valid, in order (the model's `keep`). A packed pass
+        (edgemoe.kvcache.Packed: tokens [1, T], rows back to back) has no pads: row b's
+        class for each of its counts[b] tokens.
         """
         if slots is None:
             return None
+        if isinstance(slots, Packed):
+            return [
+                self._slot.get(x) or self.default
+                for x, n in zip(slots.slots, slots.counts)
+                for _ in range(n)
+            ]
         b, s = tokens.shape
         per = [self._slot.get(int(x)) or self.default for x in slots.tolist()]  # [B]
         if valid is None or bool(valid.all()):

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from edgemoe.kvcache import KVCache
+from edgemoe.kvcache import KVCache, Packed
 from edgemoe.moe.executor import ExecutorStats
 from edgemoe.sampling import Sampling, sample
 
@@ -96,6 +96,8 @@ class Sequence:
 
     cached: how many of the prompt's first tokens the slot already holds (a chat's earlier
     turns kept for the next one); prefill computes only the rest (at least the last token).
+    prefilled: prompt tokens in the slot so far (cached, then what passes have computed: a
+    step with a token budget computes a long prompt over several passes).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Sequence:
     ):
         self.request, self.slot, self.tokenizer = request, slot, tokenizer
         self.cached = max(0, min(cached, len(request.ids) - 1))
+        self.prefilled = self.cached
         self.eos_ids = frozenset(eos_ids)
         s = request.sampling
         self.gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
@@ -117,6 +120,11 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Part of the prompt is still to be computed (no token yet)."""
+        return self.prefilled < len(self.request.ids) and not self.done
 
     @property
     def text(self) -> str:
@@ -219,9 +227,11 @@ def _in_order(records: list[Record], seqs: list[Sequence]) -> list[Record]:
 
 
 def _begin(model: Steppable, seqs: list[Sequence]) -> None:
-    now = model.executor_stats()
+    now = None
     for seq in seqs:
-        seq._exec0 = now
+        if seq._exec0 is None:  # its first pass (a prompt may take several)
+            now = now or model.executor_stats()
+            seq._exec0 = now
 
 
 def _end(model: Steppable, records: list[Record]) -> None:
@@ -246,51 +256,68 @@ def step(
     new: list[Sequence],
     running: list[Sequence],
     chunk: int = PREFILL_CHUNK,
+    budget: int | None = None,
 ) -> list[Record]:
     """One pass over the prompts of new sequences and the next token of running ones: each
     new sequence's first token and each running one's next (finished ones are skipped).
 
-    Rows are right-padded to the longest prompt, so every running row costs that many
-    positions in the dense layers and attention (MoE layers skip pads): worth it for short
-    prompts, whose own pass would cost more than the padding (the serve worker decides).
+    The pass is packed (kvcache.Packed): the rows' tokens back to back, no padding, so a
+    running row costs its one token beside a newcomer's prompt, and attention reads each
+    row's own keys. A prompt longer than `chunk` takes further passes of its next `chunk`
+    tokens (the running rows ride in the first).
+
+    budget: at most this many prompt tokens in all (None: every prompt whole), taken by the
+    new sequences in the order given; one whose prompt does not fit computes what does
+    (its `prefilled` advances) and gets no record until a later step finishes it, so a
+    long prompt does not hold up the running rows' next token for its whole length.
     """
     running = [s for s in running if not s.done]
-    if not new:
-        return decode_step(model, cache, running)
+    new = [s for s in new if s.prefilling]
+    todo_of: dict[int, tuple[int, ...]] = {}
+    left = budget
+    for s in new:
+        ids = s.request.ids[s.prefilled :]
+        if left is not None:
+            ids, left = ids[: max(left, 0)], left - len(ids)
+        if ids:
+            todo_of[id(s)] = ids
+    new = [s for s in new if id(s) in todo_of]
     given, rows = new + running, _by_slot(new + running)
-    fresh = {id(s) for s in new}
+    if not rows:
+        return []
     _begin(model, new)
     t0 = time.perf_counter()
-    todo = [
-        s.request.ids[s.cached :] if id(s) in fresh else (s.out[-1],) for s in rows
-    ]  # a running row's next input is its last token; the slot holds everything before
-    longest = max(len(ids) for ids in todo)
-    tokens = torch.zeros(len(rows), longest, dtype=torch.int64)
-    valid = torch.zeros(len(rows), longest, dtype=torch.bool)
-    for i, (s, ids) in enumerate(zip(rows, todo)):
-        if id(s) in fresh:
-            cache.lengths[s.slot] = s.cached
-        tokens[i, : len(ids)] = torch.tensor(ids)
-        valid[i, : len(ids)] = True
-    slots = torch.tensor([s.slot for s in rows])
-    last = None
-    for a in range(0, longest, chunk):
-        v = valid[:, a : a + chunk]
-        live = v.any(dim=1)  # rows that still have tokens in this chunk
-        idx = live.nonzero()[:, 0]
-        h = model.forward(tokens[idx, a : a + chunk], cache, v[idx], slots[idx])  # [b, S, D]
-        if last is None:
-            last = torch.zeros(len(rows), h.shape[-1], dtype=h.dtype)
-        ends = v[idx].sum(dim=1) - 1  # each row's last real token in this chunk
-        last[idx] = h[torch.arange(len(idx)), ends]
-    logits = model.logits(last)  # [B, V]
-    elapsed = time.perf_counter() - t0
-    records = _sample_rows(logits, rows)
+    for s in new:
+        cache.lengths[s.slot] = s.prefilled
+    # a running row's next input is its last token; the slot holds everything before
+    todo = [todo_of.get(id(s)) or (s.out[-1],) for s in rows]
+    last: list[torch.Tensor | None] = [None] * len(rows)
+    for a in range(0, max(len(ids) for ids in todo), chunk):
+        live = [i for i, ids in enumerate(todo) if len(ids) > a]
+        pieces = [todo[i][a : a + chunk] for i in live]
+        counts = [len(x) for x in pieces]
+        tokens = torch.tensor([[t for x in pieces for t in x]])  # [1, T]
+        layout = Packed(tuple(rows[i].slot for i in live), tuple(counts))
+        h = model.forward(tokens, cache, None, layout)[0]  # [T, D]
+        end = 0
+        for i, n in zip(live, counts):
+            end += n
+            if len(todo[i]) <= a + chunk:  # the row's last token is in this pass
+                last[i] = h[end - 1]
+    for s in new:
+        s.prefilled += len(todo_of[id(s)])
+    # rows that sample now: running ones and prompts finished in this pass
+    ready = [i for i, s in enumerate(rows) if not s.prefilling]
+    records = []
+    if ready:
+        logits = model.logits(torch.stack([last[i] for i in ready]))  # [B, V]
+        records = _sample_rows(logits, [rows[i] for i in ready])
     now = time.perf_counter()
     for s in rows:
-        if id(s) in fresh:
-            s.stats.prefill_s = elapsed
-            s.stats.ttft_s = now - s.stats.queued_at
+        if id(s) in todo_of:
+            s.stats.prefill_s += now - t0
+            if not s.prefilling:
+                s.stats.ttft_s = now - s.stats.queued_at
         else:
             s.stats.decode_s += now - t0
     _end(model, records)
@@ -299,19 +326,7 @@ def step(
 
 def decode_step(model: Steppable, cache: KVCache, seqs: list[Sequence]) -> list[Record]:
     """One token for every running sequence (finished ones are skipped)."""
-    running = _by_slot([s for s in seqs if not s.done])
-    if not running:
-        return []
-    t0 = time.perf_counter()
-    tokens = torch.tensor([[s.out[-1]] for s in running])  # [B, 1]
-    slots = torch.tensor([s.slot for s in running])
-    h = model.forward(tokens, cache, None, slots)
-    records = _sample_rows(model.logits(h[:, -1]), running)
-    dt = time.perf_counter() - t0
-    for s in running:
-        s.stats.decode_s += dt
-    _end(model, records)
-    return _in_order(records, seqs)
+    return step(model, cache, [], seqs)
 
 
 def stream(

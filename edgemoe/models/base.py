@@ -6,7 +6,9 @@ Hkv key/value heads, Dh head dim, D hidden.
 A forward pass is over rows of sequence slots of the KV cache
 (edgemoe/kvcache.py), right-padded: each slot keeps its own length, so
 sequences of different lengths share a pass and each sees positions 0, 1, 2...
-Pad tokens are masked out of attention and skipped by MoE layers.
+Pad tokens are masked out of attention and skipped by MoE layers. A packed
+pass (kvcache.Packed) has no pads: one row of every sequence's new tokens,
+attended by runs over each sequence's own keys (attend_runs).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from edgemoe.kernels import DenseLinear, Linear
-from edgemoe.kvcache import KVCache
+from edgemoe.kvcache import KVCache, Runs
 from edgemoe.moe.executor import ExpertExecutor
 
 
@@ -110,6 +112,35 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
+def attend_runs(q, kc, vc, runs: Runs, scale: float) -> torch.Tensor:
+    """A packed pass's attention: q [1, H, T, Dh], the layer's cache kc/vc [N, Hkv, max_len, *]
+    -> [1, T, H * Dv]. Each run reads a view of its slots' own keys (no padding past the
+    run's longest row, no copy)."""
+    gqa = kc.shape[1] != q.shape[1]
+    rows = q[0].transpose(0, 1)[:, :, None]  # [T, H, 1, Dh]: a decode run's queries are a slice
+    outs = []
+    for r in runs:
+        k, v = kc[r.lo : r.hi, :, : r.length], vc[r.lo : r.hi, :, : r.length]
+        if r.hi - r.lo > 1 or r.t1 - r.t0 == 1:  # decode rows: [b, H, 1, Dh]
+            o = F.scaled_dot_product_attention(
+                rows[r.t0 : r.t1], k, v, attn_mask=r.mask, scale=scale, enable_gqa=gqa
+            )
+            outs.append(o.reshape(r.t1 - r.t0, -1))  # [b, H * Dv]
+        else:  # one row's new tokens: [1, H, s, Dh]
+            o = F.scaled_dot_product_attention(
+                q[:, :, r.t0 : r.t1],
+                k,
+                v,
+                attn_mask=r.mask,
+                is_causal=r.causal,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+            outs.append(o[0].transpose(0, 1).reshape(r.t1 - r.t0, -1))  # [s, H * Dv]
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return o[None]
+
+
 class Attention:
     """Grouped-query attention with the options the standard families use.
 
@@ -180,8 +211,13 @@ class Attention:
         v = v.view(bsz, s, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope_cos_sin(positions, self.head_dim, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = cache.update(layer, k, v)
-        o = attend(q, k_all, v_all, mask, 1.0 / math.sqrt(self.head_dim))
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if isinstance(mask, Runs):  # a packed pass
+            cache.store(layer, k, v)
+            o = attend_runs(q, cache.k[layer], cache.v[layer], mask, scale)
+        else:
+            k_all, v_all = cache.update(layer, k, v)
+            o = attend(q, k_all, v_all, mask, scale)
         return self.o(o).to(x.dtype)
 
 
@@ -239,6 +275,7 @@ class CausalLM(ABC):
         Args:
             valid: [B, S] real tokens, each row's first n_b (right padding); default all.
             slots: [B] the cache slot of each row; default 0..B-1. Each slot advances by n_b.
+                Or a kvcache.Packed layout: tokens [1, T] are its rows' tokens back to back.
         """
         if valid is None:
             valid = torch.ones(tokens.shape, dtype=torch.bool)

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from edgemoe.kvcache import KVCache
+from edgemoe.kvcache import KVCache, Runs
 from edgemoe.models.base import (
     MLP,
     CausalLM,
@@ -267,18 +267,38 @@ class MLAttention:
         q_lat = torch.matmul(q[..., :n], self.w_uk)  # [B, H, S, C]
         q = torch.cat((q_lat, self.rope(q[..., n:], positions)), dim=-1)  # [B, H, S, C + R]
         new = torch.cat((latent[:, None], k_rope), dim=-1)  # [B, 1, S, C + R]
-        kv, _ = cache.update(layer, new, new[..., :0])
-        # every head reads the same latents: one [B, L, C + R] matrix, no copy per head. Scores
-        # and mixing run in float32: exacter, and faster on CPU than bf16 GEMMs with few rows
-        kv = kv[:, 0].float()
-        scores = torch.bmm(q.reshape(bsz, h * s, c + r).float(), kv.transpose(1, 2))
-        scores = scores.view(bsz, h, s, -1) * self.rope.softmax_scale  # [B, H, S, L]
-        p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        o = torch.bmm(p.view(bsz, h * s, -1), kv[..., :c]).view(bsz, h, s, c).to(x.dtype)
+        if isinstance(mask, Runs):  # a packed pass (B = 1): each run over its slots' latents
+            cache.store(layer, new, new[..., :0])
+            lat, parts = cache.k[layer], []
+            for run in mask:
+                if run.hi - run.lo > 1 or run.t1 - run.t0 == 1:  # decode rows [b, H, 1, *]
+                    qr = q[0, :, run.t0 : run.t1].transpose(0, 1)[:, :, None]
+                else:
+                    qr = q[:, :, run.t0 : run.t1]
+                o = self._mix(qr, lat[run.lo : run.hi, 0, : run.length], run.bool_mask())
+                parts.append(o.permute(2, 1, 0, 3) if o.shape[0] > 1 else o)  # [1, H, s, C]
+            o = torch.cat(parts, dim=2).to(x.dtype)
+        else:
+            kv, _ = cache.update(layer, new, new[..., :0])
+            o = self._mix(q, kv[:, 0], mask).to(x.dtype)
         o = torch.matmul(o, self.w_uv.transpose(1, 2))  # [B, H, S, Dv]
         if self.v_bias is not None:
             o = o + self.v_bias.to(x.dtype)  # [H, 1, Dv]
         return self.o(o.transpose(1, 2).reshape(bsz, s, -1)).to(x.dtype)
+
+    def _mix(self, q, kv, mask) -> torch.Tensor:
+        """q [B, H, S, C + R] against latents kv [B, L, C + R], mask [B, 1, S, L] or None ->
+        float32 [B, H, S, C]."""
+        # every head reads the same latents: one [B, L, C + R] matrix, no copy per head. Scores
+        # and mixing run in float32: exacter, and faster on CPU than bf16 GEMMs with few rows
+        bsz, h, s, _ = q.shape
+        c, kv = self.args.kv_lora_rank, kv.float()
+        scores = torch.bmm(q.reshape(bsz, h * s, -1).float(), kv.transpose(1, 2))
+        scores = scores.view(bsz, h, s, -1) * self.rope.softmax_scale  # [B, H, S, L]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(-1)
+        return torch.bmm(p.view(bsz, h * s, -1), kv[..., :c]).view(bsz, h, s, c)
 
 
 class Model(CausalLM):

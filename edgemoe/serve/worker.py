@@ -1,10 +1,12 @@
 """The model worker: one thread owns the model and steps a running batch.
 
-Continuous batching: between two steps, waiting requests join the batch (a
-prefill of the newcomers), then one decode step advances every running
-sequence, and finished or abandoned ones leave and give their KV slot back.
-A short request therefore never waits for a long one to finish, only for
-the step in progress.
+Continuous batching: between two steps, waiting requests join the batch, and
+one packed pass (generate.step) computes the newcomers' prompts beside the
+running sequences' next tokens; finished or abandoned ones leave and give
+their KV slot back. A short request therefore never waits for a long one to
+finish, only for the step in progress; a long prompt takes PREFILL_BUDGET
+tokens a step while others run, so it never stalls their tokens for its
+whole length.
 
 Admission: the KV cache for `batch` slots x `ctx` positions was planned into
 the memory budget at load (EdgeModel.kv_cache), so a request needs a free
@@ -35,16 +37,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import psutil
 
-from edgemoe.generate import Record, Request, Sequence, prefill, step
+from edgemoe.generate import Record, Request, Sequence, step
 from edgemoe.moe.executor import ExecutorStats
 
 LOADING, SERVING, FAILED, STOPPED = "loading", "serving", "failed", "stopped"
 
-# A newcomer with at most this many prompt tokens to compute joins the running rows' decode
-# pass (every row padded to its length) instead of a pass of its own. Measured on the demo,
-# 7 running rows, worker CPU of fused against separate passes (AVX2, 1 thread): f32 0.74x at
-# 4 tokens, 0.85x at 10, 1.02x at 22, 1.50x at 61; bf16 0.88x at 4, 1.18x at 10.
-FUSE_TOKENS = 8
+# Prompt tokens a step computes beside running sequences (none running: every prompt whole).
+# A pass is packed (no padding), so newcomers cost only their own tokens in the running rows'
+# pass; the budget bounds how long one pass holds those rows' next token. Measured on the
+# demo (f32, 1 thread), a 311-token prompt beside 7 decoding rows: whole, one pass of 27.2 ms
+# CPU; 256, passes of 21.3 + 9.4 ms; 128, 13.4 + 13.6 + 9.2 ms (a decode step alone ~5 ms).
+PREFILL_BUDGET = 256
 
 
 class QueueFull(Exception):
@@ -143,24 +146,6 @@ def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-def _pending(job: Job) -> int:
-    """Prompt tokens a newcomer still has to compute (its slot may keep the rest)."""
-    return len(job.request.ids) - job.seq.cached
-
-
-def _prefill_groups(jobs: list[Job]) -> list[list[Job]]:
-    """Newcomers in passes of similar prompt lengths: a pass pads every row to its longest,
-    so a 6-token prompt beside a 360-token one would cost 360 positions of attention."""
-    groups: list[list[Job]] = []
-    for job in sorted(jobs, key=lambda j: len(j.request.ids) - j.seq.cached):
-        n = max(16, len(job.request.ids) - job.seq.cached)
-        if groups and n <= 2 * max(16, len(groups[-1][0].request.ids) - groups[-1][0].seq.cached):
-            groups[-1].append(job)
-        else:
-            groups.append([job])
-    return groups
 
 
 class Worker:
@@ -290,28 +275,22 @@ class Worker:
                     for job in self.running:
                         job.emit(Failed("the server is shutting down"))
                     return
-                newcomers = self._admit()
+                self._admit()
             self._drop_cancelled()
             tokens = 0
-            live = {id(j) for j in self.running}
-            newcomers = [j for j in newcomers if id(j) in live]  # not dropped as cancelled
-            older = len(self.running) > len(newcomers)  # rows already decoding
-            fuse = {id(j) for j in newcomers if older and _pending(j) <= FUSE_TOKENS}
             try:
-                for group in _prefill_groups([j for j in newcomers if id(j) not in fuse]):
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    records = prefill(m, cache, [j.seq for j in group])
-                    self.prefill_s += time.perf_counter() - t0
-                    self.prefill_cpu += time.thread_time() - c0
-                    tokens += self._deliver(records)
-                self._retire()
                 if self.running:
+                    # newcomers in arrival order (the budget goes to the oldest first)
+                    new = [j.seq for j in self.running if j.seq.prefilling]
+                    rest = [j.seq for j in self.running if not j.seq.prefilling]
                     t0, c0 = time.perf_counter(), time.thread_time()
-                    new = [j.seq for j in self.running if id(j) in fuse]
-                    rest = [j.seq for j in self.running if id(j) not in fuse]
-                    records = step(m, cache, new, rest)
-                    self.decode_s += time.perf_counter() - t0
-                    self.decode_cpu += time.thread_time() - c0
+                    records = step(m, cache, new, rest, budget=PREFILL_BUDGET if rest else None)
+                    wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+                    if rest:  # a decode pass, newcomers' prompt tokens beside
+                        self.decode_s, self.decode_cpu = self.decode_s + wall, self.decode_cpu + cpu
+                    else:
+                        self.prefill_s += wall
+                        self.prefill_cpu += cpu
                     tokens += self._deliver(records)
                     self._retire()
             except Exception as e:  # noqa: BLE001 (fail this batch's requests, keep serving)

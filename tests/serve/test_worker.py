@@ -74,8 +74,9 @@ def test_a_short_request_does_not_wait_for_a_long_one(demo_f32):
 
 
 def test_a_short_newcomer_joins_the_decode_pass(demo_f32):
-    """A prompt of a few tokens is computed in the running rows' decode pass (rows padded to
-    its length): one forward pass, and every sequence's tokens are its solo greedy run's."""
+    """A newcomer's prompt is computed in the running rows' decode pass (packed: a's one token
+    beside b's prompt, no padding): one forward pass, and every sequence's tokens are its solo
+    greedy run's."""
     m = demo_f32
     long_ids, short_ids = m.encode("In the beginning God created"), m.encode("The function")
     assert len(short_ids) <= 8
@@ -93,12 +94,49 @@ def test_a_short_newcomer_joins_the_decode_pass(demo_f32):
         decode_step(m, cache, [a])
         passes.clear()
         records = step(m, cache, [b], [a])
-        assert passes == [(2, len(short_ids))]  # one pass: a's next token beside b's prompt
+        assert passes == [(1, 1 + len(short_ids))]  # one pass: a's next token beside b's prompt
         assert [r.seq for r in records] == [b, a] and b.out and len(a.out) == 3
         while not (a.done and b.done):
             decode_step(m, cache, [a, b])
         assert [a.out, b.out] == want
         assert int(cache.lengths[b.slot]) == len(short_ids) + 6 - 1
+    finally:
+        del m.forward
+        m.free_slots(slots)
+
+
+def test_a_long_prompt_is_computed_over_steps_beside_the_running_rows(demo_f32):
+    """With a budget of 16 prompt tokens a step, a 40-token prompt takes three passes; the
+    running row gets a token in each, and both sequences' tokens are their solo greedy runs'."""
+    m = demo_f32
+    long_ids = m.encode("And the LORD spake unto Moses, saying, Speak unto the children of " * 3)
+    run_ids = m.encode("In the beginning God created")
+    long_ids = long_ids[:40]
+    assert len(long_ids) == 40
+    want = [m.complete([x], max_tokens=n, sampling=GREEDY)[0].token_ids
+            for x, n in ((run_ids, 10), (long_ids, 5))]  # fmt: skip
+    cache, slots = m.kv_cache(), m.take_slots(2)
+    passes, forward = [], m.forward
+    m.forward = lambda tokens, *a: passes.append(tokens.shape[1]) or forward(tokens, *a)
+    try:
+        a, b = (
+            Sequence(Request(tuple(x), n, GREEDY), slot, m.tokenizer)
+            for x, n, slot in zip((run_ids, long_ids), (10, 5), slots)
+        )
+        prefill(m, cache, [a])
+        passes.clear()
+        for i, prefilled in enumerate((16, 32)):
+            records = step(m, cache, [b], [a], budget=16)
+            assert [r.seq for r in records] == [a] and len(a.out) == i + 2
+            assert b.prefilling and b.prefilled == prefilled and not b.out
+            assert int(cache.lengths[b.slot]) == prefilled
+        records = step(m, cache, [b], [a], budget=16)
+        assert [r.seq for r in records] == [b, a] and len(b.out) == 1 and not b.prefilling
+        assert passes == [17, 17, 9]  # a's token beside 16, 16 and the last 8 prompt tokens
+        assert b.stats.ttft_s > 0 and b.stats.prefill_s > 0
+        while not (a.done and b.done):
+            decode_step(m, cache, [a, b])
+        assert [a.out, b.out] == want
     finally:
         del m.forward
         m.free_slots(slots)
