@@ -30,6 +30,7 @@ exactly what build(level j) does, bit for bit.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -245,8 +246,12 @@ def _mwq_native_ok(shape, params: dict) -> bool:
 
 
 def _mwq_part(segment, planes_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A level's segment as (its planes, its scales as int16 f16 bits): copies."""
-    raw = torch.frombuffer(bytearray(segment), dtype=torch.uint8)
+    """A level's segment as (its planes, its scales as int16 f16 bits), views of the segment's
+    memory, never copied (the store's payloads are private copies of its read buffer; the
+    views keep them alive and only read them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only bytes: never written
+        raw = torch.frombuffer(segment, dtype=torch.uint8)
     return raw[:planes_bytes], raw[planes_bytes:].view(torch.int16)
 
 
