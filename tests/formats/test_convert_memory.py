@@ -37,6 +37,8 @@ def test_convert_checkpoint_larger_than_the_cap(memory_cap, tmp_path):
             "-q",
             "--experts",
             "int4",
+            "--dense",
+            "bf16",  # the dense weights kept exactly (bf16 source): checked below
         ],
         CAP,
         evict=shards,
