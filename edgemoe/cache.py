@@ -374,6 +374,9 @@ class ExpertCache:
                 fut.add_done_callback(lambda f: f.exception() is None and done(f.result()))
         elif entry.value is not None and self.on_evict is not None:
             self.on_evict(entry.value)
+        # its bytes are free now: an Entry kept by a caller (a layer's schedule) must not keep
+        # the value alive beside what takes its room
+        entry.value = None
         self.evictions += 1
 
     @property

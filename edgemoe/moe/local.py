@@ -277,16 +277,21 @@ class LocalExecutor(ExpertExecutor):
                             h.layer, key[1], use.level
                         )
             done[key] = max(done.get(key, 0), upto)
-            if not pending.get(key) and key in h.held:
-                cache.release(key)
-                h.held.discard(key)
+            if not pending.get(key):
+                # no read builds on it now: once released the cache may evict it, and nothing
+                # here may keep it alive beside what takes its room
+                h.latest.pop(key, None)
+                if key in h.held:
+                    cache.release(key)
+                    h.held.discard(key)
 
         try:
             for key, entry in h.plan.hits:
                 compute(key, self._value(h, key, entry), h.plan.have[key])
-            reads, wave = h.first, h.plan.first
+            reads, wave, h.first = h.first, h.plan.first, []
             while True:
                 self._serve(h, wave, reads, compute, pending)
+                reads = None  # the next wave may evict what these read: free before it reads
                 wave = next(h.plan.rest, None)
                 if wave is None:
                     break
