@@ -259,7 +259,7 @@ class LocalExecutor(ExpertExecutor):
     def finish(self, handle: _Handle) -> torch.Tensor:
         h, cache = handle, self.cache
         out = torch.zeros(h.x.shape, dtype=torch.float32)  # [T, D]
-        pending = dict(h.plan.pending)
+        pending = h.plan.pending  # the schedule lowers it as it merges slices
         done: dict[Key, int] = {}  # the highest level computed of each expert
 
         def compute(key: Key, ew: ExpertWeights, upto: int) -> None:
@@ -313,8 +313,8 @@ class LocalExecutor(ExpertExecutor):
             pending[s.key] -= 1
             if entry is None:
                 self._uncached += 1
-            else:
-                self.cache.fill(s.key, ew, ew.nbytes)
+            else:  # its size once no level is in flight: room for those stays taken till then
+                self.cache.fill(s.key, ew, None if pending[s.key] else ew.nbytes)
             compute(s.key, ew, s.level)
             if entry is None and s.have == 0 and not pending[s.key]:
                 self._recycle(ew)  # a whole read no one keeps
