@@ -364,7 +364,6 @@ class ExpertCache:
     def evict(self, key: Key) -> None:
         key = key[:2]
         entry = self._items.pop(key)
-        self.used = self.used - entry.nbytes
         self.policy.remove(key)
         self._pinned.discard(key)
         if entry.in_flight:  # a prefetch nobody came for: stop it if it has not started
@@ -375,9 +374,10 @@ class ExpertCache:
                 self.on_evict(fut.result())
         elif entry.value is not None and self.on_evict is not None:
             self.on_evict(entry.value)
-        # its bytes are free now: an Entry kept by a caller (a layer's schedule) must not keep
-        # the value alive beside what takes its room
+        # an Entry kept by a caller (a layer's schedule) must not keep the value alive beside
+        # what takes its room; its bytes leave the count once it is gone
         entry.value = None
+        self.used = self.used - entry.nbytes
         self.evictions += 1
 
     @property
