@@ -143,7 +143,9 @@ def plan(
         # torch's int4 packer takes, float32 decodes. Measured (RSS peak over the kept kernels)
         # 78 MiB for a 5632x2048 mwq 2-3-4 expert at level 3: 7.1 bytes a weight of one matrix
         per_thread += 8 * width * d
-    io = Bytes(threads * per_thread)
+    # one expert computed without a slot (moe/schedule.py: its room held by hits waiting on
+    # their upgrades, or by prefetches), one at a time; in place, it is a thread's slab above
+    io = Bytes(threads * per_thread + (0 if borrow else int(largest)))
     tokens = batch * min(ctx, prefill_chunk)
     # activations of one prefill chunk (hidden, q/k/v, MLP width, attention scores) and the logits
     workspace = Bytes(

@@ -397,16 +397,20 @@ class ExpertCache:
     def evict(self, key: Key) -> None:
         key = key[:2]
         entry = self._items.pop(key)
-        self.used = self.used - entry.nbytes
         self.policy.remove(key)
         self._pinned.discard(key)
         if entry.in_flight:  # a prefetch nobody came for: stop it if it has not started
             fut = entry.value
-            if not fut.cancel() and self.on_evict is not None:
-                done = self.on_evict  # else give its value back once it lands
-                fut.add_done_callback(lambda f: f.exception() is None and done(f.result()))
+            # else wait for it: the caller takes its room next, and until the read lands its
+            # value would stand beside what fills that room, counted nowhere
+            if not fut.cancel() and fut.exception() is None and self.on_evict is not None:
+                self.on_evict(fut.result())
         elif entry.value is not None and self.on_evict is not None:
             self.on_evict(entry.value)
+        # an Entry kept by a caller (a layer's schedule) must not keep the value alive beside
+        # what takes its room; its bytes leave the count once it is gone
+        entry.value = None
+        self.used = self.used - entry.nbytes
         self.evictions += 1
 
     @property

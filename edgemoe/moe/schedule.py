@@ -34,7 +34,10 @@ The protocol, for the experts a layer needs:
 3. the consumer releases an expert once its last slice landed and its tokens are
    computed; each later wave evicts what it needs and takes at least one slice
    (a slice that cannot get room is read and computed without a slot: the
-   cache holds less than it needs; later slices of that expert follow it there).
+   cache holds less than it needs, e.g. hits held for their upgrades; that
+   slice reads all the levels the expert still needs, so the one expert without
+   a slot is done with, and dropped, before the next wave is drawn: the plan
+   counts one such expert, edgemoe/budget.py).
 
 Each level of an expert is read at most once per call, however many tokens need it.
 """
@@ -74,7 +77,8 @@ class Wave:
 class LayerSchedule:
     hits: list[tuple[Key, Entry]]  # acquired: held until the consumer releases them
     have: dict[Key, int]  # levels each needed expert had when acquired (0: a miss)
-    pending: dict[Key, int]  # slices each expert will read in this call
+    pending: dict[Key, int]  # slices each expert will read in this call (lowered as later
+    # waves are drawn, where an expert without a slot reads its levels as one slice)
     first: Wave  # reserved beside the held hits (possibly empty)
     rest: Iterator[Wave]  # each drawn after the consumer released what it was done with
 
@@ -172,8 +176,8 @@ def schedule(
     while n < len(slices) and state.cost(slices[n]) <= free:
         free -= state.cost(slices[n])
         n += 1
-    first = Wave(slices[:n], [state.take(s) for s in slices[:n]])
-    return LayerSchedule(hits, have, pending, first, _rest(state, slices[n:]))
+    first, rest = _take(state, slices[:n], slices[n:], pending)
+    return LayerSchedule(hits, have, pending, first, _rest(state, rest, pending))
 
 
 class _Room:
@@ -203,7 +207,29 @@ class _Room:
         return entry
 
 
-def _rest(room: _Room, slices: list[Slice]) -> Iterator[Wave]:
+def _take(
+    room: _Room, wave: list[Slice], rest: list[Slice], pending: dict[Key, int]
+) -> tuple[Wave, list[Slice]]:
+    """Room for a wave's slices, in order; a slice that gets none takes over its expert's
+    later slices (in the wave and after it: one read to the top level needed). Returns the
+    wave and the slices left for later waves."""
+    out, entries = [], []
+    while wave:
+        s, wave = wave[0], wave[1:]
+        entry = room.take(s)
+        if entry is None:
+            later = [t for t in wave + rest if t.key == s.key]
+            if later:
+                wave = [t for t in wave if t.key != s.key]
+                rest = [t for t in rest if t.key != s.key]
+                s = Slice(s.key, s.have, later[-1].level, s.waiting)
+                pending[s.key] -= len(later)
+        out.append(s)
+        entries.append(entry)
+    return Wave(out, entries), rest
+
+
+def _rest(room: _Room, slices: list[Slice], pending: dict[Key, int]) -> Iterator[Wave]:
     c = room.cache
     while slices:
         c.make_room(min(sum(room.cost(s) for s in slices), c.capacity))
@@ -211,8 +237,8 @@ def _rest(room: _Room, slices: list[Slice]) -> Iterator[Wave]:
         while n < len(slices) and room.cost(slices[n]) <= free:
             free -= room.cost(slices[n])
             n += 1
-        wave, slices = slices[:n], slices[n:]
-        yield Wave(wave, [room.take(s) for s in wave])
+        wave, slices = _take(room, slices[:n], slices[n:], pending)
+        yield wave
 
 
 @dataclass(frozen=True)
@@ -255,7 +281,7 @@ def simulate(
         per = max(1, int(size))
         size = lambda key, level: per if level else 0  # noqa: E731
     s = schedule(cache, need, size, order)
-    pending = dict(s.pending)
+    pending = s.pending
     for key, _ in s.hits:
         if not pending.get(key):
             cache.release(key)
