@@ -140,9 +140,9 @@ def plan(
     per_thread = facts.largest_span() if borrow else (facts.largest_span() + 4096) * 2
     if not borrow:
         # building one expert's kernels on a reader thread: unpacked codes, the int32 copies
-        # torch's int4 packer takes, float32 decodes. Measured (RSS peak over the kept kernels)
-        # 78 MiB for a 5632x2048 mwq 2-3-4 expert at level 3: 7.1 bytes a weight of one matrix
-        per_thread += 8 * width * d
+        # torch's int4 packer takes, float32 decodes (Kernel.build_scratch; measured 78 MiB for
+        # a 5632x2048 mwq 2-3-4 expert at level 3 on int4 parts, none computed as stored)
+        per_thread += facts.build_scratch
     # one expert computed without a slot (moe/schedule.py: its room held by hits waiting on
     # their upgrades, or by prefetches), one at a time; in place, it is a thread's slab above
     io = Bytes(threads * per_thread + (0 if borrow else int(largest)))

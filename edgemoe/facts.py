@@ -141,6 +141,23 @@ class ModelFacts:
             default=0,
         )
 
+    @functools.cached_property
+    def build_scratch(self) -> int:
+        """The most memory a reader thread allocates while building one expert's kernels, beyond
+        what the expert keeps (Kernel.build_scratch of the largest role, over the layers)."""
+        from edgemoe.kernels import kernel_for
+        from formats.constants import EXPERT_ROLES
+
+        most, seen = 0, set()
+        for e in self.reader.experts.values():
+            if e.layer in seen:
+                continue
+            seen.add(e.layer)
+            for role in EXPERT_ROLES:
+                t = self.reader.tensors[e.tensors[role]]
+                most = max(most, kernel_for(t.codec).build_scratch(t.shape, t.params, self.fused))
+        return most
+
     def largest_span(self) -> int:
         """The longest on-disk read of one expert (all its levels): an owned read's slab."""
         return self._largest_span
