@@ -441,9 +441,10 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
     if shares:
         out += [
             "",
-            f"Decode against its bound (`edgemoe run --bound {a.bound}`: the bytes each run "
-            "moved, from memory at the profile's memory bandwidth and from flash at its random-"
-            "read bandwidth; medians): "
+            f"Decode against its bound (`edgemoe run --bound {a.bound}`, a profile of this "
+            "machine by `edgemoe profile`: the bytes each run moved, from memory at the "
+            "profile's memory bandwidth, from flash at its read rate for an expert's size; "
+            "medians): "
             + "; ".join(f"{name} at {cap}: {share:.0%}" for (name, cap), share in shares.items())
             + ".",
         ]
