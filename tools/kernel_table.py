@@ -58,7 +58,8 @@ def paths(rows: int, cols: int, batch: int) -> dict:
 
     out["int8 x int8 _int_mm"] = int_mm
     if fastkernels.available():  # edgemoe's: activations to INT8 per 32 (ggml's Q8_0 dot)
-        out["edgemoe q8 (AVX2 maddubs)"] = lambda: fastkernels.q8_linear(x, q, scale)
+        path = "vpdpbusd" if fastkernels.isa() == "avx512vnni" else "AVX2 maddubs"
+        out[f"edgemoe q8 ({path})"] = lambda: fastkernels.q8_linear(x, q, scale)
     group = 64
     wg = w.view(rows, cols // group, group)
     lo, hi = wg.amin(-1), wg.amax(-1)
@@ -126,7 +127,10 @@ def main() -> None:
     lines = [
         f"`python tools/kernel_table.py {' '.join(sys.argv[1:])}` on {name} ({flags}), {a.threads} "
         f"threads, torch {torch.__version__}, {when}. One [{a.rows}, {a.cols}] weight; medians of "
-        f"{a.runs} interleaved runs, ms (x = relative to `_weight_int8pack_mm` with bf16 activations).",
+        f"{a.runs} interleaved runs, ms (x = relative to `_weight_int8pack_mm` with bf16 activations). "
+        "The same weight every run: it stays in the CPU's caches where they hold it (an 11 MiB "
+        "INT8 matrix), so these rank the kernels' arithmetic; decode streams every expert from "
+        "memory (see the bench's share of its bound).",
         "",
         "| path | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
