@@ -41,7 +41,8 @@ compute_factor = 0.5
 """
 
 
-def test_known_devices_lists_all_seven():
+def test_known_devices_lists_all_seven(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no user profiles (`edgemoe profile`)
     assert known_devices() == SHIPPED
 
 
