@@ -166,8 +166,11 @@ class EdgeModel:
         self.path = Path(path) if path else DEMO
         self.reader = r = EmoeReader(self.path, check_model=True)
         try:
+            # D²MoE's budget rule (a policy that cuts experts to lower levels) frees the top
+            # levels' bytes, which an expert computing on its read buffer cannot give back
+            cuts = getattr(POLICIES.get(policy), "downgrade_first", False)
             self.facts = f = ModelFacts(
-                r, parse_args(r.family, r.config), resolve_dtype(dtype, r), fused
+                r, parse_args(r.family, r.config), resolve_dtype(dtype, r), fused, not cuts
             )
         except EmoeError as e:
             if getattr(e, "param", None) == "dtype":

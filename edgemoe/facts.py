@@ -54,12 +54,15 @@ class ModelFacts:
         args: the family's parsed ModelArgs (with kv_dims()).
         dtype: the compute dtype.
         fused: whether experts compute on fused quantized kernels (their bytes differ).
+        borrow: whether experts may compute on their read buffers in place (False for a
+            cache policy that cuts experts to lower levels: a borrowed buffer is freed whole).
     """
 
     reader: EmoeReader
     args: object
     dtype: torch.dtype
     fused: bool = True
+    borrow: bool = True
     _sizes: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -112,18 +115,21 @@ class ModelFacts:
 
     def borrows(self, layer: int, expert: int, level: int) -> bool:
         """Whether this expert computes on its read buffer in place (prepare.can_borrow)."""
+        if not self.borrow:
+            return False
         return can_borrow(self.reader, self.reader.expert(layer, expert), level, self.fused)
 
     def expert_nbytes(self, layer: int, level: int) -> int:
         """Memory one prepared expert of `layer` at `level` holds (every expert of a layer
         alike): its kernels' tensors, or, computing in place, its read buffer (a slab of the
-        longest expert span, the size every owned read gets) and the kernels' own tensors."""
+        read's aligned span, levels 1..level) and the kernels' own tensors."""
         key = (layer, level)
         if key not in self._sizes:
             e = next(e for e in self.reader.experts.values() if e.layer == layer)
             n = expert_nbytes(self.reader, layer, e.expert, level, self.dtype, self.fused)
-            if self.borrows(layer, e.expert, level):
-                n += self.largest_span() - borrowed_bytes(self.reader, e)
+            if self.borrows(layer, e.expert, level):  # the slab: the read's span of its levels
+                span = align_up(self.reader.expert_span(layer, e.expert, level)[1])
+                n += span - borrowed_bytes(self.reader, e, level)
             self._sizes[key] = n
         return self._sizes[key]
 

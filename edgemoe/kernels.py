@@ -317,8 +317,13 @@ class Kernel:
 
     borrows = False  # whether _build_fused can compute on borrowed stored bytes in place
 
-    def borrowed_bytes(self, shape: Sequence[int], params: dict) -> int:
-        """Bytes of nbytes(...) a borrowing build leaves to the lender (0: it never borrows)."""
+    def can_borrow(self, shape: Sequence[int], params: dict) -> bool:
+        """Whether build(..., borrow=True) computes this tensor on its stored bytes in place."""
+        return self.borrows and self._fused_ok(shape, params)
+
+    def borrowed_bytes(self, shape: Sequence[int], params: dict, levels: int = 1) -> int:
+        """Bytes of nbytes(..., levels) a borrowing build leaves to the lender (0: it never
+        borrows)."""
         return 0
 
     def __init__(self, codec: type[Codec]):
@@ -362,7 +367,7 @@ class Kernel:
         """
         _check_2d(self.codec, shape)
         if fused and self._fused_ok(shape, params):
-            if borrow and self.borrows:
+            if borrow and self.can_borrow(shape, params):
                 return self._build_fused(shape, params, segments, dtype, borrow=True)
             return self._build_fused(shape, params, segments, dtype)
         return self._build_dense(shape, params, segments, dtype)
@@ -478,7 +483,7 @@ class DenseKernel(Kernel):
 class Int8Kernel(Kernel):
     borrows = True  # the stored codes are the kernel's layout: computed on in place
 
-    def borrowed_bytes(self, shape, params):
+    def borrowed_bytes(self, shape, params, levels=1):
         return numel(shape)
 
     def _fused_ok(self, shape, params):
@@ -623,7 +628,15 @@ class MwqKernel(_NestedKernel):
             return 0  # its parts are views of the payloads: nothing decoded or repacked
         return super().build_scratch(shape, params, fused)
 
-    def _build_fused(self, shape, params, segments, dtype):
+    def can_borrow(self, shape, params):
+        return _mwq_native_ok(shape, params)  # computed on the stored planes as they are
+
+    def borrowed_bytes(self, shape, params, levels=1):
+        if not _mwq_native_ok(shape, params):
+            return 0
+        return sum(sum(f) for f in self.codec.level_fields(shape, params)[:levels])
+
+    def _build_fused(self, shape, params, segments, dtype, borrow=False):
         if not _mwq_native_ok(shape, params):
             return super()._build_fused(shape, params, segments, dtype)
         self.codec._check_segments(segments, shape, params)
@@ -631,6 +644,8 @@ class MwqKernel(_NestedKernel):
         lin = MwqLinear(parts, params["group"], shape, dtype, params["bits"][0])
         for k in range(1, len(segments)):
             lin.append(self._parts(shape, params, segments[k], k, dtype, lin))
+        if borrow:  # views of a read buffer the caller accounts for; later levels count
+            lin.nbytes = 0
         return lin
 
     def _parts(self, shape, params, segment, level, dtype, lin=None, native=False):

@@ -26,23 +26,24 @@ def _segments(t, payloads: list, first: int) -> list[memoryview]:
 
 def can_borrow(reader: EmoeReader, e: ExpertEntry, level: int, fused: bool = True) -> bool:
     """Whether expert e at `level` can compute on its read buffer in place: its chunks are
-    stored raw and every role's kernel computes on the stored bytes (INT8)."""
+    stored raw and every role's kernel computes on the stored bytes (INT8; mwq where it is
+    computed as stored)."""
     if not fused or any(reader.chunks[ci].compression for ci in e.levels[:level]):
         return False
     for role in C.EXPERT_ROLES:
         t = reader.tensors[e.tensors[role]]
-        k = kernel_for(t.codec)
-        if not (k.borrows and k._fused_ok(t.shape, t.params)):
+        if not kernel_for(t.codec).can_borrow(t.shape, t.params):
             return False
     return True
 
 
-def borrowed_bytes(reader: EmoeReader, e: ExpertEntry) -> int:
-    """Bytes of the expert's prepared size that a borrowing build leaves in the read buffer."""
+def borrowed_bytes(reader: EmoeReader, e: ExpertEntry, level: int = 1) -> int:
+    """Bytes of the expert's prepared size at `level` that a borrowing build leaves in the
+    read buffer."""
     total = 0
     for role in C.EXPERT_ROLES:
         t = reader.tensors[e.tensors[role]]
-        total += kernel_for(t.codec).borrowed_bytes(t.shape, t.params)
+        total += kernel_for(t.codec).borrowed_bytes(t.shape, t.params, level)
     return total
 
 

@@ -83,20 +83,23 @@ class ExpertStore:
         self.reads = 0
         self._verified: set[int] = set()  # chunks whose CRC this process has checked
         self.check_every_read = check_every_read
-        self._slabs: list[mmap.mmap] = []  # free slabs of max_span bytes
+        self._slabs: dict[int, list[mmap.mmap]] = {}  # free slabs by size (a read's span)
         self.slabs_made = 0
 
     def recycle(self, slab: mmap.mmap) -> None:
         """Give back a slab from an `own` read once nothing uses its views."""
         with self._lock:
-            self._slabs.append(slab)
+            self._slabs.setdefault(len(slab), []).append(slab)
 
-    def _slab(self) -> mmap.mmap:
+    def _slab(self, n: int) -> mmap.mmap:
+        """A slab of exactly n bytes (the read's aligned span: the levels it holds, so an
+        expert read at a low level of a nested codec holds no room for its higher ones)."""
         with self._lock:
-            if self._slabs:
-                return self._slabs.pop()
+            free = self._slabs.get(n)
+            if free:
+                return free.pop()
             self.slabs_made += 1
-        return mmap.mmap(-1, self.max_span)  # page-aligned, as O_DIRECT needs
+        return mmap.mmap(-1, n)  # page-aligned, as O_DIRECT needs
 
     @property
     def buffer_bytes(self) -> Bytes:
@@ -155,7 +158,7 @@ class ExpertStore:
         if self.throttle is not None:
             self.throttle(length)
         own = own and not self.compressed(layer, expert, level)
-        buf = self._slab() if own else self._buffer(length)
+        buf = self._slab(length) if own else self._buffer(length)
         view = memoryview(buf)[:length]
         got = self._pread(view, start)
         with self._lock:

@@ -275,3 +275,24 @@ def test_mwq_is_computed_as_stored(path):
         assert lin.truncate(1) and lin.nbytes == len(segs[0]) and lin.level == 1
     finally:
         fastkernels.isa(1)
+
+
+@pytest.mark.skipif(not fastkernels.mwq_available(), reason="no AVX2/F16C or no C compiler")
+def test_mwq_borrows_its_stored_bytes():
+    """Built with borrow=True an mwq weight computes on the caller's bytes in place: it
+    counts none of them (the lender does), and a level appended later counts its own."""
+    shape = (128, 256)
+    codec, params, segs = _encode("mwq", {"bits": [2, 3, 4], "group": 64}, shape)
+    k = kernel_for(codec)
+    assert k.can_borrow(shape, params)
+    for level in (1, 2):
+        assert k.borrowed_bytes(shape, params, level) == k.nbytes(shape, params, level)
+    slab = bytearray(segs[0] + segs[1])
+    views = [memoryview(slab)[: len(segs[0])], memoryview(slab)[len(segs[0]) :]]
+    lin = k.build(shape, params, views, torch.float32, borrow=True)
+    assert type(lin) is MwqLinear and lin.nbytes == 0
+    x = torch.randn(2, shape[1])
+    want = reference_linear(codec.id, shape, params, segs[:2])(x)
+    assert ((lin(x) - want).norm() / want.norm()).item() < 0.02
+    k.upgrade(lin, shape, params, [segs[2]], torch.float32)
+    assert lin.level == 3 and lin.nbytes == len(segs[2])
