@@ -32,6 +32,14 @@ from formats.constants import align_up
 from formats.reader import EmoeReader
 
 
+def _close(slab: mmap.mmap) -> None:
+    """Unmap a free slab now; one whose views are still alive goes when they do."""
+    try:
+        slab.close()
+    except BufferError:
+        pass
+
+
 class Payloads(list):
     """The raw bytes of an expert's level chunks, one item per level; `slab` is the buffer
     the items are views of (an owned read), or None."""
@@ -87,9 +95,18 @@ class ExpertStore:
         self.slabs_made = 0
 
     def recycle(self, slab: mmap.mmap) -> None:
-        """Give back a slab from an `own` read once nothing uses its views."""
+        """Give back a slab from an `own` read once nothing uses its views. At most `threads`
+        free slabs are kept, the plan's reader-thread room; slabs of other sizes than the one
+        just freed go first (a nested codec's levels give several sizes, and free slabs of a
+        size no read asks for would pile up outside every budget)."""
         with self._lock:
             self._slabs.setdefault(len(slab), []).append(slab)
+            free = sum(len(v) for v in self._slabs.values())
+            for size in sorted(self._slabs, key=lambda n: n == len(slab)):
+                while free > self.threads and self._slabs[size]:
+                    _close(self._slabs[size].pop(0))
+                    free -= 1
+            self._slabs = {n: v for n, v in self._slabs.items() if v}
 
     def _slab(self, n: int) -> mmap.mmap:
         """A slab of exactly n bytes (the read's aligned span: the levels it holds, so an
