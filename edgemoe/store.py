@@ -95,27 +95,27 @@ class ExpertStore:
         self.slabs_made = 0
 
     def recycle(self, slab: mmap.mmap) -> None:
-        """Give back a slab from an `own` read once nothing uses its views. At most `threads`
-        free slabs are kept, the plan's reader-thread room; slabs of other sizes than the one
-        just freed go first (a nested codec's levels give several sizes, and free slabs of a
-        size no read asks for would pile up outside every budget)."""
+        """Give back a slab from an `own` read once nothing uses its views."""
         with self._lock:
             self._slabs.setdefault(len(slab), []).append(slab)
-            free = sum(len(v) for v in self._slabs.values())
-            for size in sorted(self._slabs, key=lambda n: n == len(slab)):
-                while free > self.threads and self._slabs[size]:
-                    _close(self._slabs[size].pop(0))
-                    free -= 1
-            self._slabs = {n: v for n, v in self._slabs.items() if v}
 
     def _slab(self, n: int) -> mmap.mmap:
         """A slab of exactly n bytes (the read's aligned span: the levels it holds, so an
-        expert read at a low level of a nested codec holds no room for its higher ones)."""
+        expert read at a low level of a nested codec holds no room for its higher ones).
+        A free slab is the room of an expert evicted for a read; when none has this read's
+        size, the free ones of other sizes are unmapped before a new one is made, or they
+        would pile up outside every budget (gate:q=1 was OOM-killed at the 50% cap)."""
+        stale = []
         with self._lock:
             free = self._slabs.get(n)
             if free:
                 return free.pop()
+            for other in self._slabs.values():
+                stale += other
+            self._slabs = {}
             self.slabs_made += 1
+        for old in stale:
+            _close(old)
         return mmap.mmap(-1, n)  # page-aligned, as O_DIRECT needs
 
     @property
