@@ -19,6 +19,7 @@ runs never see a half-written file and never wait on a lock.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -38,6 +39,7 @@ _lock = threading.Lock()
 _lib: list = []  # [] not tried yet; [None] unavailable; [CDLL] loaded
 
 
+@functools.cache
 def _cpu_has(*flags: str) -> bool:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -141,7 +143,7 @@ def isa(want: int = -1) -> str:
 
 def _check(rc: int) -> None:
     if rc != 0:
-        raise MemoryError("the INT8 kernel could not allocate its scratch memory")
+        raise MemoryError("the kernel could not allocate its scratch memory")
 
 
 def mwq_available() -> bool:

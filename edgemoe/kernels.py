@@ -245,6 +245,11 @@ def _mwq_native_ok(shape, params: dict) -> bool:
     return cols % 64 == 0 and group % 64 == 0 and cols % group == 0 and fastkernels.mwq_available()
 
 
+def _mwq_level_bytes(codec, shape, params: dict, levels: int) -> int:
+    """Stored bytes of an mwq weight's first `levels` levels: what MwqLinear holds."""
+    return sum(sum(f) for f in codec.level_fields(shape, params)[:levels])
+
+
 def _mwq_part(segment, planes_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A level's segment as (its planes, its scales as int16 f16 bits), views of the segment's
     memory, never copied (the store's payloads are private copies of its read buffer; the
@@ -619,7 +624,7 @@ class MwqKernel(_NestedKernel):
 
     def _fused_nbytes(self, shape, params, levels, dtype):
         if _mwq_native_ok(shape, params):
-            return sum(sum(f) for f in self.codec.level_fields(shape, params)[:levels])
+            return _mwq_level_bytes(self.codec, shape, params, levels)
         rows, cols = int(shape[0]), int(shape[1])
         return levels * _int4_part_nbytes(rows, cols, params["group"], _item(dtype))
 
@@ -634,7 +639,7 @@ class MwqKernel(_NestedKernel):
     def borrowed_bytes(self, shape, params, levels=1):
         if not _mwq_native_ok(shape, params):
             return 0
-        return sum(sum(f) for f in self.codec.level_fields(shape, params)[:levels])
+        return _mwq_level_bytes(self.codec, shape, params, levels)
 
     def _build_fused(self, shape, params, segments, dtype, borrow=False):
         if not _mwq_native_ok(shape, params):
