@@ -107,6 +107,11 @@ def _load():
     lib.q8_isa.restype = ctypes.c_int
     lib.mwq_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, ctypes.c_int, p, i64, i64, p, ctypes.c_int]
     lib.mwq_gemm.restype = ctypes.c_int
+    lib.layer1_attn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.layer1_attn.restype = ctypes.c_int
+    lib.q8_moe1.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, p, p, p, p, ctypes.c_int, p,
+                            ctypes.c_int]  # fmt: skip
+    lib.q8_moe1.restype = ctypes.c_int
     return lib
 
 
@@ -210,3 +215,28 @@ def q8_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
         )
     )  # fmt: skip
     return y
+
+
+def q8_experts(x: torch.Tensor, experts, coef: list[float], out: torch.Tensor) -> None:
+    """out [D] (f32, contiguous) += sum_e coef[e] * expert_e(x) for one token x [D]: every
+    expert a (gate, up, down) of Int8Linear on the Q8 kernel with one width, all in one kernel
+    call (q8_moe1). Each expert's output is rounded to bfloat16 first when its Linears compute
+    in it, as expert_forward's output is."""
+    lib = _lib[0] if _lib else library()
+    x = x.float().contiguous()
+    n = len(experts)
+    arr = ctypes.c_void_p * n
+    gate = [e[0] for e in experts]
+    ptrs = [
+        arr(*[getattr(e[j], f).data_ptr() for e in experts])
+        for j in range(3)
+        for f in ("q", "scales")
+    ]
+    c = (ctypes.c_float * n)(*coef)
+    rnd = int(experts[0][2].dtype == torch.bfloat16)
+    _check(
+        lib.q8_moe1(
+            x.data_ptr(), gate[0].in_features, gate[0].out_features, n, *ptrs, c, rnd,
+            out.data_ptr(), torch.get_num_threads(),
+        )
+    )  # fmt: skip

@@ -501,7 +501,9 @@ class Int8Kernel(Kernel):
         if borrow:
             q = torch.frombuffer(codes, dtype=torch.int8).view(rows, cols)
         else:
-            q = torch.from_numpy(np.frombuffer(codes, dtype=np.int8).reshape(rows, cols).copy())
+            # torch's allocator (huge pages for 2 MiB and more: edgemoe/__init__.py)
+            q = torch.empty(rows, cols, dtype=torch.int8)
+            q.numpy()[:] = np.frombuffer(codes, dtype=np.int8).reshape(rows, cols)
         return Int8Linear(q, _f16(scales, rows).reshape(rows), dtype, borrowed=borrow)
 
     def _fused_nbytes(self, shape, params, levels, dtype):

@@ -165,6 +165,11 @@ class KVCache:
         """The longest slot's length (a single sequence's length)."""
         return int(self.lengths.max()) if self.slots else 0
 
+    @property
+    def one(self) -> tuple[int, int] | None:
+        """(slot, first position) when this pass is one row, else None."""
+        return self._one
+
     def reset(self, slot: int) -> None:
         """Free a slot for a new sequence (its old keys are overwritten as the new one fills)."""
         self.lengths[slot] = 0

@@ -32,6 +32,20 @@ from formats.constants import align_up
 from formats.reader import EmoeReader
 
 
+def anon(n: int) -> mmap.mmap:
+    """n bytes of private anonymous memory, page-aligned as O_DIRECT needs, in 2 MiB pages
+    where the kernel gives them (transparent huge pages on madvise): the kernels compute on
+    read slabs in place, and read 4 KiB pages at 18-20 GB/s against ~25 GB/s in huge ones
+    here (TLB misses). Private, not mmap's default MAP_SHARED: shared anonymous memory is
+    shmem and never gets huge pages."""
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # not Linux, or THP off: 4 KiB pages
+        pass
+    return m
+
+
 def _close(slab: mmap.mmap) -> None:
     """Unmap a free slab now; one whose views are still alive goes when they do."""
     try:
@@ -116,7 +130,7 @@ class ExpertStore:
             self.slabs_made += 1
         for old in stale:
             _close(old)
-        return mmap.mmap(-1, n)  # page-aligned, as O_DIRECT needs
+        return anon(n)
 
     @property
     def buffer_bytes(self) -> Bytes:
@@ -166,7 +180,7 @@ class ExpertStore:
     def _buffer(self, n: int) -> mmap.mmap:
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < n:
-            buf = mmap.mmap(-1, max(n, self.max_span))  # page-aligned, as O_DIRECT needs
+            buf = anon(max(n, self.max_span))
             self._local.buf = buf
         return buf
 

@@ -661,3 +661,215 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
   free(m);
   return 0;
 }
+
+// ---------------------------------------------------------------- one token through a layer
+//
+// A decode step of one sequence spends as long in the glue between kernels as in small
+// kernels: norms, rotary, the KV store, attention over a few hundred keys, the router, one
+// kernel call and one thread wake-up per matrix and per expert. layer1_attn runs a layer's
+// attention half for one token in one parallel region, and q8_moe1 all of a token's routed
+// experts of a layer in another (edgemoe/fused.py). Where the model computes in bfloat16
+// (`rnd`) every value is rounded where torch rounds it on the same path (models/base.py),
+// so the step follows the one it replaces but for the order of float sums.
+
+static inline float bf16r(float f) {  // to bfloat16, nearest even, as torch's .to(bfloat16)
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return f;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float rd(float f, int rnd) { return rnd ? bf16r(f) : f; }
+
+// 8 cached numbers from index i (Dh is a multiple of 8)
+static inline __m256 kv8(const void* base, int64_t i, int kv16) {
+  if (!kv16) return _mm256_loadu_ps((const float*)base + i);
+  const __m128i h = _mm_loadu_si128((const __m128i*)((const uint16_t*)base + i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline void kv_put(void* base, int64_t i, float f, int kv16) {
+  if (!kv16) {
+    ((float*)base)[i] = f;
+    return;
+  }
+  uint32_t u;
+  memcpy(&u, &f, 4);  // f is already a bfloat16 value: its top half is exact
+  ((uint16_t*)base)[i] = (uint16_t)(u >> 16);
+}
+
+// y = rms_norm(x) * w, as models/base.py computes it (f32 sum, one rounding at the end).
+static void rms1(const float* x, const float* w, int64_t D, float eps, int rnd, float* y) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float r = 1.0f / sqrtf(ss / (float)D + eps);
+  for (int64_t i = 0; i < D; ++i) y[i] = rd(w[i] * (x[i] * r), rnd);
+}
+
+typedef struct {
+  int64_t D, H, Hkv, Dh, E;
+  float eps, scale;
+  const float *ln1, *ln2;  // f32 [D]
+  const int8_t *wq, *wk, *wv, *wo;  // int8 codes [H*Dh, D], [Hkv*Dh, D] x2, [D, H*Dh]
+  const float *sq, *sk, *sv, *so;  // their f32 row scales
+  const float* router;  // f32 [E, D]
+  int rnd;  // 1: the model computes in bfloat16
+} Layer1;
+
+// One token through a layer's attention half, in place on the residual x [D] (f32 holding the
+// model dtype's values): x += o(attend(rope(q), rope(k) and v stored at `pos` of this slot's
+// cache kc/vc [Hkv, max_len, Dh])); then xn = norm2(x) and logits [E] = router . xn (f32).
+// cosv/sinv [Dh]: the position's rotary table in the model's dtype. Each thread takes whole
+// heads (its q heads' rows, rotary and attention; its KV heads' rows and store) and repeats
+// the cheap serial steps (norms, quantizing a vector) on its own copy, so the region waits
+// at three barriers: keys stored, heads attended, residual updated. Returns 0, or -1 when
+// scratch memory could not be allocated.
+int layer1_attn(const Layer1* L, float* x, float* xn, float* logits, const float* cosv,
+                const float* sinv, void* kc, void* vc, int64_t max_len, int64_t pos, int kv16,
+                int threads) {
+  q8_isa(-1);
+  const int64_t D = L->D, Dh = L->Dh, H = L->H, Hkv = L->Hkv, Nq = H * Dh, Nkv = Hkv * Dh;
+  const int64_t len = pos + 1, group = H / Hkv, half = Dh / 2;
+  const int rnd = L->rnd;
+  if (threads < 1) threads = 1;
+  const int64_t per = 2 * D + Nq;  // a thread's own norm output, norm2 and quantized o input
+  float* buf = malloc(sizeof(float) * (size_t)(Nq + 2 * Nkv + Nq + D + threads * per));
+  float* sc = malloc(sizeof(float) * (size_t)(H * len));
+  Acts* ax = calloc((size_t)(2 * threads), sizeof(Acts));
+  void** mem = calloc((size_t)(2 * threads), sizeof(void*));
+  int ok = buf && sc && ax && mem;
+  for (int i = 0; ok && i < threads; ++i)
+    ok = (mem[2 * i] = acts_alloc(&ax[2 * i], 1, D)) && (mem[2 * i + 1] = acts_alloc(&ax[2 * i + 1], 1, Nq));
+  if (ok) {
+    float *q = buf, *k = q + Nq, *v = k + Nkv, *o = v + Nkv, *y = o + Nq, *own = y + D;
+#pragma omp parallel num_threads(threads)
+    {
+      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      float* h = own + tid * per;  // norm1 output, then norm2 output
+      Acts* a = &ax[2 * tid];
+      const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;  // this thread's q heads
+      const int64_t g0 = Hkv * tid / nth, g1 = Hkv * (tid + 1) / nth;  // and KV heads
+      rms1(x, L->ln1, D, L->eps, rnd, h);
+      acts_fill(a, h);
+      rows(a, L->wq, L->sq, h0 * Dh, h1 * Dh, q + h0 * Dh, Nq);
+      rows(a, L->wk, L->sk, g0 * Dh, g1 * Dh, k + g0 * Dh, Nkv);
+      rows(a, L->wv, L->sv, g0 * Dh, g1 * Dh, v + g0 * Dh, Nkv);
+      // rotate-half rotary in the model's dtype: x * cos + rotate_half(x) * sin, each product
+      // and the sum rounded as torch's bfloat16 ops round them
+      float tmp[Dh];
+      for (int64_t hd = 0; hd < (h1 - h0) + (g1 - g0); ++hd) {
+        float* t = hd < h1 - h0 ? q + (h0 + hd) * Dh : k + (g0 + hd - (h1 - h0)) * Dh;
+        for (int64_t i = 0; i < Dh; ++i) tmp[i] = rd(t[i], rnd);
+        for (int64_t i = 0; i < Dh; ++i) {
+          const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+          t[i] = rd(rd(tmp[i] * cosv[i], rnd) + rd(rot * sinv[i], rnd), rnd);
+        }
+      }
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t i = 0; i < Dh; ++i) {
+          kv_put(kc, (g * max_len + pos) * Dh + i, k[g * Dh + i], kv16);
+          kv_put(vc, (g * max_len + pos) * Dh + i, rd(v[g * Dh + i], rnd), kv16);
+        }
+#pragma omp barrier
+      for (int64_t hd = h0; hd < h1; ++hd) {
+        const int64_t g = hd / group;
+        const float* qh = q + hd * Dh;
+        float* s = sc + hd * len;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t at = (g * max_len + j) * Dh;
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t i = 0; i < Dh; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), kv8(kc, at + i, kv16), acc);
+          s[j] = hsum(acc) * L->scale;
+          if (s[j] > m) m = s[j];
+        }
+        float z = 0.0f;
+        for (int64_t j = 0; j < len; ++j) z += (s[j] = expf(s[j] - m));
+        float* oh = o + hd * Dh;
+        for (int64_t i = 0; i < Dh; i += 8) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t j = 0; j < len; ++j)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), kv8(vc, (g * max_len + j) * Dh + i, kv16),
+                                  acc);
+          _mm256_storeu_ps(oh + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / z)));
+        }
+        for (int64_t i = 0; i < Dh; ++i) oh[i] = rd(oh[i], rnd);
+      }
+#pragma omp barrier
+      int64_t r0, r1;
+      acts_fill(&ax[2 * tid + 1], o);
+      share(D, &r0, &r1);
+      rows(&ax[2 * tid + 1], L->wo, L->so, r0, r1, y + r0, D);
+      for (int64_t i = r0; i < r1; ++i) x[i] = rd(x[i] + rd(y[i], rnd), rnd);
+#pragma omp barrier
+      rms1(x, L->ln2, D, L->eps, rnd, h);
+      if (tid == 0) memcpy(xn, h, sizeof(float) * (size_t)D);
+      for (int64_t e = L->E * tid / nth; L->router && e < L->E * (tid + 1) / nth; ++e) {
+        const float* w = L->router + e * D;
+        float d = 0.0f;
+        for (int64_t i = 0; i < D; ++i) d += w[i] * h[i];
+        logits[e] = d;
+      }
+    }
+  }
+  for (int i = 0; mem && i < 2 * threads; ++i) free(mem[i]);
+  free(mem);
+  free(ax);
+  free(sc);
+  free(buf);
+  return ok ? 0 : -1;
+}
+
+// One token's routed experts of a layer: out [D] += sum_e coef[e] * down_e(silu(gate_e(x)) *
+// up_e(x)), x [D] f32, each expert's three int8 weights and f32 row scales given by pointer.
+// One parallel region for all n experts: x quantized once, every expert's gate and up rows,
+// then every expert's down rows, each thread adding its rows of every expert into out in
+// expert order (the sum moe/combine.py makes). rnd: each expert's output is rounded to
+// bfloat16 first (the model computes in it). Returns 0, or -1 when scratch memory could not
+// be allocated.
+int q8_moe1(const float* x, int64_t D, int64_t I, int n, const int8_t* const* wg,
+            const float* const* sg, const int8_t* const* wu, const float* const* su,
+            const int8_t* const* wd, const float* const* sd, const float* coef, int rnd,
+            float* out, int threads) {
+  q8_isa(-1);
+  Acts ax;
+  Acts* ah = malloc(sizeof(Acts) * (size_t)n);
+  void** mh = calloc((size_t)n, sizeof(void*));
+  void* mx = acts_alloc(&ax, 1, D);
+  float* h = malloc(sizeof(float) * (size_t)(2 * n * I + n * D));
+  int ok = ah && mh && mx && h;
+  for (int e = 0; ok && e < n; ++e) ok = (mh[e] = acts_alloc(&ah[e], 1, I)) != NULL;
+  if (ok) {
+    float *u = h + n * I, *y = u + n * I;
+#pragma omp parallel num_threads(threads)
+    {
+      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+      int64_t r0, r1;
+#pragma omp single
+      acts_fill(&ax, x);
+      share(I, &r0, &r1);
+      for (int e = 0; e < n; ++e) {
+        rows(&ax, wg[e], sg[e], r0, r1, h + e * I + r0, I);
+        rows(&ax, wu[e], su[e], r0, r1, u + e * I + r0, I);
+        silu_mul(h + e * I + r0, u + e * I + r0, r1 - r0);
+      }
+#pragma omp barrier
+      for (int e = tid; e < n; e += nth) acts_fill(&ah[e], h + e * I);
+#pragma omp barrier
+      share(D, &r0, &r1);
+      for (int e = 0; e < n; ++e) rows(&ah[e], wd[e], sd[e], r0, r1, y + e * D + r0, D);
+      for (int e = 0; e < n; ++e)
+        for (int64_t i = r0; i < r1; ++i) out[i] += coef[e] * rd(y[e * D + i], rnd);
+    }
+  }
+  for (int e = 0; mh && e < n; ++e) free(mh[e]);
+  free(h);
+  free(mx);
+  free(mh);
+  free(ah);
+  return ok ? 0 : -1;
+}

@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from edgemoe.fused import FusedLayer
 from edgemoe.kernels import DenseLinear, Linear
 from edgemoe.kvcache import KVCache, Runs
 from edgemoe.moe.executor import ExpertExecutor
@@ -319,13 +320,17 @@ class RoutedMoE:
         self.next: RoutedMoE | None = None  # the next MoE layer, whose experts this one predicts
         self.predict = True
 
-    def __call__(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, D]; keep: flat indices of the real tokens (None: all), pads get zeros."""
+    def __call__(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, S, D]; keep: flat indices of the real tokens (None: all), pads get zeros;
+        logits: the router's [T, E] where the caller computed them (fused.py)."""
         b, s, d = x.shape
         flat = x.reshape(-1, d)  # [B*S, D]
         if keep is not None:
             flat = flat[keep]  # [T, D]
-        logits = flat.float() @ self.router.float().T  # [T, E]
+        if logits is None:
+            logits = flat.float() @ self.router.float().T  # [T, E]
         ids, w = self.route(logits)  # [T, K]
         handle = self.executor.begin(self.layer, flat, ids, w)  # reads fly from here on
         if self.next is not None and self.predict and flat.shape[0] <= PREDICT_TOKENS:
@@ -349,13 +354,17 @@ class RoutedMoE:
 
 
 class DecoderLayer:
-    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); one token of one sequence
+    takes the fused kernels where the layer is the standard kind (edgemoe/fused.py)."""
 
     def __init__(self, w: Weights, i: int, attn, mlp, eps: float):
         self.attn, self.mlp, self.eps = attn, mlp, eps
         self.ln1 = w.tensor(f"model.layers.{i}.input_layernorm.weight")
         self.ln2 = w.tensor(f"model.layers.{i}.post_attention_layernorm.weight")
+        self.fused = FusedLayer.of(self)
 
     def __call__(self, x, positions, mask, cache, i):
+        if self.fused is not None and self.fused.applies(x, cache):
+            return self.fused(x, cache, i)
         h = x + self.attn(rms_norm(x, self.ln1, self.eps), positions, mask, cache, i)
         return h + self.mlp(rms_norm(h, self.ln2, self.eps), cache.keep)

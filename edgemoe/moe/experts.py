@@ -31,19 +31,21 @@ class ExpertWeights:
         return own + (len(self.slab) if self.slab is not None else 0)
 
 
+def _q8(gate: Linear, up: Linear, down: Linear) -> bool:
+    return all(type(p) is Int8Linear and p.fast for p in (gate, up, down))
+
+
+def q8_expert(ew: ExpertWeights) -> bool:
+    """Whether the expert runs on the Q8 kernel (fastkernels.q8_swiglu, q8_experts)."""
+    return _q8(ew.gate, ew.up, ew.down)
+
+
 def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)); x [N, D] -> [N, D].
 
     Three INT8 Linears on the Q8 kernel run as one kernel call (fastkernels.q8_swiglu:
     activations quantized once, one thread wake-up); anything else, Linear by Linear."""
-    if (
-        type(gate) is Int8Linear
-        and type(up) is Int8Linear
-        and type(down) is Int8Linear
-        and gate.fast
-        and up.fast
-        and down.fast
-    ):
+    if _q8(gate, up, down):
         return fastkernels.q8_swiglu(x, gate, up, down).to(down.dtype)
     return down(F.silu(gate(x)) * up(x))
 

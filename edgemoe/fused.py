@@ -1,0 +1,129 @@
+"""One token through a decoder layer in two kernel calls: the batch-1 decode fast path.
+
+A decode step of one sequence on the bench model spent ~10 ms of its ~45 ms between
+kernels (norms, rotary, the KV store, attention, the router, a kernel call and a thread
+wake-up per matrix and per expert). Here a layer's attention half is one call
+(csrc/q8.c `layer1_attn`: norm, q/k/v on one quantization of the input, rotary, the
+KV store, attention, o, the residual, the second norm and the router's logits) and its
+routed experts another (`q8_moe1`, from moe/local.py when every expert a token needs is
+in memory). Routing, the cache, reads and prefetch stay in Python: the executor decides,
+the kernels compute.
+
+It applies where the step is one token of one sequence and the layer is the standard
+one: GQA attention without qk-norm, clipping or biases, INT8 q/k/v/o on the Q8 kernel,
+head_dim a multiple of 8, computing in float32 or bfloat16 (bfloat16 values are rounded
+where torch rounds them on the path it replaces, models/base.py); anything else takes that
+path. EDGEMOE_FUSED=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+
+import torch
+
+from edgemoe import fastkernels
+from edgemoe.kernels import Int8Linear
+
+
+class _Layer1(ctypes.Structure):  # csrc/q8.c Layer1
+    _fields_ = [
+        *[(n, ctypes.c_int64) for n in ("D", "H", "Hkv", "Dh", "E")],
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *[(n, ctypes.c_void_p) for n in ("ln1", "ln2", "wq", "wk", "wv", "wo")],
+        *[(n, ctypes.c_void_p) for n in ("sq", "sk", "sv", "so", "router")],
+        ("rnd", ctypes.c_int),
+    ]
+
+
+def enabled() -> bool:
+    return os.environ.get("EDGEMOE_FUSED", "1") != "0" and fastkernels.available()
+
+
+def _q8(lin) -> bool:
+    return type(lin) is Int8Linear and lin.fast
+
+
+@functools.lru_cache(maxsize=64)
+def _rope(pos: int, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The rotary table of one position, as Attention computes it, in float32 [dim] each."""
+    from edgemoe.models.base import rope_cos_sin
+
+    cos, sin = rope_cos_sin(torch.tensor([[pos]]), dim, theta, dtype)
+    return cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
+
+
+class FusedLayer:
+    """The fast path of one DecoderLayer (None from `of` where it does not apply)."""
+
+    @classmethod
+    def of(cls, layer) -> FusedLayer | None:
+        from edgemoe.models.base import Attention, RoutedMoE
+
+        a, mlp = layer.attn, layer.mlp
+        if not enabled() or type(a) is not Attention:
+            return None
+        if a.qk_norm or a.clip is not None or not all(_q8(p) for p in (a.q, a.k, a.v, a.o)):
+            return None
+        dtype = a.q.dtype
+        d = a.q.in_features
+        if dtype not in (torch.float32, torch.bfloat16) or a.head_dim % 8 or d % 32:
+            return None
+        if (a.o.in_features % 32) or a.n_heads % a.n_kv:
+            return None
+        return cls(layer, mlp if type(mlp) is RoutedMoE else None)
+
+    def __init__(self, layer, moe):
+        a = layer.attn
+        self.layer, self.moe, self.dtype = layer, moe, a.q.dtype
+        self.d, self.head_dim, self.theta = a.q.in_features, a.head_dim, a.theta
+        # the kernel reads these through raw pointers: this object keeps them alive
+        self._keep = [layer.ln1.float().contiguous(), layer.ln2.float().contiguous()]
+        router = None
+        if moe is not None:
+            router = moe.router.float().contiguous()
+            self._keep.append(router)
+        self.e = router.shape[0] if router is not None else 0
+        s = _Layer1(
+            D=self.d, H=a.n_heads, Hkv=a.n_kv, Dh=a.head_dim, E=self.e, eps=layer.eps,
+            scale=1.0 / math.sqrt(a.head_dim), rnd=int(self.dtype == torch.bfloat16),
+        )  # fmt: skip
+        s.ln1, s.ln2 = self._keep[0].data_ptr(), self._keep[1].data_ptr()
+        s.wq, s.wk, s.wv, s.wo = (p.q.data_ptr() for p in (a.q, a.k, a.v, a.o))
+        s.sq, s.sk, s.sv, s.so = (p.scales.data_ptr() for p in (a.q, a.k, a.v, a.o))
+        s.router = router.data_ptr() if router is not None else None
+        self.args = s
+        self._ref = ctypes.byref(s)
+
+    def applies(self, x: torch.Tensor, cache) -> bool:
+        """One token of one sequence, its cache the plain kind in the model's dtype."""
+        return (
+            x.shape[0] * x.shape[1] == 1
+            and getattr(cache, "one", None) is not None
+            and getattr(cache, "dtype", None) == self.dtype
+            and cache.keep is None
+        )
+
+    def __call__(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        slot, pos = cache.one
+        xr = x.reshape(-1).float().clone()  # the residual, updated in place by the kernel
+        xn = torch.empty(self.d, dtype=torch.float32)
+        logits = torch.empty(max(self.e, 1), dtype=torch.float32)
+        cos, sin = _rope(pos, self.head_dim, self.theta, self.dtype)
+        kc, vc = cache.k[layer][slot], cache.v[layer][slot]  # [Hkv, max_len, Dh], contiguous
+        lib = fastkernels.library()
+        rc = lib.layer1_attn(
+            self._ref, xr.data_ptr(), xn.data_ptr(), logits.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], pos,
+            int(self.dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        fastkernels._check(rc)
+        h = xr.to(self.dtype).view(1, 1, self.d)
+        xn = xn.to(self.dtype).view(1, 1, self.d)
+        if self.moe is not None:
+            return h + self.moe(xn, None, logits=logits.view(1, self.e))
+        return h + self.layer.mlp(xn, None)
