@@ -48,24 +48,25 @@ def _q8(lin) -> bool:
     return type(lin) is Int8Linear and lin.fast
 
 
-@functools.lru_cache(maxsize=64)
-def _rope(pos: int, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The rotary table of one position, as Attention computes it, in float32 [dim] each."""
-    from edgemoe.models.base import rope_cos_sin
-
-    cos, sin = rope_cos_sin(torch.tensor([[pos]]), dim, theta, dtype)
+@functools.lru_cache(maxsize=256)  # every layer of a step shares its position's table
+def _table(rope, pos: int, dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One position's rotary table as Attention computes it, float32 [dim] each."""
+    cos, sin = rope(torch.tensor([[pos]]), dim, theta, dtype)
     return cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
 
 
 class FusedLayer:
-    """The fast path of one DecoderLayer (None from `of` where it does not apply)."""
+    """The fast path of one DecoderLayer (None from `of` where it does not apply).
+
+    The layer's attention must be models/base.py's Attention (the caller checks, so this
+    module needs nothing of models/), `moe` its RoutedMoE or None (a dense MLP), `rope` the
+    function Attention's rotary table comes from: (positions, dim, theta, dtype) -> cos, sin.
+    """
 
     @classmethod
-    def of(cls, layer) -> FusedLayer | None:
-        from edgemoe.models.base import Attention, RoutedMoE
-
-        a, mlp = layer.attn, layer.mlp
-        if not enabled() or type(a) is not Attention:
+    def of(cls, layer, moe, rope) -> FusedLayer | None:
+        a = layer.attn
+        if not enabled():
             return None
         if a.qk_norm or a.clip is not None or not all(_q8(p) for p in (a.q, a.k, a.v, a.o)):
             return None
@@ -75,11 +76,13 @@ class FusedLayer:
             return None
         if (a.o.in_features % 32) or a.n_heads % a.n_kv:
             return None
-        return cls(layer, mlp if type(mlp) is RoutedMoE else None)
+        return cls(layer, moe, rope)
 
-    def __init__(self, layer, moe):
+    def __init__(self, layer, moe, rope):
         a = layer.attn
         self.layer, self.moe, self.dtype = layer, moe, a.q.dtype
+
+        self._rope = rope
         self.d, self.head_dim, self.theta = a.q.in_features, a.head_dim, a.theta
         # the kernel reads these through raw pointers: this object keeps them alive
         self._keep = [layer.ln1.float().contiguous(), layer.ln2.float().contiguous()]
@@ -113,7 +116,7 @@ class FusedLayer:
         xr = x.reshape(-1).float().clone()  # the residual, updated in place by the kernel
         xn = torch.empty(self.d, dtype=torch.float32)
         logits = torch.empty(max(self.e, 1), dtype=torch.float32)
-        cos, sin = _rope(pos, self.head_dim, self.theta, self.dtype)
+        cos, sin = _table(self._rope, pos, self.head_dim, self.theta, self.dtype)
         kc, vc = cache.k[layer][slot], cache.v[layer][slot]  # [Hkv, max_len, Dh], contiguous
         lib = fastkernels.library()
         rc = lib.layer1_attn(

@@ -361,7 +361,10 @@ class DecoderLayer:
         self.attn, self.mlp, self.eps = attn, mlp, eps
         self.ln1 = w.tensor(f"model.layers.{i}.input_layernorm.weight")
         self.ln2 = w.tensor(f"model.layers.{i}.post_attention_layernorm.weight")
-        self.fused = FusedLayer.of(self)
+        self.fused = None
+        if type(attn) is Attention:
+            moe = mlp if type(mlp) is RoutedMoE else None
+            self.fused = FusedLayer.of(self, moe, rope_cos_sin)
 
     def __call__(self, x, positions, mask, cache, i):
         if self.fused is not None and self.fused.applies(x, cache):
