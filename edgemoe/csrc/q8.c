@@ -22,11 +22,17 @@
 // and is called through ctypes with the GIL released. Rows are split over OpenMP threads;
 // libgomp's soname is the one torch loads, so both share one runtime and one thread pool.
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #define QK 32
 
@@ -235,6 +241,14 @@ static void rows(const Acts* a, const int8_t* w, const float* ws, int64_t r0, in
     rows_vnni(a, w, ws, r0, r1, y, ldy);
   else
     rows_avx2(a, w, ws, r0, r1, y, ldy);
+}
+
+// Thread tid's share [r0, r1) of N rows in blocks of 4, of nth threads.
+static void share_t(int64_t N, int tid, int nth, int64_t* r0, int64_t* r1) {
+  const int64_t blocks = (N + 3) / 4;
+  const int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
+  *r0 = b0 * 4;
+  *r1 = b1 * 4 < N ? b1 * 4 : N;
 }
 
 // This thread's share [r0, r1) of N rows in blocks of 4 (call inside a parallel region).
@@ -662,6 +676,125 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
   return 0;
 }
 
+
+// ---------------------------------------------------------------- the decode team
+//
+// A decode step calls a kernel every few tens of microseconds. With OpenMP's passive wait
+// (edgemoe sets it: a spinning pool cut decode 3x when another process used the second
+// core) every region start and every barrier puts a thread to sleep and wakes it again,
+// ~30-50 us each on this VM: 2-3 ms of a 40 ms token. libgomp's spin count is one setting
+// for every region, torch's included: 30000 spins sped decode 12% on a quiet machine and
+// slowed it 45% with the other core busy (measured). The fused decode kernels run on their
+// own team instead, whose threads spin for a bounded time (SPIN_NS) before they sleep on a
+// futex: a barrier the other thread reaches within microseconds costs no sleep, and a
+// thread waits at most SPIN_NS of CPU for work that does not come. The team is made on
+// first use (threads - 1 workers) and again after a fork.
+
+#define SPIN_NS 50000
+#define MAX_TEAM 64
+
+static long futex(_Atomic uint32_t* a, int op, uint32_t v) {
+  return syscall(SYS_futex, (uint32_t*)a, op, v, NULL, NULL, 0);
+}
+
+static inline uint64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+// Wait until *a != old: spin SPIN_NS, then sleep on the futex.
+static void wait_change(_Atomic uint32_t* a, uint32_t old) {
+  if (atomic_load(a) != old) return;
+  const uint64_t t0 = now_ns();
+  for (int i = 0;; ++i) {
+    if (atomic_load(a) != old) return;
+    _mm_pause();
+    if ((i & 63) == 63 && now_ns() - t0 > SPIN_NS) break;
+  }
+  while (atomic_load(a) == old) futex(a, FUTEX_WAIT_PRIVATE, old);
+}
+
+typedef struct {
+  _Atomic uint32_t count, gen;
+} Barrier;
+
+static void bar_wait(Barrier* b, int nth) {
+  if (nth <= 1) return;
+  const uint32_t g = atomic_load(&b->gen);
+  if (atomic_fetch_add(&b->count, 1) + 1 == (uint32_t)nth) {
+    atomic_store(&b->count, 0);
+    atomic_fetch_add(&b->gen, 1);
+    futex(&b->gen, FUTEX_WAKE_PRIVATE, MAX_TEAM);
+    return;
+  }
+  wait_change(&b->gen, g);
+}
+
+typedef void (*job_fn)(void* ctx, int tid, int nth);
+
+static struct {
+  pthread_mutex_t lock;  // one job at a time (kernels may be called from several threads)
+  int workers;  // threads started
+  pid_t pid;  // the process that started them (a forked child starts its own)
+  _Atomic uint32_t gen, left;  // job number; workers still in the current job
+  job_fn fn;
+  void* ctx;
+  int nth;
+  Barrier bar;
+  uint32_t born[MAX_TEAM];  // the job number when each worker was started: it waits for the next
+} team = {PTHREAD_MUTEX_INITIALIZER, 0, 0};
+
+static void* team_worker(void* arg) {
+  const int tid = (int)(intptr_t)arg;
+  uint32_t seen = team.born[tid];
+  for (;;) {
+    wait_change(&team.gen, seen);
+    seen = atomic_load(&team.gen);
+    if (tid < team.nth) team.fn(team.ctx, tid, team.nth);
+    if (atomic_fetch_sub(&team.left, 1) == 1) futex(&team.left, FUTEX_WAKE_PRIVATE, 1);
+  }
+  return NULL;
+}
+
+// Run fn(ctx, tid, nth) on nth threads (this one is tid 0) and return when all are done.
+static void team_run(job_fn fn, void* ctx, int nth) {
+  if (nth > MAX_TEAM) nth = MAX_TEAM;
+  pthread_mutex_lock(&team.lock);
+  if (team.pid != getpid()) {  // first use, or a forked child: its parent's workers are gone
+    team.workers = 0;
+    team.pid = getpid();
+    atomic_store(&team.gen, 0);
+  }
+  while (team.workers < nth - 1) {
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    team.born[team.workers + 1] = atomic_load(&team.gen);
+    if (pthread_create(&t, &at, team_worker, (void*)(intptr_t)(team.workers + 1)) != 0) {
+      pthread_attr_destroy(&at);
+      break;
+    }
+    pthread_attr_destroy(&at);
+    team.workers++;
+  }
+  if (nth > team.workers + 1) nth = team.workers + 1;
+  if (nth > 1) {
+    team.fn = fn;
+    team.ctx = ctx;
+    team.nth = nth;
+    atomic_store(&team.bar.count, 0);
+    atomic_store(&team.left, (uint32_t)team.workers);
+    atomic_fetch_add(&team.gen, 1);
+    futex(&team.gen, FUTEX_WAKE_PRIVATE, MAX_TEAM);
+  }
+  fn(ctx, 0, nth);
+  if (nth > 1)
+    for (uint32_t v; (v = atomic_load(&team.left)) != 0;) wait_change(&team.left, v);
+  pthread_mutex_unlock(&team.lock);
+}
+
 // ---------------------------------------------------------------- one token through a layer
 //
 // A decode step of one sequence spends as long in the glue between kernels as in small
@@ -724,97 +857,115 @@ typedef struct {
 // cache kc/vc [Hkv, max_len, Dh])); then xn = norm2(x) and logits [E] = router . xn (f32).
 // cosv/sinv [Dh]: the position's rotary table in the model's dtype. Each thread takes whole
 // heads (its q heads' rows, rotary and attention; its KV heads' rows and store) and repeats
-// the cheap serial steps (norms, quantizing a vector) on its own copy, so the region waits
-// at three barriers: keys stored, heads attended, residual updated. Returns 0, or -1 when
+// the cheap serial steps (norms, quantizing a vector) on its own copy, so the team waits at
+// three barriers: keys stored, heads attended, residual updated. Returns 0, or -1 when
 // scratch memory could not be allocated.
+typedef struct {
+  const Layer1* L;
+  float *x, *xn, *logits, *q, *k, *v, *o, *y, *own, *sc;
+  const float *cosv, *sinv;
+  void *kc, *vc;
+  int64_t max_len, pos, per;
+  int kv16;
+  Acts* ax;
+} Attn1;
+
+static void attn1_job(void* p, int tid, int nth) {
+  const Attn1* c = p;
+  const Layer1* L = c->L;
+  const int64_t D = L->D, Dh = L->Dh, H = L->H, Hkv = L->Hkv, Nq = H * Dh, Nkv = Hkv * Dh;
+  const int64_t len = c->pos + 1, group = H / Hkv, half = Dh / 2, max_len = c->max_len;
+  const int rnd = L->rnd, kv16 = c->kv16;
+  float *x = c->x, *q = c->q, *k = c->k, *v = c->v, *o = c->o, *y = c->y;
+  float* h = c->own + tid * c->per;  // norm1 output, then norm2 output
+  Acts* a = &c->ax[2 * tid];
+  const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;  // this thread's q heads
+  const int64_t g0 = Hkv * tid / nth, g1 = Hkv * (tid + 1) / nth;  // and KV heads
+  rms1(x, L->ln1, D, L->eps, rnd, h);
+  acts_fill(a, h);
+  rows(a, L->wq, L->sq, h0 * Dh, h1 * Dh, q + h0 * Dh, Nq);
+  rows(a, L->wk, L->sk, g0 * Dh, g1 * Dh, k + g0 * Dh, Nkv);
+  rows(a, L->wv, L->sv, g0 * Dh, g1 * Dh, v + g0 * Dh, Nkv);
+  // rotate-half rotary in the model's dtype: x * cos + rotate_half(x) * sin, each product and
+  // the sum rounded as torch's bfloat16 ops round them
+  float tmp[Dh];
+  for (int64_t hd = 0; hd < (h1 - h0) + (g1 - g0); ++hd) {
+    float* t = hd < h1 - h0 ? q + (h0 + hd) * Dh : k + (g0 + hd - (h1 - h0)) * Dh;
+    for (int64_t i = 0; i < Dh; ++i) tmp[i] = rd(t[i], rnd);
+    for (int64_t i = 0; i < Dh; ++i) {
+      const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+      t[i] = rd(rd(tmp[i] * c->cosv[i], rnd) + rd(rot * c->sinv[i], rnd), rnd);
+    }
+  }
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t i = 0; i < Dh; ++i) {
+      kv_put(c->kc, (g * max_len + c->pos) * Dh + i, k[g * Dh + i], kv16);
+      kv_put(c->vc, (g * max_len + c->pos) * Dh + i, rd(v[g * Dh + i], rnd), kv16);
+    }
+  bar_wait(&team.bar, nth);
+  for (int64_t hd = h0; hd < h1; ++hd) {
+    const int64_t g = hd / group;
+    const float* qh = q + hd * Dh;
+    float* s = c->sc + hd * len;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t at = (g * max_len + j) * Dh;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < Dh; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), kv8(c->kc, at + i, kv16), acc);
+      s[j] = hsum(acc) * L->scale;
+      if (s[j] > m) m = s[j];
+    }
+    float z = 0.0f;
+    for (int64_t j = 0; j < len; ++j) z += (s[j] = expf(s[j] - m));
+    float* oh = o + hd * Dh;
+    for (int64_t i = 0; i < Dh; i += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = 0; j < len; ++j)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), kv8(c->vc, (g * max_len + j) * Dh + i, kv16),
+                              acc);
+      _mm256_storeu_ps(oh + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / z)));
+    }
+    for (int64_t i = 0; i < Dh; ++i) oh[i] = rd(oh[i], rnd);
+  }
+  bar_wait(&team.bar, nth);
+  int64_t r0, r1;
+  acts_fill(&c->ax[2 * tid + 1], o);
+  share_t(D, tid, nth, &r0, &r1);
+  rows(&c->ax[2 * tid + 1], L->wo, L->so, r0, r1, y + r0, D);
+  for (int64_t i = r0; i < r1; ++i) x[i] = rd(x[i] + rd(y[i], rnd), rnd);
+  bar_wait(&team.bar, nth);
+  rms1(x, L->ln2, D, L->eps, rnd, h);
+  if (tid == 0) memcpy(c->xn, h, sizeof(float) * (size_t)D);
+  for (int64_t e = L->E * tid / nth; L->router && e < L->E * (tid + 1) / nth; ++e) {
+    const float* w = L->router + e * D;
+    float d = 0.0f;
+    for (int64_t i = 0; i < D; ++i) d += w[i] * h[i];
+    c->logits[e] = d;
+  }
+}
+
 int layer1_attn(const Layer1* L, float* x, float* xn, float* logits, const float* cosv,
                 const float* sinv, void* kc, void* vc, int64_t max_len, int64_t pos, int kv16,
                 int threads) {
   q8_isa(-1);
-  const int64_t D = L->D, Dh = L->Dh, H = L->H, Hkv = L->Hkv, Nq = H * Dh, Nkv = Hkv * Dh;
-  const int64_t len = pos + 1, group = H / Hkv, half = Dh / 2;
-  const int rnd = L->rnd;
+  const int64_t D = L->D, Nq = L->H * L->Dh, Nkv = L->Hkv * L->Dh;
   if (threads < 1) threads = 1;
-  const int64_t per = 2 * D + Nq;  // a thread's own norm output, norm2 and quantized o input
+  if (threads > MAX_TEAM) threads = MAX_TEAM;
+  const int64_t per = 2 * D + Nq;  // a thread's own norm outputs
   float* buf = malloc(sizeof(float) * (size_t)(Nq + 2 * Nkv + Nq + D + threads * per));
-  float* sc = malloc(sizeof(float) * (size_t)(H * len));
+  float* sc = malloc(sizeof(float) * (size_t)(L->H * (pos + 1)));
   Acts* ax = calloc((size_t)(2 * threads), sizeof(Acts));
   void** mem = calloc((size_t)(2 * threads), sizeof(void*));
   int ok = buf && sc && ax && mem;
   for (int i = 0; ok && i < threads; ++i)
-    ok = (mem[2 * i] = acts_alloc(&ax[2 * i], 1, D)) && (mem[2 * i + 1] = acts_alloc(&ax[2 * i + 1], 1, Nq));
+    ok = (mem[2 * i] = acts_alloc(&ax[2 * i], 1, D)) &&
+         (mem[2 * i + 1] = acts_alloc(&ax[2 * i + 1], 1, Nq));
   if (ok) {
-    float *q = buf, *k = q + Nq, *v = k + Nkv, *o = v + Nkv, *y = o + Nq, *own = y + D;
-#pragma omp parallel num_threads(threads)
-    {
-      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-      float* h = own + tid * per;  // norm1 output, then norm2 output
-      Acts* a = &ax[2 * tid];
-      const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;  // this thread's q heads
-      const int64_t g0 = Hkv * tid / nth, g1 = Hkv * (tid + 1) / nth;  // and KV heads
-      rms1(x, L->ln1, D, L->eps, rnd, h);
-      acts_fill(a, h);
-      rows(a, L->wq, L->sq, h0 * Dh, h1 * Dh, q + h0 * Dh, Nq);
-      rows(a, L->wk, L->sk, g0 * Dh, g1 * Dh, k + g0 * Dh, Nkv);
-      rows(a, L->wv, L->sv, g0 * Dh, g1 * Dh, v + g0 * Dh, Nkv);
-      // rotate-half rotary in the model's dtype: x * cos + rotate_half(x) * sin, each product
-      // and the sum rounded as torch's bfloat16 ops round them
-      float tmp[Dh];
-      for (int64_t hd = 0; hd < (h1 - h0) + (g1 - g0); ++hd) {
-        float* t = hd < h1 - h0 ? q + (h0 + hd) * Dh : k + (g0 + hd - (h1 - h0)) * Dh;
-        for (int64_t i = 0; i < Dh; ++i) tmp[i] = rd(t[i], rnd);
-        for (int64_t i = 0; i < Dh; ++i) {
-          const float rot = i < half ? -tmp[i + half] : tmp[i - half];
-          t[i] = rd(rd(tmp[i] * cosv[i], rnd) + rd(rot * sinv[i], rnd), rnd);
-        }
-      }
-      for (int64_t g = g0; g < g1; ++g)
-        for (int64_t i = 0; i < Dh; ++i) {
-          kv_put(kc, (g * max_len + pos) * Dh + i, k[g * Dh + i], kv16);
-          kv_put(vc, (g * max_len + pos) * Dh + i, rd(v[g * Dh + i], rnd), kv16);
-        }
-#pragma omp barrier
-      for (int64_t hd = h0; hd < h1; ++hd) {
-        const int64_t g = hd / group;
-        const float* qh = q + hd * Dh;
-        float* s = sc + hd * len;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t at = (g * max_len + j) * Dh;
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t i = 0; i < Dh; i += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), kv8(kc, at + i, kv16), acc);
-          s[j] = hsum(acc) * L->scale;
-          if (s[j] > m) m = s[j];
-        }
-        float z = 0.0f;
-        for (int64_t j = 0; j < len; ++j) z += (s[j] = expf(s[j] - m));
-        float* oh = o + hd * Dh;
-        for (int64_t i = 0; i < Dh; i += 8) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t j = 0; j < len; ++j)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), kv8(vc, (g * max_len + j) * Dh + i, kv16),
-                                  acc);
-          _mm256_storeu_ps(oh + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / z)));
-        }
-        for (int64_t i = 0; i < Dh; ++i) oh[i] = rd(oh[i], rnd);
-      }
-#pragma omp barrier
-      int64_t r0, r1;
-      acts_fill(&ax[2 * tid + 1], o);
-      share(D, &r0, &r1);
-      rows(&ax[2 * tid + 1], L->wo, L->so, r0, r1, y + r0, D);
-      for (int64_t i = r0; i < r1; ++i) x[i] = rd(x[i] + rd(y[i], rnd), rnd);
-#pragma omp barrier
-      rms1(x, L->ln2, D, L->eps, rnd, h);
-      if (tid == 0) memcpy(xn, h, sizeof(float) * (size_t)D);
-      for (int64_t e = L->E * tid / nth; L->router && e < L->E * (tid + 1) / nth; ++e) {
-        const float* w = L->router + e * D;
-        float d = 0.0f;
-        for (int64_t i = 0; i < D; ++i) d += w[i] * h[i];
-        logits[e] = d;
-      }
-    }
+    Attn1 c = {L, x, xn, logits, buf, buf + Nq, buf + Nq + Nkv, buf + Nq + 2 * Nkv,
+               buf + 2 * Nq + 2 * Nkv, buf + 2 * Nq + 2 * Nkv + D, sc, cosv, sinv, kc, vc,
+               max_len, pos, per, kv16, ax};
+    team_run(attn1_job, &c, threads);
   }
   for (int i = 0; mem && i < 2 * threads; ++i) free(mem[i]);
   free(mem);
@@ -826,50 +977,65 @@ int layer1_attn(const Layer1* L, float* x, float* xn, float* logits, const float
 
 // One token's routed experts of a layer: out [D] += sum_e coef[e] * down_e(silu(gate_e(x)) *
 // up_e(x)), x [D] f32, each expert's three int8 weights and f32 row scales given by pointer.
-// One parallel region for all n experts: x quantized once, every expert's gate and up rows,
+// One team job for all n experts: x quantized by each thread, every expert's gate and up rows,
 // then every expert's down rows, each thread adding its rows of every expert into out in
 // expert order (the sum moe/combine.py makes). rnd: each expert's output is rounded to
 // bfloat16 first (the model computes in it). Returns 0, or -1 when scratch memory could not
 // be allocated.
+typedef struct {
+  const float* x;
+  int64_t D, I;
+  int n, rnd;
+  const int8_t *const *wg, *const *wu, *const *wd;
+  const float *const *sg, *const *su, *const *sd;
+  const float* coef;
+  float *out, *h, *u, *y;
+  Acts *ax, *ah;
+} Moe1;
+
+static void moe1_job(void* p, int tid, int nth) {
+  const Moe1* c = p;
+  const int64_t D = c->D, I = c->I;
+  int64_t r0, r1;
+  acts_fill(&c->ax[tid], c->x);
+  share_t(I, tid, nth, &r0, &r1);
+  for (int e = 0; e < c->n; ++e) {
+    rows(&c->ax[tid], c->wg[e], c->sg[e], r0, r1, c->h + e * I + r0, I);
+    rows(&c->ax[tid], c->wu[e], c->su[e], r0, r1, c->u + e * I + r0, I);
+    silu_mul(c->h + e * I + r0, c->u + e * I + r0, r1 - r0);
+  }
+  bar_wait(&team.bar, nth);
+  for (int e = tid; e < c->n; e += nth) acts_fill(&c->ah[e], c->h + e * I);
+  bar_wait(&team.bar, nth);
+  share_t(D, tid, nth, &r0, &r1);
+  for (int e = 0; e < c->n; ++e) rows(&c->ah[e], c->wd[e], c->sd[e], r0, r1, c->y + e * D + r0, D);
+  for (int e = 0; e < c->n; ++e)
+    for (int64_t i = r0; i < r1; ++i) c->out[i] += c->coef[e] * rd(c->y[e * D + i], c->rnd);
+}
+
 int q8_moe1(const float* x, int64_t D, int64_t I, int n, const int8_t* const* wg,
             const float* const* sg, const int8_t* const* wu, const float* const* su,
             const int8_t* const* wd, const float* const* sd, const float* coef, int rnd,
             float* out, int threads) {
   q8_isa(-1);
-  Acts ax;
-  Acts* ah = malloc(sizeof(Acts) * (size_t)n);
-  void** mh = calloc((size_t)n, sizeof(void*));
-  void* mx = acts_alloc(&ax, 1, D);
+  if (threads < 1) threads = 1;
+  if (threads > MAX_TEAM) threads = MAX_TEAM;
+  Acts* ax = calloc((size_t)threads, sizeof(Acts));
+  Acts* ah = calloc((size_t)n, sizeof(Acts));
+  void** mem = calloc((size_t)(n + threads), sizeof(void*));
   float* h = malloc(sizeof(float) * (size_t)(2 * n * I + n * D));
-  int ok = ah && mh && mx && h;
-  for (int e = 0; ok && e < n; ++e) ok = (mh[e] = acts_alloc(&ah[e], 1, I)) != NULL;
+  int ok = ax && ah && mem && h;
+  for (int e = 0; ok && e < n; ++e) ok = (mem[e] = acts_alloc(&ah[e], 1, I)) != NULL;
+  for (int t = 0; ok && t < threads; ++t) ok = (mem[n + t] = acts_alloc(&ax[t], 1, D)) != NULL;
   if (ok) {
-    float *u = h + n * I, *y = u + n * I;
-#pragma omp parallel num_threads(threads)
-    {
-      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-      int64_t r0, r1;
-#pragma omp single
-      acts_fill(&ax, x);
-      share(I, &r0, &r1);
-      for (int e = 0; e < n; ++e) {
-        rows(&ax, wg[e], sg[e], r0, r1, h + e * I + r0, I);
-        rows(&ax, wu[e], su[e], r0, r1, u + e * I + r0, I);
-        silu_mul(h + e * I + r0, u + e * I + r0, r1 - r0);
-      }
-#pragma omp barrier
-      for (int e = tid; e < n; e += nth) acts_fill(&ah[e], h + e * I);
-#pragma omp barrier
-      share(D, &r0, &r1);
-      for (int e = 0; e < n; ++e) rows(&ah[e], wd[e], sd[e], r0, r1, y + e * D + r0, D);
-      for (int e = 0; e < n; ++e)
-        for (int64_t i = r0; i < r1; ++i) out[i] += coef[e] * rd(y[e * D + i], rnd);
-    }
+    Moe1 c = {x, D, I, n, rnd, wg, wu, wd, sg, su, sd, coef, out, h, h + n * I, h + 2 * n * I,
+              ax, ah};
+    team_run(moe1_job, &c, threads);
   }
-  for (int e = 0; mh && e < n; ++e) free(mh[e]);
+  for (int i = 0; mem && i < n + threads; ++i) free(mem[i]);
+  free(mem);
   free(h);
-  free(mx);
-  free(mh);
   free(ah);
+  free(ax);
   return ok ? 0 : -1;
 }

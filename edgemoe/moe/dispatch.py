@@ -20,6 +20,9 @@ class Assignment:
     level: int = 0  # the level these pairs compute at (0: none given, the executor's own)
 
 
+_ROW0 = torch.zeros(1, dtype=torch.int64)  # the one token of a single-token call (read only)
+
+
 def dispatch(
     expert_ids: torch.Tensor, expert_weights: torch.Tensor, levels: torch.Tensor | None = None
 ) -> list[Assignment]:
@@ -31,6 +34,14 @@ def dispatch(
         levels: [T, K] int64 level of each pair (bits.BitPolicy), or None (all level 0).
     """
     t, k = expert_ids.shape
+    if t == 1:  # a decode step: its K experts are distinct, each one pair (no sort kernels)
+        ids = expert_ids[0].tolist()
+        lv = levels[0].tolist() if levels is not None else [0] * k
+        row = _ROW0
+        return [
+            Assignment(ids[j], row, expert_weights[0, j : j + 1], int(lv[j]))
+            for j in sorted(range(k), key=lambda j: (ids[j], lv[j]))
+        ]
     flat = expert_ids.reshape(-1)  # [T*K]
     if levels is not None:
         lv = levels.reshape(-1).to(torch.int64)  # [T*K]
