@@ -33,7 +33,7 @@ import torch
 
 QK = 32  # activation block: one f32 scale per 32 INT8 values
 _SRC = Path(__file__).parent / "csrc" / "q8.c"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC", "-lm"]
 
 _lock = threading.Lock()
 _lib: list = []  # [] not tried yet; [None] unavailable; [CDLL] loaded

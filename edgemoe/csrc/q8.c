@@ -19,12 +19,12 @@
 // activations quantized once for gate and up, one thread wake-up per expert instead of three.
 //
 // Plain C with no torch headers: it compiles in about a second (edgemoe/fastkernels.py),
-// and is called through ctypes with the GIL released. Rows are split over OpenMP threads;
-// libgomp's soname is the one torch loads, so both share one runtime and one thread pool.
+// and is called through ctypes with the GIL released. Rows are split over the kernels' own
+// thread team (see "the decode team" below), not OpenMP's: torch's pool waits passively,
+// and sleeping and waking at every region cost a decode step 2-3 ms here.
 #include <immintrin.h>
 #include <linux/futex.h>
 #include <math.h>
-#include <omp.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -251,14 +251,6 @@ static void share_t(int64_t N, int tid, int nth, int64_t* r0, int64_t* r1) {
   *r1 = b1 * 4 < N ? b1 * 4 : N;
 }
 
-// This thread's share [r0, r1) of N rows in blocks of 4 (call inside a parallel region).
-static void share(int64_t N, int64_t* r0, int64_t* r1) {
-  const int64_t blocks = (N + 3) / 4;
-  const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-  const int64_t b0 = blocks * tid / nth, b1 = blocks * (tid + 1) / nth;
-  *r0 = b0 * 4;
-  *r1 = b1 * 4 < N ? b1 * 4 : N;
-}
 
 // Acts for T tokens of width K: quantized here (xq, xs, sv, corr in one malloc'd block).
 static void* acts_alloc(Acts* a, int64_t T, int64_t K) {
@@ -281,6 +273,23 @@ static void acts_fill(Acts* a, const float* x) {
   if (isa == 1) prep_vnni(a);
 }
 
+typedef struct {
+  const Acts* a;
+  const int8_t* w;
+  const float* ws;
+  int64_t N;
+  float* y;
+} Gemm;
+
+static void team_run(void (*fn)(void*, int, int), void* ctx, int nth);
+
+static void gemm_job(void* p, int tid, int nth) {
+  const Gemm* c = p;
+  int64_t r0, r1;
+  share_t(c->N, tid, nth, &r0, &r1);
+  rows(c->a, c->w, c->ws, r0, r1, c->y + r0, c->N);
+}
+
 // y [T, N] = x [T, K] (already quantized: xq, xs) times w [N, K] int8 with row scales ws [N].
 // Returns 0, or -1 when scratch memory could not be allocated.
 int q8_gemm(const int8_t* xq, const float* xs, int64_t T, int64_t K, const int8_t* w,
@@ -296,12 +305,8 @@ int q8_gemm(const int8_t* xq, const float* xs, int64_t T, int64_t K, const int8_
     a.corr = a.sv + T * P * 16;
     prep_vnni(&a);
   }
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t r0, r1;
-    share(N, &r0, &r1);
-    rows(&a, w, ws, r0, r1, y + r0, N);
-  }
+  Gemm c = {&a, w, ws, N, y};
+  team_run(gemm_job, &c, threads);
   free(m);
   return 0;
 }
@@ -352,6 +357,43 @@ static void acts_fill_range(Acts* a, const float* x, int64_t t0, int64_t t1) {
   acts_fill(&part, x + t0 * a->K);
 }
 
+typedef struct {
+  const float* x;
+  int64_t T, D, I;
+  const int8_t* wg;
+  const float* sg;
+  const int8_t* wu;
+  const float* su;
+  const int8_t* wd;
+  const float* sd;
+  float *y, *h, *u;
+  Acts *ax, *ah;
+} Swiglu;
+
+typedef struct {
+  _Atomic uint32_t count, gen;
+} Barrier;
+static void bar_wait(Barrier* b, int nth);
+static Barrier* team_barrier(void);
+
+static void swiglu_job(void* p, int tid, int nth) {
+  const Swiglu* c = p;
+  const int64_t T = c->T, I = c->I, D = c->D;
+  const int64_t t0 = T * tid / nth, t1 = T * (tid + 1) / nth;  // this thread's tokens
+  if (t1 > t0) acts_fill_range(c->ax, c->x, t0, t1);
+  bar_wait(team_barrier(), nth);
+  int64_t r0, r1;
+  share_t(I, tid, nth, &r0, &r1);
+  rows(c->ax, c->wg, c->sg, r0, r1, c->h + r0, I);
+  rows(c->ax, c->wu, c->su, r0, r1, c->u + r0, I);
+  for (int64_t t = 0; t < T; ++t) silu_mul(c->h + t * I + r0, c->u + t * I + r0, r1 - r0);
+  bar_wait(team_barrier(), nth);
+  if (t1 > t0) acts_fill_range(c->ah, c->h, t0, t1);
+  bar_wait(team_barrier(), nth);
+  share_t(D, tid, nth, &r0, &r1);
+  rows(c->ah, c->wd, c->sd, r0, r1, c->y + r0, D);
+}
+
 // One SwiGLU expert for T tokens: y [T, D] = down(silu(gate(x)) * up(x)), x [T, D] f32,
 // gate and up [I, D], down [D, I], each int8 with f32 row scales. D and I multiples of 32.
 // One parallel region: x quantized once, gate and up rows side by side, h = silu(g) * u
@@ -367,23 +409,8 @@ int q8_swiglu(const float* x, int64_t T, int64_t D, int64_t I, const int8_t* wg,
   float* u = malloc(sizeof(float) * (size_t)(T * I));
   int ok = mx && mh && h && u;
   if (ok) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-      const int64_t t0 = T * tid / nth, t1 = T * (tid + 1) / nth;  // this thread's tokens
-      if (t1 > t0) acts_fill_range(&ax, x, t0, t1);
-#pragma omp barrier
-      int64_t r0, r1;
-      share(I, &r0, &r1);
-      rows(&ax, wg, sg, r0, r1, h + r0, I);
-      rows(&ax, wu, su, r0, r1, u + r0, I);
-      for (int64_t t = 0; t < T; ++t) silu_mul(h + t * I + r0, u + t * I + r0, r1 - r0);
-#pragma omp barrier
-      if (t1 > t0) acts_fill_range(&ah, h, t0, t1);
-#pragma omp barrier
-      share(D, &r0, &r1);
-      rows(&ah, wd, sd, r0, r1, y + r0, D);
-    }
+    Swiglu c = {x, T, D, I, wg, sg, wu, su, wd, sd, y, h, u, &ax, &ah};
+    team_run(swiglu_job, &c, threads);
   }
   free(u);
   free(h);
@@ -626,6 +653,35 @@ static void mwq_rows_avx2(const int8_t* xq, const float* xs, const float* XS, in
 #define MWQ_UNPACK_T 4
 #endif
 
+typedef struct {
+  const Acts* a;
+  const float* XS;
+  int64_t T, K;
+  const uint8_t* const* planes;
+  int b1, nplanes;
+  const uint16_t* const* scales;
+  int64_t N, group;
+  float* y;
+} Mwq;
+
+static void mwq_job(void* p, int tid, int nth) {
+  const Mwq* c = p;
+  const int64_t N = c->N, T = c->T, K = c->K, r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
+  const int levels = c->nplanes - c->b1 + 1;
+  uint8_t* u = (isa == 1 && T >= MWQ_UNPACK_T && levels <= 4) ? malloc((size_t)(4 * levels) * K)
+                                                              : NULL;
+  if (u)
+    mwq_rows_unpacked(c->a->xq, c->a->sv, c->XS, T, K, c->planes, c->b1, c->nplanes, c->scales,
+                      c->group, r0, r1, c->y + r0, N, u);
+  else if (isa == 1)
+    mwq_rows(c->a->xq, c->a->sv, c->XS, T, K, c->planes, c->b1, c->nplanes, c->scales, c->group,
+             r0, r1, c->y + r0, N);
+  else
+    mwq_rows_avx2(c->a->xq, c->a->xs, c->XS, T, K, c->planes, c->b1, c->nplanes, c->scales,
+                  c->group, r0, r1, c->y + r0, N);
+  free(u);
+}
+
 // y [T, N] = x [T, K] f32 times an mwq weight at level `levels` (1 + the sign planes given):
 // planes[0..b1) the code planes, planes[b1..) the sign planes, scales = s1, z1, s2, ... (f16
 // [N, G] each). Returns 0, or -1 when scratch memory could not be allocated.
@@ -654,23 +710,8 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
       }
       XS[t * G + j] = (float)s;
     }
-#pragma omp parallel num_threads(threads)
-  {
-    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t r0 = N * tid / nth, r1 = N * (tid + 1) / nth;
-    const int levels = nplanes - b1 + 1;
-    uint8_t* u = (isa == 1 && T >= MWQ_UNPACK_T && levels <= 4) ? malloc((size_t)(4 * levels) * K)
-                                                                : NULL;
-    if (u)
-      mwq_rows_unpacked(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0,
-                        N, u);
-    else if (isa == 1)
-      mwq_rows(a.xq, a.sv, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0, N);
-    else
-      mwq_rows_avx2(a.xq, a.xs, XS, T, K, planes, b1, nplanes, scales, group, r0, r1, y + r0,
-                    N);
-    free(u);
-  }
+  Mwq c = {&a, XS, T, K, planes, b1, nplanes, scales, N, group, y};
+  team_run(mwq_job, &c, threads);
   free(XS);
   free(m);
   return 0;
@@ -715,10 +756,6 @@ static void wait_change(_Atomic uint32_t* a, uint32_t old) {
   while (atomic_load(a) == old) futex(a, FUTEX_WAIT_PRIVATE, old);
 }
 
-typedef struct {
-  _Atomic uint32_t count, gen;
-} Barrier;
-
 static void bar_wait(Barrier* b, int nth) {
   if (nth <= 1) return;
   const uint32_t g = atomic_load(&b->gen);
@@ -744,6 +781,8 @@ static struct {
   Barrier bar;
   uint32_t born[MAX_TEAM];  // the job number when each worker was started: it waits for the next
 } team = {PTHREAD_MUTEX_INITIALIZER, 0, 0};
+
+static Barrier* team_barrier(void) { return &team.bar; }
 
 static void* team_worker(void* arg) {
   const int tid = (int)(intptr_t)arg;
