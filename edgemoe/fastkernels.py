@@ -107,7 +107,7 @@ def _load():
     lib.q8_isa.restype = ctypes.c_int
     lib.mwq_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, ctypes.c_int, p, i64, i64, p, ctypes.c_int]
     lib.mwq_gemm.restype = ctypes.c_int
-    lib.layer1_attn.argtypes = [p, p, p, p, p, p, p, p, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.layer1_attn.argtypes = [*[p] * 10, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.layer1_attn.restype = ctypes.c_int
     lib.q8_moe1.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, p, p, p, p, ctypes.c_int, p,
                             ctypes.c_int]  # fmt: skip

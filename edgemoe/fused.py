@@ -27,6 +27,7 @@ import torch
 
 from edgemoe import fastkernels
 from edgemoe.kernels import Int8Linear
+from edgemoe.moe.router import softmax_topk
 
 
 class _Layer1(ctypes.Structure):  # csrc/q8.c Layer1
@@ -37,6 +38,8 @@ class _Layer1(ctypes.Structure):  # csrc/q8.c Layer1
         *[(n, ctypes.c_void_p) for n in ("ln1", "ln2", "wq", "wk", "wv", "wo")],
         *[(n, ctypes.c_void_p) for n in ("sq", "sk", "sv", "so", "router")],
         ("rnd", ctypes.c_int),
+        ("topk", ctypes.c_int),
+        ("norm", ctypes.c_int),
     ]
 
 
@@ -99,8 +102,19 @@ class FusedLayer:
         s.wq, s.wk, s.wv, s.wo = (p.q.data_ptr() for p in (a.q, a.k, a.v, a.o))
         s.sq, s.sk, s.sv, s.so = (p.scales.data_ptr() for p in (a.q, a.k, a.v, a.o))
         s.router = router.data_ptr() if router is not None else None
+        # softmax top-k routing (Mixtral, Qwen-MoE, OLMoE) runs in the kernel; other rules here
+        route = moe.route if moe is not None else None
+        if isinstance(route, functools.partial) and route.func is softmax_topk and not route.args:
+            s.topk, s.norm = int(route.keywords["k"]), int(bool(route.keywords["normalize"]))
         self.args = s
         self._ref = ctypes.byref(s)
+        # the call's outputs, reused: each is consumed before the layer's next call
+        self.xr = torch.empty(self.d, dtype=torch.float32)
+        self.xn = torch.empty(1, self.d, dtype=torch.float32)
+        self.logits = torch.empty(1, max(self.e, 1), dtype=torch.float32)
+        self.ids = torch.empty(1, max(s.topk, 1), dtype=torch.int64)
+        self.w = torch.empty(1, max(s.topk, 1), dtype=torch.float32)
+        self._ptrs = [t.data_ptr() for t in (self.xr, self.xn, self.logits, self.ids, self.w)]
 
     def applies(self, x: torch.Tensor, cache) -> bool:
         """One token of one sequence, its cache the plain kind in the model's dtype."""
@@ -113,20 +127,20 @@ class FusedLayer:
 
     def __call__(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
         slot, pos = cache.one
-        xr = x.reshape(-1).float().clone()  # the residual, updated in place by the kernel
-        xn = torch.empty(self.d, dtype=torch.float32)
-        logits = torch.empty(max(self.e, 1), dtype=torch.float32)
+        self.xr.copy_(x.view(-1))  # the residual, updated in place by the kernel
         cos, sin = _table(self._rope, pos, self.head_dim, self.theta, self.dtype)
-        kc, vc = cache.k[layer][slot], cache.v[layer][slot]  # [Hkv, max_len, Dh], contiguous
-        lib = fastkernels.library()
-        rc = lib.layer1_attn(
-            self._ref, xr.data_ptr(), xn.data_ptr(), logits.data_ptr(), cos.data_ptr(),
-            sin.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[1], pos,
-            int(self.dtype == torch.bfloat16), torch.get_num_threads(),
+        kc, vc = cache.k[layer], cache.v[layer]  # [N, Hkv, max_len, Dh]: this slot's rows
+        at = slot * kc.stride(0) * kc.element_size()
+        rc = fastkernels.library().layer1_attn(
+            self._ref, *self._ptrs, cos.data_ptr(), sin.data_ptr(), kc.data_ptr() + at,
+            vc.data_ptr() + at, kc.shape[2], pos, self.args.rnd, torch.get_num_threads(),
         )  # fmt: skip
         fastkernels._check(rc)
-        h = xr.to(self.dtype).view(1, 1, self.d)
-        xn = xn.to(self.dtype).view(1, 1, self.d)
-        if self.moe is not None:
-            return h + self.moe(xn, None, logits=logits.view(1, self.e))
-        return h + self.layer.mlp(xn, None)
+        h = self.xr.to(self.dtype).view(1, 1, self.d)
+        # the MoE input stays float32 (bfloat16 values): the expert kernels take it as it is
+        xn = self.xn.view(1, 1, self.d)
+        if self.moe is None:
+            return h + self.layer.mlp(xn.to(self.dtype), None)
+        routed = (self.ids, self.w) if self.args.topk else None
+        out = self.moe(xn, None, logits=self.logits, routed=routed)
+        return h + out.to(self.dtype)

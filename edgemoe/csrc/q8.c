@@ -889,19 +889,22 @@ typedef struct {
   const float *sq, *sk, *sv, *so;  // their f32 row scales
   const float* router;  // f32 [E, D]
   int rnd;  // 1: the model computes in bfloat16
+  int topk, norm;  // routing in the kernel: softmax, the top k (renormalised when norm); 0: none
 } Layer1;
 
 // One token through a layer's attention half, in place on the residual x [D] (f32 holding the
 // model dtype's values): x += o(attend(rope(q), rope(k) and v stored at `pos` of this slot's
 // cache kc/vc [Hkv, max_len, Dh])); then xn = norm2(x) and logits [E] = router . xn (f32).
-// cosv/sinv [Dh]: the position's rotary table in the model's dtype. Each thread takes whole
+// cosv/sinv [Dh]: the position's rotary table in the model's dtype. With L->topk, the token's
+// routing too: ids [topk] int64 and their weights wts [topk]. Each thread takes whole
 // heads (its q heads' rows, rotary and attention; its KV heads' rows and store) and repeats
 // the cheap serial steps (norms, quantizing a vector) on its own copy, so the team waits at
 // three barriers: keys stored, heads attended, residual updated. Returns 0, or -1 when
 // scratch memory could not be allocated.
 typedef struct {
   const Layer1* L;
-  float *x, *xn, *logits, *q, *k, *v, *o, *y, *own, *sc;
+  float *x, *xn, *logits, *q, *k, *v, *o, *y, *own, *sc, *wts;
+  int64_t* ids;
   const float *cosv, *sinv;
   void *kc, *vc;
   int64_t max_len, pos, per;
@@ -975,18 +978,45 @@ static void attn1_job(void* p, int tid, int nth) {
   for (int64_t i = r0; i < r1; ++i) x[i] = rd(x[i] + rd(y[i], rnd), rnd);
   bar_wait(&team.bar, nth);
   rms1(x, L->ln2, D, L->eps, rnd, h);
-  if (tid == 0) memcpy(c->xn, h, sizeof(float) * (size_t)D);
-  for (int64_t e = L->E * tid / nth; L->router && e < L->E * (tid + 1) / nth; ++e) {
+  if (tid != 0 || !L->router) return;
+  memcpy(c->xn, h, sizeof(float) * (size_t)D);
+  for (int64_t e = 0; e < L->E; ++e) {  // router logits, f32
     const float* w = L->router + e * D;
-    float d = 0.0f;
-    for (int64_t i = 0; i < D; ++i) d += w[i] * h[i];
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(h + i), acc);
+    float d = hsum(acc);
+    for (; i < D; ++i) d += w[i] * h[i];
     c->logits[e] = d;
   }
+  if (L->topk <= 0) return;
+  // softmax over all experts, the top k (ties to the lower expert), renormalised if asked:
+  // moe/router.py softmax_topk
+  float m = -INFINITY, z = 0.0f;
+  for (int64_t e = 0; e < L->E; ++e) m = c->logits[e] > m ? c->logits[e] : m;
+  float pr[L->E];
+  for (int64_t e = 0; e < L->E; ++e) z += (pr[e] = expf(c->logits[e] - m));
+  for (int64_t e = 0; e < L->E; ++e) pr[e] /= z;
+  float sum = 0.0f;
+  for (int j = 0; j < L->topk; ++j) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < L->E; ++e) {
+      int taken = 0;
+      for (int i = 0; i < j; ++i) taken |= c->ids[i] == e;
+      if (!taken && (best < 0 || pr[e] > pr[best])) best = e;
+    }
+    c->ids[j] = best;
+    c->wts[j] = pr[best];
+    sum += pr[best];
+  }
+  if (L->norm)
+    for (int j = 0; j < L->topk; ++j) c->wts[j] /= sum;
 }
 
-int layer1_attn(const Layer1* L, float* x, float* xn, float* logits, const float* cosv,
-                const float* sinv, void* kc, void* vc, int64_t max_len, int64_t pos, int kv16,
-                int threads) {
+int layer1_attn(const Layer1* L, float* x, float* xn, float* logits, int64_t* ids, float* wts,
+                const float* cosv, const float* sinv, void* kc, void* vc, int64_t max_len,
+                int64_t pos, int kv16, int threads) {
   q8_isa(-1);
   const int64_t D = L->D, Nq = L->H * L->Dh, Nkv = L->Hkv * L->Dh;
   if (threads < 1) threads = 1;
@@ -1002,8 +1032,8 @@ int layer1_attn(const Layer1* L, float* x, float* xn, float* logits, const float
          (mem[2 * i + 1] = acts_alloc(&ax[2 * i + 1], 1, Nq));
   if (ok) {
     Attn1 c = {L, x, xn, logits, buf, buf + Nq, buf + Nq + Nkv, buf + Nq + 2 * Nkv,
-               buf + 2 * Nq + 2 * Nkv, buf + 2 * Nq + 2 * Nkv + D, sc, cosv, sinv, kc, vc,
-               max_len, pos, per, kv16, ax};
+               buf + 2 * Nq + 2 * Nkv, buf + 2 * Nq + 2 * Nkv + D, sc, wts, ids, cosv, sinv,
+               kc, vc, max_len, pos, per, kv16, ax};
     team_run(attn1_job, &c, threads);
   }
   for (int i = 0; mem && i < 2 * threads; ++i) free(mem[i]);

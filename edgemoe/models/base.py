@@ -321,17 +321,25 @@ class RoutedMoE:
         self.predict = True
 
     def __call__(
-        self, x: torch.Tensor, keep: torch.Tensor | None = None, logits: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        routed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x [B, S, D]; keep: flat indices of the real tokens (None: all), pads get zeros;
-        logits: the router's [T, E] where the caller computed them (fused.py)."""
+        logits: the router's [T, E], routed: (ids, weights) [T, K] where the caller computed
+        them (fused.py)."""
         b, s, d = x.shape
         flat = x.reshape(-1, d)  # [B*S, D]
         if keep is not None:
             flat = flat[keep]  # [T, D]
-        if logits is None:
-            logits = flat.float() @ self.router.float().T  # [T, E]
-        ids, w = self.route(logits)  # [T, K]
+        if routed is not None:
+            ids, w = routed
+        else:
+            if logits is None:
+                logits = flat.float() @ self.router.float().T  # [T, E]
+            ids, w = self.route(logits)  # [T, K]
         handle = self.executor.begin(self.layer, flat, ids, w)  # reads fly from here on
         if self.next is not None and self.predict and flat.shape[0] <= PREDICT_TOKENS:
             # the next layer's router on this layer's input guesses its experts (Fate): their

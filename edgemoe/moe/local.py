@@ -53,6 +53,19 @@ class _Handle:
     t0: float = 0.0  # when begin was called (the trace's MoE span)
 
 
+@dataclass
+class _Hits:
+    """One token whose experts are all in memory as Q8 INT8 experts: begin's fast lane, no
+    schedule, one kernel call (fastkernels.q8_experts) in finish."""
+
+    layer: int
+    x: torch.Tensor  # [1, D]
+    keys: list[Key]  # ascending expert, as dispatch orders them (the sum's order)
+    experts: list[ExpertWeights]
+    coef: list[float]
+    t0: float
+
+
 class LocalExecutor(ExpertExecutor):
     """Args:
     store: reads expert slices.
@@ -216,8 +229,33 @@ class LocalExecutor(ExpertExecutor):
             self._pf_issued += 1
 
     # ---- one layer
+    def _all_hits(self, layer, x, expert_ids, expert_weights) -> _Hits | None:
+        """The fast lane's handle when one token's experts are all cached, whole and Q8, no
+        bit policy and no prefetch bookkeeping is in play; else None (nothing is touched)."""
+        if x.shape[0] != 1 or self.bits is not None or self._prefetched or self._hinted:
+            return None
+        pairs = sorted(zip(expert_ids[0].tolist(), expert_weights[0].tolist()))
+        keys, experts = [], []
+        for e, _ in pairs:
+            entry = self.cache.peek((layer, e))
+            level = self.level(layer, e)
+            if entry is None or entry.in_flight or entry.level < level:
+                return None
+            use = expert_at(entry.value, level)
+            if not q8_expert(use):
+                return None
+            keys.append((layer, e))
+            experts.append(use)
+        return _Hits(layer, x, keys, experts, [w for _, w in pairs], time.perf_counter())
+
     def begin(self, layer, x, expert_ids, expert_weights, levels=None):
+        fast = None if levels is not None else self._all_hits(layer, x, expert_ids, expert_weights)
         self.routed(layer, expert_ids)
+        if fast is not None:
+            self.cache.now = layer
+            for key in fast.keys:
+                self.cache.acquire(key)  # counted and held, as schedule() holds its hits
+            return fast
         if levels is None and self.bits is not None:
             levels = self.bits.levels(layer, expert_ids, expert_weights, x)  # [T, K]
         groups: dict[Key, list[Assignment]] = {}
@@ -256,7 +294,28 @@ class LocalExecutor(ExpertExecutor):
                 h.held.add(s.key)
         return futs
 
+    def _finish_hits(self, h: _Hits) -> torch.Tensor:
+        out = torch.zeros(h.x.shape, dtype=torch.float32)  # [1, D]
+        try:
+            fastkernels.q8_experts(h.x[0], [(u.gate, u.up, u.down) for u in h.experts], h.coef, out[0])
+        finally:
+            for key in h.keys:
+                self.cache.release(key)
+        if self.weight_bits is not None:
+            self._pairs += len(h.keys)
+            self._pair_bits += sum(
+                self.weight_bits(h.layer, key[1], u.level) for key, u in zip(h.keys, h.experts)
+            )
+        t = trace.current()
+        if t is not None:
+            start = (h.t0 - t.t0) * 1e6
+            t.complete(f"moe L{h.layer}", "moe", start, (time.perf_counter() - h.t0) * 1e6,
+                       experts=len(h.keys), hits=len(h.keys))  # fmt: skip
+        return out.to(h.x.dtype)
+
     def finish(self, handle: _Handle) -> torch.Tensor:
+        if isinstance(handle, _Hits):
+            return self._finish_hits(handle)
         h, cache = handle, self.cache
         out = torch.zeros(h.x.shape, dtype=torch.float32)  # [T, D]
         pending = h.plan.pending  # the schedule lowers it as it merges slices
