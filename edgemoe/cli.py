@@ -207,6 +207,7 @@ def _cmd_run(args) -> int:
         **({"policy": args.cache_policy} if args.cache_policy else {}),
         prefetch=args.prefetch,
         bits=args.bits_policy,
+        replay=args.replay_routing,
     )
     kw = dict(
         max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop or ()), chat=args.chat
@@ -543,6 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch",
         action="store_true",
         help="predict the next layer's experts with its router and read them early",
+    )
+    r.add_argument(
+        "--replay-routing",
+        metavar="EMOE",
+        help="route by this .emoe's recorded routing trace instead of the model's routers (a "
+        "model with as many experts and the same top-k): real routing on a bench model; the "
+        "text is meaningless",
     )
     r.add_argument(
         "--trace",

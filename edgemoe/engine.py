@@ -120,6 +120,9 @@ class EdgeModel:
             emulated device's by default).
         engine: "naive" runs the engine as it was before the fast path (LRU, no prefetch,
             experts copied out of the read buffer, every read's CRC checked), for comparison.
+        replay: a .emoe whose recorded routing trace replaces this model's routers (a model
+            with as many experts per layer and the same top-k; edgemoe/replay.py): a bench
+            model then reads and hits as the trained model's real routing makes it.
     Raises:
         EmoeError (and subclasses): a bad file, an unknown family, a budget too small;
         BadRequest names the parameter (`err.param`).
@@ -144,6 +147,7 @@ class EdgeModel:
         engine: str = "fast",
         bits: str | None = None,
         bound_device: str | None = None,
+        replay=None,
     ):
         floor = budget.process_floor()
         self.device, throttle, self.slowdown = None, None, None
@@ -240,10 +244,23 @@ class EdgeModel:
         for layer in self.model.layers:
             if hasattr(layer.mlp, "predict"):
                 layer.mlp.predict = prefetch
+        if replay is not None:
+            self._replay(replay, r.config)
         self.weights.drop_page_cache()
         self._lock = threading.Lock()  # one forward pass at a time
         self._kv: KVCache | None = None
         self._free_slots = list(range(batch))
+
+    def _replay(self, path, config: dict) -> None:
+        from edgemoe.models.base import RoutedMoE
+        from edgemoe.replay import RoutingReplay
+
+        moes = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, RoutedMoE)]
+        experts = len(self.reader.experts) // max(1, len(moes))
+        rp = RoutingReplay.open(path, experts, int(config.get("num_experts_per_tok", 0)))
+        self.model.replay = rp
+        for i, moe in enumerate(moes):
+            moe.replay, moe.moe_index = rp, i
 
     def _upgrade_cost(self) -> UpgradeCost | None:
         """Under device emulation, skip upgrades whose read would outlast the compute they serve

@@ -141,6 +141,6 @@ class FusedLayer:
         xn = self.xn.view(1, 1, self.d)
         if self.moe is None:
             return h + self.layer.mlp(xn.to(self.dtype), None)
-        routed = (self.ids, self.w) if self.args.topk else None
+        routed = (self.ids, self.w) if self.args.topk and self.moe.replay is None else None
         out = self.moe(xn, None, logits=self.logits, routed=routed)
         return h + out.to(self.dtype)

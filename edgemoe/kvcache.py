@@ -165,6 +165,11 @@ class KVCache:
         """The longest slot's length (a single sequence's length)."""
         return int(self.lengths.max()) if self.slots else 0
 
+    def token_slots(self) -> torch.Tensor:
+        """The slot of each token of this pass, shaped as begin's positions."""
+        rows, positions = self._where
+        return torch.broadcast_to(rows, positions.shape)
+
     @property
     def one(self) -> tuple[int, int] | None:
         """(slot, first position) when this pass is one row, else None."""

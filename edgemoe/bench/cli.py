@@ -105,6 +105,13 @@ def add_parser(sub) -> None:
     b.add_argument(
         "--repeats", type=int, default=3, help="runs of each system at each cap (default 3)"
     )
+    b.add_argument(
+        "--replay",
+        metavar="EMOE",
+        help="edgemoe systems route by this .emoe's recorded routing trace (`edgemoe run "
+        "--replay-routing`; a model with as many experts and the same top-k): real routing "
+        "on the bench model; llama.cpp routes by the model's own routers",
+    )
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--threads", type=int, default=2)
@@ -276,6 +283,7 @@ def cmd_bench(a) -> int:
     base = ref.stat().st_size
     settings = Settings(a.prompt_tokens, a.new_tokens, a.threads, a.timeout, not a.no_drop_caches)
     settings.bound = a.bound
+    settings.replay = str(Path(a.replay).resolve()) if a.replay else None
     prompts = {b: prompts_of(prep.emoe, a.prompt_tokens, b) for b in batches}
     runs: list[Run] = []
     plan = report.schedule(systems, caps, batches, a.repeats)
@@ -312,7 +320,9 @@ def cmd_bench(a) -> int:
                 _dump(a.json, prep, systems, caps, base, runs, when)
     lines = report.table(runs, systems, baseline, caps, batches)
     print("\n".join(lines))
-    plot_path = a.plot or (None if a.no_doc else str(Path(a.doc).parent / f"bench-{prep.name}.png"))
+    plot_path = a.plot or (
+        None if a.no_doc else str(Path(a.doc).parent / f"bench-{_section(a, prep)}.png")
+    )
     plot_note = None
     if plot_path:
         plot_note = report.plot(runs, systems, caps, base, plot_path)
@@ -370,6 +380,11 @@ def _measured_args(args: list[str]) -> list[str]:
     return out
 
 
+def _section(a, prep) -> str:
+    """The doc section (and plot) a bench writes: a replayed one is a section of its own."""
+    return prep.name + ("-replay" if a.replay else "")
+
+
 def _bound_shares(runs) -> dict:
     """(system, cap) -> the median of decode tok/s over its bound, where runs report one."""
     got: dict = {}
@@ -393,7 +408,7 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
     )
     codecs = "" if str(a.model).endswith(".emoe") else f" ({a.experts} experts, {a.dense} dense)"
     out = [
-        f"### edgemoe bench: {prep.name} under memory caps",
+        f"### edgemoe bench: {_section(a, prep)} under memory caps",
         "",
         f"`{argv}` on {machine()}, edgemoe {_git_head()}"
         + (
@@ -405,6 +420,16 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         )
         + f", {now}.",
         f"Model: {prep.about}; {gguf_size}.emoe{codecs} {emoe_size.human()}."
+        + (
+            f" Routing: the edgemoe systems replay the routing trace recorded in "
+            f"`{Path(a.replay).name}` (`--replay-routing`: each slot one of its segments, each "
+            "token the experts recorded at its position, MoE layer i its layer i mod L; the "
+            "router's probabilities there, renormalised, as weights), so their reads and hits "
+            "follow a trained model's real routing; llama.cpp routes by the bench model's own "
+            "random routers, and the generated text means nothing (labelled replay)."
+            if a.replay
+            else ""
+        )
         + (
             f" The edgemoe+POLICY systems run `--bits-policy POLICY` on the same model converted "
             f"with `--experts {a.lever_experts}`."
@@ -472,4 +497,4 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
         out += ["", f"![decode tok/s, disk read per token and hit rate against the cap]({rel})"]
     elif plot_note:
         out += ["", f"No plot: {plot_note}."]
-    _section_writer(Path(a.doc))(f"bench-{prep.name}", out)
+    _section_writer(Path(a.doc))(f"bench-{_section(a, prep)}", out)

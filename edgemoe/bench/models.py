@@ -74,6 +74,11 @@ SHAPES = {
         BenchShape("mixtral-2b", 2048, 5632, 8, 8, 2, 8192, "Mixtral-shaped, 8 experts top-2"),
         # Same expert bytes cut 8x finer: 64 experts top-8, where caching and prefetch matter.
         BenchShape("mixtral-2b-fg", 2048, 704, 8, 64, 8, 8192, "fine-grained, 64 experts top-8"),
+        # The demo's routing shape (16 experts top-2, 4 MoE layers) at the bench's size: its
+        # recorded routing replays onto this one (`edgemoe bench --replay DEMO.emoe`).
+        BenchShape(
+            "mixtral-2b-r16", 2048, 5632, 4, 16, 2, 8192, "the demo's 16 experts top-2, 4 layers"
+        ),
         # Small enough for a quick check of the whole pipeline (about 40 MiB at int8).
         BenchShape("mixtral-tiny", 256, 512, 4, 8, 2, 1024, "a pipeline check, 8 experts top-2"),
     )

@@ -95,6 +95,7 @@ class Settings:
     drop_caches: bool = True
     env: dict = field(default_factory=dict)
     bound: str | None = None  # device profile edgemoe's decode bound is computed on
+    replay: str | None = None  # a .emoe whose routing trace edgemoe's runs replay
 
     def environ(self) -> dict:
         return dict(
@@ -252,6 +253,8 @@ def run_edgemoe(
         cmd += ["--mem", str(int(limit))]
     if s.bound:
         cmd += ["--bound", s.bound]
+    if s.replay:
+        cmd += ["--replay-routing", s.replay]
     cmd += list(system.argv)
     fastkernels.library()  # compiled here, outside the cap, before the first capped run
     res = _capped(run, cmd, limit, [emoe], s, system.env)

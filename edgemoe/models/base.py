@@ -241,6 +241,7 @@ class CausalLM(ABC):
     """
 
     args: object
+    replay = None  # a RoutingReplay (edgemoe/replay.py) its MoE layers route by, or None
 
     def __init__(self, args, weights: Weights, executor: ExpertExecutor):
         self.args, self.weights, self.executor = args, weights, executor
@@ -281,6 +282,8 @@ class CausalLM(ABC):
         if valid is None:
             valid = torch.ones(tokens.shape, dtype=torch.bool)
         positions, mask = cache.begin(valid, slots)
+        if self.replay is not None:  # recorded routing replaces the routers' (edgemoe/replay.py)
+            self.replay.begin(cache.token_slots(), positions, cache.keep)
         x = self.embed[tokens].to(self.dtype)  # [B, S, D]
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, mask, cache, i)
@@ -319,6 +322,8 @@ class RoutedMoE:
         self.shared, self.shared_gate = shared, shared_gate
         self.next: RoutedMoE | None = None  # the next MoE layer, whose experts this one predicts
         self.predict = True
+        self.replay = None  # a RoutingReplay, and this layer's index among the MoE layers
+        self.moe_index = 0
 
     def __call__(
         self,
@@ -339,7 +344,10 @@ class RoutedMoE:
         else:
             if logits is None:
                 logits = flat.float() @ self.router.float().T  # [T, E]
-            ids, w = self.route(logits)  # [T, K]
+            if self.replay is not None:
+                ids, w = self.replay.route(self.moe_index, logits)
+            else:
+                ids, w = self.route(logits)  # [T, K]
         handle = self.executor.begin(self.layer, flat, ids, w)  # reads fly from here on
         if self.next is not None and self.predict and flat.shape[0] <= PREDICT_TOKENS:
             # the next layer's router on this layer's input guesses its experts (Fate): their
