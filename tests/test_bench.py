@@ -319,3 +319,24 @@ def test_from_json_redoes_the_table_without_running(tmp_path, capsys):
     argv = ["bench", str(DEMO), "--baseline", "none", "--caps", "none", "--no-doc"]
     assert main([*argv, "--from-json", str(saved)]) == 0
     assert "| none | 6.00 |" in capsys.readouterr().out  # the median of 5, 6, 7
+
+
+def test_fresh_bound_remeasures_the_rates_and_keeps_the_rest(tmp_path):
+    from devices.profile import load_profile
+    from edgemoe.bench.runners import fresh_bound
+
+    model = tmp_path / "model.bin"
+    model.write_bytes(os.urandom(8 << 20))
+    out = tmp_path / "now.profile"
+    rates = fresh_bound("rpi5-8gb-sd", model, out)
+    base, now = load_profile("rpi5-8gb-sd"), load_profile(out)
+    assert set(rates) == {"memory_bandwidth", "flash_seq_read", "flash_rand_read"}
+    for key, value in rates.items():  # this machine's, not the Pi's
+        assert value > 0 and int(getattr(now, key)) == value
+    assert int(now.flash_seq_read) != int(base.flash_seq_read)
+    assert (now.name, now.memory, now.cores, now.compute_factor) == (
+        base.name,
+        base.memory,
+        base.cores,
+        base.compute_factor,
+    )

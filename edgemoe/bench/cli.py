@@ -380,6 +380,20 @@ def _measured_args(args: list[str]) -> list[str]:
     return out
 
 
+def _rates_range(runs) -> str:
+    """The re-measured bound rates of the runs, as ranges."""
+    got = [r.extra["bound_rates"] for r in runs if r.extra.get("bound_rates")]
+    parts = []
+    for key, label in (
+        ("memory_bandwidth", "memory"),
+        ("flash_seq_read", "flash sequential"),
+        ("flash_rand_read", "flash random"),
+    ):
+        v = [g[key] / 1e9 for g in got]
+        parts.append(f"{label} {min(v):.2f}-{max(v):.2f} GB/s, median {statistics.median(v):.2f}")
+    return "; ".join(parts)
+
+
 def _section(a, prep) -> str:
     """The doc section (and plot) a bench writes: a replayed one is a section of its own."""
     return prep.name + ("-replay" if a.replay else "")
@@ -466,10 +480,18 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
     if shares:
         out += [
             "",
-            f"Decode against its bound (`edgemoe run --bound {a.bound}`, a profile of this "
-            "machine by `edgemoe profile`: the bytes each run moved, from memory at the "
-            "profile's memory bandwidth, from flash at its read rate for an expert's size; "
-            "medians): "
+            f"Decode against its bound (`edgemoe run --bound`: the bytes each run moved, from "
+            "memory at the memory bandwidth, from flash at the read rate for an expert's size, "
+            f"on the profile {a.bound} of this machine by `edgemoe profile`"
+            + (
+                " with its memory and flash rates measured again just before each run (the "
+                "profiler's memory copy and O_DIRECT reads of the model file: "
+                + _rates_range(runs)
+                + "), since they move from hour to hour here"
+                if any(r.extra.get("bound_rates") for r in runs)
+                else ""
+            )
+            + "; medians): "
             + "; ".join(f"{name} at {cap}: {share:.0%}" for (name, cap), share in shares.items())
             + ".",
         ]

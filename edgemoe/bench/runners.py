@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class Settings:
     env: dict = field(default_factory=dict)
     bound: str | None = None  # device profile edgemoe's decode bound is computed on
     replay: str | None = None  # a .emoe whose routing trace edgemoe's runs replay
+    fresh_bound: bool = True  # the bound's rates re-measured beside each run (fresh_bound)
 
     def environ(self) -> dict:
         return dict(
@@ -104,6 +106,36 @@ class Settings:
             OMP_NUM_THREADS=str(self.threads),
             **self.env,
         )
+
+
+def fresh_bound(profile: str, model: Path, out: Path) -> dict:
+    """Write to `out` the profile `profile` with its memory and flash rates measured now: the
+    profiler's memory copy and O_DIRECT reads of the model file itself (its first 512 MiB
+    in 4 MiB reads, then expert-sized random reads for a second). The rates here move from
+    hour to hour (this VM's disk 0.65-2.2 GB/s, its memory 15-29 GB/s, measured), so a bound
+    from a profile taken earlier is off by as much; measured beside each run it is not.
+    Returns the three rates (bytes/s)."""
+    from devices.profile import load_profile
+    from devices.profiler import flash_bandwidth, memory_bandwidth
+
+    p = load_profile(profile)
+    size = max(4096, min(model.stat().st_size, 512 << 20) // 4096 * 4096)
+    flash = flash_bandwidth(model, size, seconds=1.0)
+    rates = {
+        "memory_bandwidth": int(memory_bandwidth()),
+        "flash_seq_read": int(flash["flash_seq_read"]),
+        "flash_rand_read": int(flash["flash_rand_read"]),
+    }
+    fields = {
+        "name": p.name,
+        "memory": int(p.memory),
+        "os_reserve": int(p.os_reserve),
+        **rates,
+        "cores": p.cores,
+        "compute_factor": p.compute_factor,
+    }
+    out.write_text("".join(f"{k} = {v}\n" for k, v in fields.items()), encoding="utf-8")
+    return rates
 
 
 def _capped(run: Run, cmd: list[str], limit: Bytes | None, files: list[Path], s: Settings, env=()):
@@ -252,7 +284,11 @@ def run_edgemoe(
     if limit is not None:
         cmd += ["--mem", str(int(limit))]
     if s.bound:
-        cmd += ["--bound", s.bound]
+        bound = s.bound
+        if s.fresh_bound:  # the rates as they are now, beside this run
+            bound = str(Path(tempfile.gettempdir()) / f"edgemoe-bench-{os.getpid()}.profile")
+            run.extra["bound_rates"] = fresh_bound(s.bound, emoe, Path(bound))
+        cmd += ["--bound", bound]
     if s.replay:
         cmd += ["--replay-routing", s.replay]
     cmd += list(system.argv)
