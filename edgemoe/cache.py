@@ -247,6 +247,7 @@ class ExpertCache:
         self._items: dict[Key, Entry] = {}
         self._pinned: set[Key] = set()
         self.used = Bytes(0)
+        self.version = 0  # bumped by every change of what is cached (fused.py's pointer tables)
         self.hits = self.misses = self.evictions = self.downgrades = 0
         self.now = 0  # the layer being served (the budget rule frees the one back last first)
         self._period = 1  # layers in the cycle (the highest layer seen + 1)
@@ -300,6 +301,7 @@ class ExpertCache:
             return None
         entry = Entry(None, nbytes, level=level)
         self._items[key] = entry
+        self.version += 1
         self.used = self.used + nbytes
         self.policy.touch(key)
         self._hold(key, entry)
@@ -308,6 +310,7 @@ class ExpertCache:
     def fill(self, key: Key, value, nbytes: int | None = None) -> None:
         """Give a reserved entry its value (and its true size, if it differs)."""
         entry = self._items[key[:2]]
+        self.version += 1
         if nbytes is not None and nbytes != entry.nbytes:
             self.used = self.used + nbytes - entry.nbytes
             entry.nbytes = nbytes
@@ -367,6 +370,7 @@ class ExpertCache:
         self.used = self.used + nbytes
         entry.nbytes += nbytes
         entry.level = level
+        self.version += 1
         return True
 
     def downgrade(self, key: Key, level: int) -> bool:
@@ -382,6 +386,7 @@ class ExpertCache:
         self.used = self.used - entry.nbytes + n
         entry.nbytes, entry.level = n, level
         self.downgrades += 1
+        self.version += 1
         return True
 
     def put(self, key: Key, value, nbytes: int) -> bool:
@@ -397,6 +402,7 @@ class ExpertCache:
     def evict(self, key: Key) -> None:
         key = key[:2]
         entry = self._items.pop(key)
+        self.version += 1
         self.policy.remove(key)
         self._pinned.discard(key)
         if entry.in_flight:  # a prefetch nobody came for: stop it if it has not started

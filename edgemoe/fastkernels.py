@@ -112,6 +112,8 @@ def _load():
     lib.q8_moe1.argtypes = [p, i64, i64, ctypes.c_int, p, p, p, p, p, p, p, ctypes.c_int, p,
                             ctypes.c_int]  # fmt: skip
     lib.q8_moe1.restype = ctypes.c_int
+    lib.decode_chain.argtypes = [p, ctypes.c_int, *[p] * 7, i64, i64, ctypes.c_int, ctypes.c_int, p]
+    lib.decode_chain.restype = ctypes.c_int
     return lib
 
 

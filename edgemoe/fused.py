@@ -144,3 +144,117 @@ class FusedLayer:
         routed = (self.ids, self.w) if self.args.topk and self.moe.replay is None else None
         out = self.moe(xn, None, logits=self.logits, routed=routed)
         return h + out.to(self.dtype)
+
+
+class _Chain1(ctypes.Structure):  # csrc/q8.c Chain1
+    _fields_ = [
+        ("L", _Layer1),
+        ("kc", ctypes.c_void_p),
+        ("vc", ctypes.c_void_p),
+        ("I", ctypes.c_int64),
+        *[(n, ctypes.c_void_p) for n in ("wg", "wu", "wd", "sg", "su", "sd")],
+    ]
+
+
+class FusedChain:
+    """A decode step's layers in one kernel call while the token's experts are cached
+    (csrc/q8.c `decode_chain`): per-layer Python cost ~0.3 ms of a ~35 ms step on the bench
+    model. The executor gives each layer's table of cached Q8 experts (rebuilt when the
+    cache changes) and is told the hits afterwards; a layer whose expert is not cached
+    stops the call after its attention half and is served by the executor as usual (reads,
+    the cache), then the call goes on from the next layer.
+
+    Applies to one token of one sequence where every layer is fused with softmax top-k
+    routing, the executor offers the tables (moe/local.py) and nothing wants the per-layer
+    path: a bit policy, prefetch hints, a routing replay or a trace."""
+
+    @classmethod
+    def of(cls, model) -> FusedChain | None:
+        fused = [getattr(layer, "fused", None) for layer in model.layers]
+        if not enabled() or not fused or not hasattr(model.executor, "q8_tables"):
+            return None
+        if any(f is None or f.moe is None or not 0 < f.args.topk <= 64 for f in fused):
+            return None
+        return cls(model, fused)
+
+    def __init__(self, model, fused: list[FusedLayer]):
+        self.model, self.fused, self.executor = model, fused, model.executor
+        self.n, self.k, self.e = len(fused), fused[0].args.topk, fused[0].e
+        self.dtype, self.d = fused[0].dtype, fused[0].d
+        self.layers = [f.moe.layer for f in fused]
+        self.chain = (_Chain1 * self.n)()
+        for c, f in zip(self.chain, fused):
+            c.L = f.args
+        self.ids = torch.empty(self.n, self.k, dtype=torch.int64)
+        self.w = torch.empty(self.n, self.k, dtype=torch.float32)
+        self.xr = torch.empty(self.d, dtype=torch.float32)
+        self.xn = torch.empty(1, self.d, dtype=torch.float32)
+        self.logits = torch.empty(1, self.e, dtype=torch.float32)
+        self._tables: list = []  # the ctypes arrays the chain points into (kept alive here)
+        self._version = None
+        self._size = ctypes.sizeof(_Chain1)
+
+    def applies(self, x: torch.Tensor, cache) -> bool:
+        return (
+            x.shape[0] * x.shape[1] == 1
+            and getattr(cache, "one", None) is not None
+            and getattr(cache, "dtype", None) == self.dtype
+            and cache.keep is None
+            and self.model.replay is None
+            and not any(f.moe.predict and f.moe.next is not None for f in self.fused)
+            and self.executor.chain_ready()
+        )
+
+    def _refresh(self) -> None:
+        """Point each layer at its cached experts (after any change to the cache)."""
+        cache = self.executor.cache
+        if self._version == cache.version:
+            return
+        self._tables = []
+        for c, layer in zip(self.chain, self.layers):
+            width, tables = self.executor.q8_tables(layer, self.e)
+            arrays = [(ctypes.c_void_p * self.e)(*t) for t in tables]
+            self._tables.append(arrays)
+            c.I = width
+            c.wg, c.wu, c.wd, c.sg, c.su, c.sd = (ctypes.addressof(a) for a in arrays)
+        self._version = cache.version
+
+    def __call__(self, x: torch.Tensor, cache) -> torch.Tensor:
+        slot, pos = cache.one
+        f0 = self.fused[0]
+        cos, sin = _table(f0._rope, pos, f0.head_dim, f0.theta, self.dtype)
+        for c, layer in zip(self.chain, range(self.n)):
+            kc, vc = cache.k[layer], cache.v[layer]
+            at = slot * kc.stride(0) * kc.element_size()
+            c.kc, c.vc = kc.data_ptr() + at, vc.data_ptr() + at
+        max_len = cache.k[0].shape[2]
+        self.xr.copy_(x.view(-1))
+        lib = fastkernels.library()
+        rnd, threads = f0.args.rnd, torch.get_num_threads()
+        start = 0
+        while True:
+            self._refresh()
+            done = ctypes.c_int(0)
+            rc = lib.decode_chain(
+                ctypes.addressof(self.chain) + start * self._size, self.n - start,
+                self.xr.data_ptr(), self.xn.data_ptr(), self.logits.data_ptr(),
+                self.ids.data_ptr() + start * self.k * 8, self.w.data_ptr() + start * self.k * 4,
+                cos.data_ptr(), sin.data_ptr(), max_len, pos, rnd, threads, ctypes.byref(done),
+            )  # fmt: skip
+            fastkernels._check(rc)
+            end = start + done.value
+            ids = self.ids.tolist()
+            for i in range(start, end):
+                self.executor.account_hits(self.layers[i], ids[i])
+            if end == self.n:
+                break
+            # this layer's experts are not all cached: the executor serves it as usual
+            f = self.fused[end]
+            h = self.xr.to(self.dtype)
+            routed = (self.ids[end : end + 1], self.w[end : end + 1])
+            out = f.moe(self.xn.view(1, 1, self.d), None, logits=self.logits, routed=routed)
+            self.xr.copy_(h + out.reshape(-1).to(self.dtype))
+            start = end + 1
+            if start == self.n:
+                break
+        return self.xr.to(self.dtype).view(1, 1, self.d)

@@ -32,28 +32,44 @@ def _teacher_forced(m, ids: list[int], follow: list[int]) -> torch.Tensor:
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("chain", [False, True], ids=["layer-calls", "chain"])
 @pytest.mark.parametrize("dtype,tol", [("f32", 1e-4), ("bf16", 2e-2)])
-def test_fused_step_follows_the_layer_path(tiny_emoe, monkeypatch, dtype, tol):
+def test_fused_step_follows_the_layer_path(tiny_emoe, monkeypatch, dtype, tol, chain):
     path = tiny_emoe("mixtral", experts="int8", dense="int8")
     monkeypatch.setenv("EDGEMOE_FUSED", "0")
     ref = edgemoe.load(path, ctx=128, dtype=dtype)
     monkeypatch.setenv("EDGEMOE_FUSED", "1")
     fast = edgemoe.load(path, ctx=128, dtype=dtype)
-    assert all(layer.fused is None for layer in ref.model.layers)
+    assert ref.model.chain is None and all(layer.fused is None for layer in ref.model.layers)
     assert all(layer.fused is not None for layer in fast.model.layers)
+    assert fast.model.chain is not None
     calls = []
-    real = fastkernels.q8_experts
-    monkeypatch.setattr(
-        fastkernels, "q8_experts", lambda *a: (calls.append(len(a[1])), real(*a))[1]
-    )
+    if chain:  # every layer of a decode step in one kernel call (FusedChain)
+        real_chain = type(fast.model.chain).__call__
+        monkeypatch.setattr(
+            type(fast.model.chain),
+            "__call__",
+            lambda self, *a: (calls.append(1), real_chain(self, *a))[1],
+        )
+    else:  # a kernel call a layer: the chain off
+        fast.model.chain = None
+        real = fastkernels.q8_experts
+        monkeypatch.setattr(
+            fastkernels, "q8_experts", lambda *a: (calls.append(len(a[1])), real(*a))[1]
+        )
     ids = fast.tokenizer.encode(PROMPT)
     want = _teacher_forced(ref, ids, [])[-1:]
     follow = []
     for _ in range(12):  # the reference's greedy continuation
         follow.append(int(want[-1].argmax()))
         want = _teacher_forced(ref, ids, follow)
+    hits = fast.executor.cache.hits
     got = _teacher_forced(fast, ids, follow)
-    assert calls and all(n == 2 for n in calls), "every decode step's two experts in one call"
+    if chain:
+        assert len(calls) == len(follow), "every decode step through the chain"
+        assert fast.executor.cache.hits > hits, "the chain's hits are counted"
+    else:
+        assert calls and all(n == 2 for n in calls), "a decode step's two experts in one call"
     scale = want.abs().max()
     err = (got - want).abs().max() / scale
     assert err < tol, f"fused logits differ by {err:.2e} of their scale"
@@ -72,3 +88,24 @@ def test_fused_path_applies_to_standard_layers_only(tiny_emoe):
     m = edgemoe.load(tiny_emoe("mixtral"), ctx=64)
     assert all(layer.fused is None for layer in m.model.layers)
     m.close()
+
+
+def test_chain_under_a_small_expert_cache_gives_the_same_tokens(tiny_emoe):
+    # experts are read, evicted and read again inside a step: the chain stops at each layer
+    # whose expert is not cached, the executor serves it, and the tables follow the cache
+    path = tiny_emoe("mixtral", experts="int8", dense="int8")
+    big = edgemoe.load(path, ctx=128)
+    small = edgemoe.load(path, ctx=128, expert_cache=big.plan.largest_expert * 3)
+    assert small.model.chain is not None
+    ids = big.tokenizer.encode(PROMPT)
+    want = _teacher_forced(big, ids, [])
+    follow = []
+    for _ in range(10):
+        follow.append(int(want[-1].argmax()))
+        want = _teacher_forced(big, ids, follow)
+    got = _teacher_forced(small, ids, follow)
+    assert small.executor.cache.evictions > 0
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    big.close()
+    small.close()

@@ -1108,3 +1108,74 @@ int q8_moe1(const float* x, int64_t D, int64_t I, int n, const int8_t* const* wg
   free(ax);
   return ok ? 0 : -1;
 }
+
+// ---------------------------------------------------------------- a decode step's layers
+//
+// One token through layers [0, n) while every expert it routes to is in memory: each layer's
+// attention half (layer1_attn), then its experts in expert order (q8_moe1, the order
+// moe/dispatch.py gives), then x = x + out in the model's dtype, as DecoderLayer adds them.
+// Where a chosen expert is not in the layer's table (wg[e] NULL: not cached, or not a whole
+// Q8 expert) it stops after that layer's attention half: x holds the residual, xn, logits,
+// and that layer's ids/wts its routing, and *done the layer; the caller serves its experts
+// (reads, the cache) and calls again from the next. ids/wts [n, topk]: each layer's routing.
+typedef struct {
+  Layer1 L;
+  void *kc, *vc;  // this slot's cache rows of this layer [Hkv, max_len, Dh]
+  int64_t I;  // expert width
+  const int8_t *const *wg, *const *wu, *const *wd;  // [E] each; NULL: not available
+  const float *const *sg, *const *su, *const *sd;
+} Chain1;
+
+int decode_chain(const Chain1* layers, int n, float* x, float* xn, float* logits, int64_t* ids,
+                 float* wts, const float* cosv, const float* sinv, int64_t max_len, int64_t pos,
+                 int kv16, int threads, int* done) {
+  *done = 0;
+  if (n <= 0) return 0;
+  const int64_t D = layers[0].L.D;
+  float* out = malloc(sizeof(float) * (size_t)D);
+  if (!out) return -1;
+  for (int l = 0; l < n; ++l) {
+    const Chain1* c = &layers[l];
+    const int K = c->L.topk;
+    int64_t* id = ids + (int64_t)l * K;
+    float* w = wts + (int64_t)l * K;
+    if (layer1_attn(&c->L, x, xn, logits, id, w, cosv, sinv, c->kc, c->vc, max_len, pos, kv16,
+                    threads) != 0) {
+      free(out);
+      return -1;
+    }
+    int ok = 1;
+    for (int j = 0; j < K; ++j) ok &= c->wg[id[j]] != NULL;
+    if (!ok) {
+      *done = l;
+      free(out);
+      return 0;
+    }
+    const int8_t *g[64], *u[64], *d[64];
+    const float *gs[64], *us[64], *ds[64];
+    float coef[64];
+    int order[64];
+    for (int j = 0; j < K; ++j) order[j] = j;
+    for (int a = 1; a < K; ++a)  // ascending expert (insertion sort of K indices)
+      for (int b = a; b > 0 && id[order[b]] < id[order[b - 1]]; --b) {
+        const int t = order[b];
+        order[b] = order[b - 1];
+        order[b - 1] = t;
+      }
+    for (int j = 0; j < K; ++j) {
+      const int64_t e = id[order[j]];
+      g[j] = c->wg[e], u[j] = c->wu[e], d[j] = c->wd[e];
+      gs[j] = c->sg[e], us[j] = c->su[e], ds[j] = c->sd[e];
+      coef[j] = w[order[j]];
+    }
+    memset(out, 0, sizeof(float) * (size_t)D);
+    if (q8_moe1(xn, D, c->I, K, g, gs, u, us, d, ds, coef, c->L.rnd, out, threads) != 0) {
+      free(out);
+      return -1;
+    }
+    for (int64_t i = 0; i < D; ++i) x[i] = rd(x[i] + rd(out[i], c->L.rnd), c->L.rnd);
+  }
+  *done = n;
+  free(out);
+  return 0;
+}

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from edgemoe.fused import FusedLayer
+from edgemoe.fused import FusedChain, FusedLayer
 from edgemoe.kernels import DenseLinear, Linear
 from edgemoe.kvcache import KVCache, Runs
 from edgemoe.moe.executor import ExpertExecutor
@@ -251,6 +251,7 @@ class CausalLM(ABC):
         moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, RoutedMoE)]
         for a, b in zip(moes, moes[1:]):
             a.next = b  # a MoE layer predicts the next one's experts (prefetch hints)
+        self.chain = FusedChain.of(self)
         self.norm = weights.tensor("model.norm.weight")
         if weights.has("lm_head.weight"):
             self.lm_head = weights.linear("lm_head.weight")
@@ -285,8 +286,11 @@ class CausalLM(ABC):
         if self.replay is not None:  # recorded routing replaces the routers' (edgemoe/replay.py)
             self.replay.begin(cache.token_slots(), positions, cache.keep)
         x = self.embed[tokens].to(self.dtype)  # [B, S, D]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, mask, cache, i)
+        if self.chain is not None and self.chain.applies(x, cache):
+            x = self.chain(x, cache)  # one token through every layer in kernel calls
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, positions, mask, cache, i)
         cache.commit()
         return rms_norm(x, self.norm, self.args.rms_norm_eps)
 

@@ -228,6 +228,48 @@ class LocalExecutor(ExpertExecutor):
             self._issued.add(key)
             self._pf_issued += 1
 
+    # ---- the fused decode chain (fused.FusedChain)
+    def chain_ready(self) -> bool:
+        """Whether a decode step may run its layers in one kernel call: no bit policy and no
+        prefetch bookkeeping (each wants the per-layer path), no trace being recorded."""
+        return (
+            self.bits is None
+            and not self._prefetched
+            and not self._hinted
+            and trace.current() is None
+        )
+
+    def q8_tables(self, layer: int, experts: int) -> tuple[int, list[list[int]]]:
+        """(expert width, [gate q, up q, down q, gate scales, up scales, down scales] pointers
+        per expert, 0 where it is not cached whole as a Q8 expert) of one layer."""
+        tables: list[list[int]] = [[0] * experts for _ in range(6)]
+        width = 0
+        for e in range(experts):
+            entry = self.cache.peek((layer, e))
+            level = self.level(layer, e)
+            if entry is None or entry.in_flight or entry.level < level:
+                continue
+            use = expert_at(entry.value, level)
+            if not q8_expert(use):
+                continue
+            width = use.gate.out_features
+            ptrs = (use.gate.q, use.up.q, use.down.q, use.gate.scales, use.up.scales)
+            for t, p in zip(tables, (*ptrs, use.down.scales)):
+                t[e] = p.data_ptr()
+        return width, tables
+
+    def account_hits(self, layer: int, ids: list[int]) -> None:
+        """A layer the chain computed on cached experts: observers, hits, the policy's uses."""
+        if self._observers:
+            self.routed(layer, torch.tensor([ids]))
+        self.cache.now = layer
+        for e in ids:
+            self.cache.acquire((layer, e))
+            self.cache.release((layer, e))
+        if self.weight_bits is not None:
+            self._pairs += len(ids)
+            self._pair_bits += sum(self.weight_bits(layer, e, self.level(layer, e)) for e in ids)
+
     # ---- one layer
     def _all_hits(self, layer, x, expert_ids, expert_weights) -> _Hits | None:
         """The fast lane's handle when one token's experts are all cached, whole and Q8, no
