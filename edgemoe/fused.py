@@ -196,10 +196,7 @@ class FusedChain:
 
     def applies(self, x: torch.Tensor, cache) -> bool:
         return (
-            x.shape[0] * x.shape[1] == 1
-            and getattr(cache, "one", None) is not None
-            and getattr(cache, "dtype", None) == self.dtype
-            and cache.keep is None
+            self.fused[0].applies(x, cache)  # one token of one sequence, the plain cache
             and self.model.replay is None
             and not any(f.moe.predict and f.moe.next is not None for f in self.fused)
             and self.executor.chain_ready()
