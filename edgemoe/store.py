@@ -39,6 +39,8 @@ def anon(n: int) -> mmap.mmap:
     here (TLB misses). Private, not mmap's default MAP_SHARED: shared anonymous memory is
     shmem and never gets huge pages."""
     m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") == "0":  # huge pages off (as for torch's)
+        return m
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
     except (AttributeError, OSError):  # not Linux, or THP off: 4 KiB pages
