@@ -1,13 +1,15 @@
-"""One token through a decoder layer in two kernel calls: the batch-1 decode fast path.
+"""The batch-1 decode fast path: one token through the decoder layers in kernel calls.
 
 A decode step of one sequence on the bench model spent ~10 ms of its ~45 ms between
 kernels (norms, rotary, the KV store, attention, the router, a kernel call and a thread
-wake-up per matrix and per expert). Here a layer's attention half is one call
-(csrc/q8.c `layer1_attn`: norm, q/k/v on one quantization of the input, rotary, the
-KV store, attention, o, the residual, the second norm and the router's logits) and its
-routed experts another (`q8_moe1`, from moe/local.py when every expert a token needs is
-in memory). Routing, the cache, reads and prefetch stay in Python: the executor decides,
-the kernels compute.
+wake-up per matrix and per expert). `FusedLayer` makes a layer's attention half one call
+(csrc/q8.c `layer1_attn`: norm, q/k/v on one quantization of the input, rotary, the KV
+store, attention, o, the residual, the second norm, the router's logits and softmax
+top-k) and its routed experts another (`q8_moe1`, from moe/local.py when the token's
+experts are in memory). `FusedChain` runs a whole step's layers in one call
+(`decode_chain`) while every chosen expert is cached, and hands a layer that must read
+one to the executor. Routing policy, the cache, reads and prefetch stay in Python: the
+executor decides, the kernels compute.
 
 It applies where the step is one token of one sequence and the layer is the standard
 one: GQA attention without qk-norm, clipping or biases, INT8 q/k/v/o on the Q8 kernel,
@@ -15,7 +17,6 @@ head_dim a multiple of 8, computing in float32 or bfloat16 (bfloat16 values are 
 where torch rounds them on the path it replaces, models/base.py); anything else takes that
 path. EDGEMOE_FUSED=0 turns it off.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -26,7 +27,7 @@ import os
 import torch
 
 from edgemoe import fastkernels
-from edgemoe.kernels import Int8Linear
+from edgemoe.kernels import on_q8_kernel
 from edgemoe.moe.router import softmax_topk
 
 
@@ -45,10 +46,6 @@ class _Layer1(ctypes.Structure):  # csrc/q8.c Layer1
 
 def enabled() -> bool:
     return os.environ.get("EDGEMOE_FUSED", "1") != "0" and fastkernels.available()
-
-
-def _q8(lin) -> bool:
-    return type(lin) is Int8Linear and lin.fast
 
 
 @functools.lru_cache(maxsize=256)  # every layer of a step shares its position's table
@@ -71,7 +68,7 @@ class FusedLayer:
         a = layer.attn
         if not enabled():
             return None
-        if a.qk_norm or a.clip is not None or not all(_q8(p) for p in (a.q, a.k, a.v, a.o)):
+        if a.qk_norm or a.clip is not None or not all(on_q8_kernel(p) for p in (a.q, a.k, a.v, a.o)):
             return None
         dtype = a.q.dtype
         d = a.q.in_features

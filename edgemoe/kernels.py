@@ -148,6 +148,11 @@ class Int8Linear(Linear):
         return y.reshape(*lead, self.out_features)
 
 
+def on_q8_kernel(lin: Linear) -> bool:
+    """Whether a Linear is plain INT8 computed by the Q8 kernel (fused calls take its codes)."""
+    return type(lin) is Int8Linear and lin.fast
+
+
 class Int4Linear(Linear):
     """Group-wise INT4 w = (q - 8) * scale + zero, torch's CPU int4 layout.
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from edgemoe import fastkernels
-from edgemoe.kernels import Int8Linear, Linear
+from edgemoe.kernels import Linear, on_q8_kernel
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ExpertWeights:
 
 
 def _q8(gate: Linear, up: Linear, down: Linear) -> bool:
-    return all(type(p) is Int8Linear and p.fast for p in (gate, up, down))
+    return all(on_q8_kernel(p) for p in (gate, up, down))
 
 
 def q8_expert(ew: ExpertWeights) -> bool:

@@ -232,12 +232,21 @@ class LocalExecutor(ExpertExecutor):
     def chain_ready(self) -> bool:
         """Whether a decode step may run its layers in one kernel call: no bit policy and no
         prefetch bookkeeping (each wants the per-layer path), no trace being recorded."""
-        return (
-            self.bits is None
-            and not self._prefetched
-            and not self._hinted
-            and trace.current() is None
-        )
+        return self._plain() and trace.current() is None
+
+    def _plain(self) -> bool:
+        """No bit policy and no prefetch bookkeeping: a layer's levels are fixed and nothing
+        is held for it (the fast lane and the chain need nothing else of the schedule)."""
+        return self.bits is None and not self._prefetched and not self._hinted
+
+    def _cached_q8(self, layer: int, e: int) -> ExpertWeights | None:
+        """The expert, if it is cached whole (not in flight, at its level) as a Q8 expert."""
+        entry = self.cache.peek((layer, e))
+        level = self.level(layer, e)
+        if entry is None or entry.in_flight or entry.level < level:
+            return None
+        use = expert_at(entry.value, level)
+        return use if q8_expert(use) else None
 
     def q8_tables(self, layer: int, experts: int) -> tuple[int, list[list[int]]]:
         """(expert width, [gate q, up q, down q, gate scales, up scales, down scales] pointers
@@ -245,12 +254,8 @@ class LocalExecutor(ExpertExecutor):
         tables: list[list[int]] = [[0] * experts for _ in range(6)]
         width = 0
         for e in range(experts):
-            entry = self.cache.peek((layer, e))
-            level = self.level(layer, e)
-            if entry is None or entry.in_flight or entry.level < level:
-                continue
-            use = expert_at(entry.value, level)
-            if not q8_expert(use):
+            use = self._cached_q8(layer, e)
+            if use is None:
                 continue
             width = use.gate.out_features
             ptrs = (use.gate.q, use.up.q, use.down.q, use.gate.scales, use.up.scales)
@@ -274,17 +279,13 @@ class LocalExecutor(ExpertExecutor):
     def _all_hits(self, layer, x, expert_ids, expert_weights) -> _Hits | None:
         """The fast lane's handle when one token's experts are all cached, whole and Q8, no
         bit policy and no prefetch bookkeeping is in play; else None (nothing is touched)."""
-        if x.shape[0] != 1 or self.bits is not None or self._prefetched or self._hinted:
+        if x.shape[0] != 1 or not self._plain():
             return None
         pairs = sorted(zip(expert_ids[0].tolist(), expert_weights[0].tolist()))
         keys, experts = [], []
         for e, _ in pairs:
-            entry = self.cache.peek((layer, e))
-            level = self.level(layer, e)
-            if entry is None or entry.in_flight or entry.level < level:
-                return None
-            use = expert_at(entry.value, level)
-            if not q8_expert(use):
+            use = self._cached_q8(layer, e)
+            if use is None:
                 return None
             keys.append((layer, e))
             experts.append(use)
