@@ -33,13 +33,17 @@ from formats.reader import EmoeReader
 
 
 def anon(n: int) -> mmap.mmap:
-    """n bytes of private anonymous memory, page-aligned as O_DIRECT needs, in 2 MiB pages
-    where the kernel gives them (transparent huge pages on madvise): the kernels compute on
-    read slabs in place, and read 4 KiB pages at 18-20 GB/s against ~25 GB/s in huge ones
-    here (TLB misses). Private, not mmap's default MAP_SHARED: shared anonymous memory is
-    shmem and never gets huge pages."""
+    """n bytes of private anonymous memory, page-aligned as O_DIRECT needs (private, not
+    mmap's default MAP_SHARED, which is shmem: never in huge pages, and counted apart).
+
+    In 4 KiB pages unless EDGEMOE_HUGE_SLABS=1 asks for 2 MiB ones (madvise). Measured on
+    the bench model: the expert kernels read huge pages faster (decode 4-6% faster warm,
+    fewer TLB misses), but a cold prefill faults in every slab, and fresh huge pages cost
+    1.3-2.9 ms/MB more to fault here (a VM that hands back freed memory to its host):
+    prefill 18-24 tok/s against 48-51 in 4 KiB pages, uncapped and at the 100% cap. A
+    long-lived process that decodes thousands of tokens on the same slabs gains by it."""
     m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if os.environ.get("THP_MEM_ALLOC_ENABLE") == "0":  # huge pages off (as for torch's)
+    if os.environ.get("EDGEMOE_HUGE_SLABS") != "1":
         return m
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
