@@ -107,6 +107,11 @@ int q8_isa(int want) {
   return isa;
 }
 
+// Rows computed ahead of the ones they prefetch, in blocks of 4 (see rows_vnni).
+#ifndef PF_BLOCKS
+#define PF_BLOCKS 1
+#endif
+
 // Rows [r0, r1) of one weight: y[t * ldy + (n - r0)] = ws[n] * sum_k w[n, k] x[t, k].
 static void rows_avx2(const Acts* a, const int8_t* w, const float* ws, int64_t r0, int64_t r1,
                       float* y, int64_t ldy) {
@@ -118,6 +123,7 @@ static void rows_avx2(const Acts* a, const int8_t* w, const float* ws, int64_t r
     const int8_t* w1 = w0 + K;
     const int8_t* w2 = w1 + K;
     const int8_t* w3 = w2 + K;
+    const int8_t* pf = PF_BLOCKS > 0 && n + 4 * (PF_BLOCKS + 1) <= r1 ? w0 + 4 * PF_BLOCKS * K : NULL;
     for (int64_t t = 0; t < a->T; ++t) {
       const int8_t* xt = a->xq + t * K;
       const float* st = a->xs + t * nb;
@@ -125,6 +131,12 @@ static void rows_avx2(const Acts* a, const int8_t* w, const float* ws, int64_t r
       __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t k = b * QK;
+        if (pf && t == 0 && (k & 63) == 0) {  // see rows_vnni
+          _mm_prefetch((const char*)(pf + k), _MM_HINT_T0);
+          _mm_prefetch((const char*)(pf + K + k), _MM_HINT_T0);
+          _mm_prefetch((const char*)(pf + 2 * K + k), _MM_HINT_T0);
+          _mm_prefetch((const char*)(pf + 3 * K + k), _MM_HINT_T0);
+        }
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xt + k));
         const __m256 d = _mm256_set1_ps(st[b]);
         a0 = _mm256_fmadd_ps(dot32(_mm256_loadu_si256((const __m256i*)(w0 + k)), xv, ones), d, a0);
@@ -197,6 +209,9 @@ VNNI static void rows_vnni(const Acts* a, const int8_t* w, const float* ws, int6
   int64_t n = r0;
   for (; n + 4 <= r1; n += 4) {
     const int8_t* w0 = w + n * K;
+    // the block PF_BLOCKS ahead, fetched while this one computes: the hardware prefetcher
+    // stops at each 4 KiB page (read slabs are in 4 KiB pages), this does not
+    const int8_t* pf = PF_BLOCKS > 0 && n + 4 * (PF_BLOCKS + 1) <= r1 ? w0 + 4 * PF_BLOCKS * K : NULL;
     for (int64_t t = 0; t < a->T; ++t) {
       const int8_t* xt = a->xq + t * K;
       const float* v = a->sv + t * P * 16;
@@ -204,6 +219,12 @@ VNNI static void rows_vnni(const Acts* a, const int8_t* w, const float* ws, int6
       __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
       for (int64_t p = 0; p < P; ++p) {
         const int64_t k = p * 64, left = K - k;
+        if (pf && t == 0) {
+          _mm_prefetch((const char*)(pf + k), _MM_HINT_T0);
+          _mm_prefetch((const char*)(pf + K + k), _MM_HINT_T0);
+          _mm_prefetch((const char*)(pf + 2 * K + k), _MM_HINT_T0);
+          _mm_prefetch((const char*)(pf + 3 * K + k), _MM_HINT_T0);
+        }
         const __m512i xv = load64(xt + k, left);
         const __m512 d = _mm512_loadu_ps(v + p * 16);
         a0 = step_vnni(a0, w0 + k, xv, d, flip, left);
