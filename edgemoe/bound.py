@@ -5,7 +5,7 @@
     bound    = 1 / t(token)
 
 The flash bandwidth is the profile's random-read rate (its slowest read size), or its
-sequential rate (measured with 4 MiB reads) when one expert is a read of 4 MiB or more: an
+sequential rate (32 MiB reads into huge pages) when one expert is a read of 4 MiB or more: an
 expert's levels lie back to back on disk, so a miss is one large read, which the disk serves
 at its sequential rate (measured here: a 33 MiB INT8 expert at 1.7 GB/s against 1.27 GB/s for
 256 KiB random reads; with the random rate a measured speed came out above the "bound").
@@ -99,7 +99,7 @@ def measured_bound(
     return _bound(mem, flash_bytes_per_step, memory_bandwidth, rate, hit_rate, batch)
 
 
-SEQUENTIAL_READ = 4 << 20  # the read size of the profile's flash_seq_read
+SEQUENTIAL_READ = 4 << 20  # reads this large are served at the profile's flash_seq_read
 
 
 def flash_rate(flash_rand_read: float, flash_seq_read: float | None, read_bytes: int) -> float:

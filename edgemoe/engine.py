@@ -38,7 +38,7 @@ from edgemoe.moe.api import ExecutorContext
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
 from edgemoe.moe.schedule import UpgradeCost
 from edgemoe.sampling import Sampling
-from edgemoe.store import ExpertStore
+from edgemoe.store import ExpertStore, huge_slabs
 from edgemoe.tokenizer import Tokenizer
 from edgemoe.units import Bytes
 from edgemoe.weights import ResidentWeights
@@ -224,6 +224,10 @@ class EdgeModel:
             )
         self._tokenizer: Tokenizer | None = None
         self.store = ExpertStore(r, threads=threads, throttle=throttle, check_every_read=naive)
+        all_experts = self.plan.all_experts
+        self.store.huge_slabs = huge_slabs(
+            self.plan.expert_cache / all_experts if all_experts else 1.0
+        )
         context = ExecutorContext(
             r,
             self.plan,

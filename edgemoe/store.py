@@ -32,24 +32,39 @@ from formats.constants import align_up
 from formats.reader import EmoeReader
 
 
-def anon(n: int) -> mmap.mmap:
+def anon(n: int, huge: bool = False) -> mmap.mmap:
     """n bytes of private anonymous memory, page-aligned as O_DIRECT needs (private, not
-    mmap's default MAP_SHARED, which is shmem: never in huge pages, and counted apart).
-
-    In 4 KiB pages unless EDGEMOE_HUGE_SLABS=1 asks for 2 MiB ones (madvise). Measured on
-    the bench model: the expert kernels read huge pages faster (decode 4-6% faster warm,
-    fewer TLB misses), but a cold prefill faults in every slab, and fresh huge pages cost
-    1.3-2.9 ms/MB more to fault here (a VM that hands back freed memory to its host):
-    prefill 18-24 tok/s against 48-51 in 4 KiB pages, uncapped and at the 100% cap. A
-    long-lived process that decodes thousands of tokens on the same slabs gains by it."""
+    mmap's default MAP_SHARED, which is shmem: never in huge pages, and counted apart), in
+    2 MiB pages (madvise) when `huge`, where the kernel gives them."""
     m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if os.environ.get("EDGEMOE_HUGE_SLABS") != "1":
-        return m
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):  # not Linux, or THP off: 4 KiB pages
-        pass
+    if huge:
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # not Linux, or THP off: 4 KiB pages
+            pass
     return m
+
+
+# Slabs in huge pages when the expert cache holds less than this share of the experts.
+HUGE_SLABS_BELOW = 1 / 3
+
+
+def huge_slabs(cached_share: float) -> bool:
+    """Whether read slabs go in 2 MiB pages, for an expert cache that holds `cached_share` of
+    all experts (EDGEMOE_HUGE_SLABS=1 or 0 decides instead).
+
+    Measured here (a VM on virtio-blk): an O_DIRECT read into 2 MiB pages runs at 2.1-2.2
+    GB/s, into 4 KiB pages at 1.2-1.3 (the block layer's 254 segments make 1 MiB requests of
+    4 KiB pages, 4 MiB ones of huge pages; more threads do not help), and decode at the 25%
+    cap is 18% faster in huge pages. But a fresh huge page costs 1.3-2.9 ms/MB to fault (the
+    VM hands freed 2 MiB blocks back to its host), and a cold prefill faults in every slab of
+    the cache: 18-20 tok/s against 53-56 in 4 KiB pages when the cache holds every expert, 37
+    against 58 at half of them. So: huge pages where a small cache reuses few slabs for many
+    reads, 4 KiB where a large cache is mostly read once."""
+    env = os.environ.get("EDGEMOE_HUGE_SLABS")
+    if env in ("0", "1"):
+        return env == "1"
+    return cached_share < HUGE_SLABS_BELOW
 
 
 def _close(slab: mmap.mmap) -> None:
@@ -113,6 +128,7 @@ class ExpertStore:
         self.check_every_read = check_every_read
         self._slabs: dict[int, list[mmap.mmap]] = {}  # free slabs by size (a read's span)
         self.slabs_made = 0
+        self.huge_slabs = huge_slabs(1.0)  # the engine sets it from its plan (huge_slabs)
 
     def recycle(self, slab: mmap.mmap) -> None:
         """Give back a slab from an `own` read once nothing uses its views."""
@@ -136,7 +152,7 @@ class ExpertStore:
             self.slabs_made += 1
         for old in stale:
             _close(old)
-        return anon(n)
+        return anon(n, self.huge_slabs)
 
     @property
     def buffer_bytes(self) -> Bytes:
@@ -186,7 +202,7 @@ class ExpertStore:
     def _buffer(self, n: int) -> mmap.mmap:
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < n:
-            buf = anon(max(n, self.max_span))
+            buf = anon(max(n, self.max_span), self.huge_slabs)
             self._local.buf = buf
         return buf
 

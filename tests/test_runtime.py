@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,3 +203,38 @@ def test_batch_stop_strings_and_stream(tiny_emoe):
     s = m.summary(st)
     assert s["new_tokens"] == st.new_tokens > 0 and s["prefill_tok_s"] > 0
     assert 0 <= s["hit_rate"] <= 1 and st.batch == 3
+
+
+def test_read_slabs_page_size_follows_the_cache_share(monkeypatch):
+    """Slabs go in 2 MiB pages where a small cache reuses few slabs for many reads, in 4 KiB
+    pages where a large cache is mostly read once (a cold prefill faults in every slab);
+    EDGEMOE_HUGE_SLABS decides when set. The page kind shows in the process's smaps."""
+    from edgemoe.store import HUGE_SLABS_BELOW, anon, huge_slabs
+
+    monkeypatch.delenv("EDGEMOE_HUGE_SLABS", raising=False)
+    assert huge_slabs(0.1) and not huge_slabs(0.5) and not huge_slabs(1.0)
+    assert huge_slabs(HUGE_SLABS_BELOW * 0.99) and not huge_slabs(HUGE_SLABS_BELOW)
+    monkeypatch.setenv("EDGEMOE_HUGE_SLABS", "1")
+    assert huge_slabs(1.0)
+    monkeypatch.setenv("EDGEMOE_HUGE_SLABS", "0")
+    assert not huge_slabs(0.0)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        return
+    import ctypes
+
+    def huge_kib(m):  # AnonHugePages of the mapping that holds m
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        for i, line in enumerate(lines):
+            lo, _, hi = line.split()[0].partition("-")
+            if "-" in line.split()[0] and int(lo, 16) <= addr < int(hi, 16):
+                for rest in lines[i + 1 :]:
+                    if rest.startswith("AnonHugePages:"):
+                        return int(rest.split()[1])
+        return 0
+
+    for huge in (True, False):
+        m = anon(8 << 20, huge)
+        m.write(b"\1" * len(m))  # fault every page in
+        assert (huge_kib(m) > 0) is huge, huge

@@ -111,7 +111,7 @@ class Settings:
 def fresh_bound(profile: str, model: Path, out: Path) -> dict:
     """Write to `out` the profile `profile` with its memory and flash rates measured now: the
     profiler's memory copy and O_DIRECT reads of the model file itself (its first 512 MiB
-    in 4 MiB reads, then expert-sized random reads for a second). The rates here move from
+    in 32 MiB reads, then expert-sized random reads for a second). The rates here move from
     hour to hour (this VM's disk 0.65-2.2 GB/s, its memory 15-29 GB/s, measured), so a bound
     from a profile taken earlier is off by as much; measured beside each run it is not.
     Returns the three rates (bytes/s)."""
