@@ -262,16 +262,18 @@ def test_mwq_is_computed_as_stored(path):
     if fastkernels.isa(0 if path == "avx2" else 1) != path:
         pytest.skip(f"this CPU has no {path}")
     try:
-        shape = (128, 256)
-        codec, params, segs = _encode("mwq", {"bits": [2, 3, 4], "group": 64}, shape)
-        x = torch.randn(3, shape[1])
-        lin = kernel_for(codec).build(shape, params, segs, torch.float32)
-        assert type(lin) is MwqLinear and lin.nbytes == sum(len(s) for s in segs)
-        for level in (1, 2, 3):
-            for xt in (x, torch.randn(9, shape[1])):  # one token at a time, or rows unpacked
-                want = reference_linear(codec.id, shape, params, segs[:level])(xt)
-                got = lin.at(level)(xt)
-                assert ((got - want).norm() / want.norm()).item() < 0.02, level
+        # rows in blocks of 4 (decode) with a tail of 2 rows per thread, groups of 1 and 2
+        # 64-weight steps, up to 4 levels
+        for shape, group, bits in (((128, 256), 64, [2, 3, 4]), ((124, 512), 128, [3, 4, 5, 6])):
+            codec, params, segs = _encode("mwq", {"bits": bits, "group": group}, shape)
+            lin = kernel_for(codec).build(shape, params, segs, torch.float32)
+            assert type(lin) is MwqLinear and lin.nbytes == sum(len(s) for s in segs)
+            for level in range(1, len(bits) + 1):
+                for t in (1, 3, 9):  # decode (rows 4 at a time), or rows unpacked
+                    xt = torch.randn(t, shape[1])
+                    want = reference_linear(codec.id, shape, params, segs[:level])(xt)
+                    got = lin.at(level)(xt)
+                    assert ((got - want).norm() / want.norm()).item() < 0.02, (shape, level, t)
         assert lin.truncate(1) and lin.nbytes == len(segs[0]) and lin.level == 1
     finally:
         fastkernels.isa(1)
