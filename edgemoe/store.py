@@ -46,7 +46,7 @@ def anon(n: int, huge: bool = False) -> mmap.mmap:
 
 
 # Slabs in huge pages when the expert cache holds less than this share of the experts.
-HUGE_SLABS_BELOW = 1 / 3
+HUGE_SLABS_BELOW = 1 / 5
 
 
 def huge_slabs(cached_share: float) -> bool:
@@ -55,12 +55,14 @@ def huge_slabs(cached_share: float) -> bool:
 
     Measured here (a VM on virtio-blk): an O_DIRECT read into 2 MiB pages runs at 2.1-2.2
     GB/s, into 4 KiB pages at 1.2-1.3 (the block layer's 254 segments make 1 MiB requests of
-    4 KiB pages, 4 MiB ones of huge pages; more threads do not help), and decode at the 25%
-    cap is 18% faster in huge pages. But a fresh huge page costs 1.3-2.9 ms/MB to fault (the
-    VM hands freed 2 MiB blocks back to its host), and a cold prefill faults in every slab of
-    the cache: 18-20 tok/s against 53-56 in 4 KiB pages when the cache holds every expert, 37
-    against 58 at half of them. So: huge pages where a small cache reuses few slabs for many
-    reads, 4 KiB where a large cache is mostly read once."""
+    4 KiB pages, 4 MiB ones of huge pages; more threads do not help). But a fresh huge page
+    costs 1.3-2.9 ms/MB to fault (the VM hands freed 2 MiB blocks back to its host), and a
+    cold prefill faults in every slab of the cache. A slab pays for its huge pages after a
+    few reads: on the bench model the 25% cap (the cache holds 8% of the experts, each slab
+    read about 3 times a token) decodes at 2.94 against 2.41 tok/s with the same prefill; at
+    the 50% cap (26%, a slab read every other token) decode gains 5% in a 32-token run and
+    the cold prefill fell from 47-58 to 34-47 tok/s; with every expert cached, 18-20
+    against 53-56."""
     env = os.environ.get("EDGEMOE_HUGE_SLABS")
     if env in ("0", "1"):
         return env == "1"
