@@ -114,6 +114,8 @@ def _load():
     lib.q8_moe1.restype = ctypes.c_int
     lib.decode_chain.argtypes = [p, ctypes.c_int, *[p] * 7, i64, i64, ctypes.c_int, ctypes.c_int, p]
     lib.decode_chain.restype = ctypes.c_int
+    lib.mwq_moe1.argtypes = [p, i64, i64, ctypes.c_int, p, p, ctypes.c_int, p, ctypes.c_int]
+    lib.mwq_moe1.restype = ctypes.c_int
     return lib
 
 
@@ -159,6 +161,17 @@ def mwq_available() -> bool:
     return available() and _cpu_has("f16c")
 
 
+def _mwq_ptrs(parts, b1: int, n: int, k: int, group: int) -> tuple[list[int], list[int]]:
+    """The plane and scale addresses of an mwq weight [n, k] at level len(parts), as the
+    kernels take them (see mwq_linear)."""
+    plane, groups = n * k // 8, k // group
+    planes = [parts[0][0].data_ptr() + i * plane for i in range(b1)]
+    planes += [p.data_ptr() for p, _ in parts[1:]]
+    scales = [parts[0][1].data_ptr(), parts[0][1].data_ptr() + 2 * n * groups]
+    scales += [sz.data_ptr() for _, sz in parts[1:]]
+    return planes, scales
+
+
 def mwq_linear(x: torch.Tensor, parts, b1: int, group: int, n: int) -> torch.Tensor:
     """x [T, K] (any float dtype) times an mwq weight [n, K] at level len(parts), as the file
     stores it (formats/codecs/mwq.py): parts[0] = (the b1 code planes, uint8; s1 then z1, f16
@@ -167,11 +180,7 @@ def mwq_linear(x: torch.Tensor, parts, b1: int, group: int, n: int) -> torch.Ten
     lib = _lib[0] if _lib else library()
     x = x.float().contiguous()
     t, k = x.shape
-    plane, groups = n * k // 8, k // group
-    planes = [parts[0][0].data_ptr() + i * plane for i in range(b1)]
-    planes += [p.data_ptr() for p, _ in parts[1:]]
-    scales = [parts[0][1].data_ptr(), parts[0][1].data_ptr() + 2 * n * groups]
-    scales += [sz.data_ptr() for _, sz in parts[1:]]
+    planes, scales = _mwq_ptrs(parts, b1, n, k, group)
     pp = (ctypes.c_void_p * len(planes))(*planes)
     sp = (ctypes.c_void_p * len(scales))(*scales)
     y = torch.empty(t, n, dtype=torch.float32)
@@ -182,6 +191,57 @@ def mwq_linear(x: torch.Tensor, parts, b1: int, group: int, n: int) -> torch.Ten
         )
     )  # fmt: skip
     return y
+
+
+MWQ_MAXP = 16  # planes per weight the fused call takes (q8.c's MWQ_MAXP)
+
+
+class _MwqW(ctypes.Structure):
+    _fields_ = [
+        ("planes", ctypes.c_void_p * MWQ_MAXP),
+        ("scales", ctypes.c_void_p * (MWQ_MAXP + 2)),
+        ("b1", ctypes.c_int),
+        ("nplanes", ctypes.c_int),
+        ("group", ctypes.c_int64),
+    ]
+
+
+def mwq_fusable(experts) -> bool:
+    """Whether mwq_experts takes these (gate, up, down) MwqLinear triples: one width, the
+    gate and up weights of one group size, the down weights of another, few enough planes."""
+    g0, d0 = experts[0][0], experts[0][2]
+    return all(
+        e[0].group == e[1].group == g0.group
+        and e[2].group == d0.group
+        and e[0].in_features == g0.in_features
+        and e[0].out_features == e[1].out_features == g0.out_features
+        and all(w.b1 + len(w.parts) - 1 <= MWQ_MAXP for w in e)
+        for e in experts
+    )
+
+
+def mwq_experts(x: torch.Tensor, experts, coef: list[float], out: torch.Tensor) -> None:
+    """out [D] (f32, contiguous) += sum_e coef[e] * expert_e(x) for one token x [D], every
+    expert a (gate, up, down) of MwqLinear each at its own level (mwq_fusable), in one kernel
+    call (mwq_moe1), as q8_experts does for INT8 experts. Each expert's output is rounded to
+    bfloat16 first when its Linears compute in it."""
+    lib = _lib[0] if _lib else library()
+    x = x.float().contiguous()
+    ws = (_MwqW * (3 * len(experts)))()
+    for i, lin in enumerate(w for e in experts for w in e):
+        planes, scales = _mwq_ptrs(lin.parts, lin.b1, lin.out_features, lin.in_features, lin.group)
+        ws[i].planes[: len(planes)] = planes
+        ws[i].scales[: len(scales)] = scales
+        ws[i].b1, ws[i].nplanes, ws[i].group = lin.b1, len(planes), lin.group
+    gate = experts[0][0]
+    c = (ctypes.c_float * len(experts))(*coef)
+    rnd = int(experts[0][2].dtype == torch.bfloat16)
+    _check(
+        lib.mwq_moe1(
+            x.data_ptr(), gate.in_features, gate.out_features, len(experts), ws, c, rnd,
+            out.data_ptr(), torch.get_num_threads(),
+        )
+    )  # fmt: skip
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

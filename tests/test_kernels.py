@@ -280,6 +280,40 @@ def test_mwq_is_computed_as_stored(path):
 
 
 @pytest.mark.skipif(not fastkernels.mwq_available(), reason="no AVX2/F16C or no C compiler")
+@pytest.mark.parametrize("path", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mwq_experts_in_one_call_equal_expert_by_expert(path, dtype):
+    """A token's mwq experts, each at its own level, in one kernel call (mwq_moe1) give what
+    expert_forward gives expert by expert, weighted and summed."""
+    from edgemoe.moe.experts import ExpertWeights, expert_forward
+
+    if fastkernels.isa(0 if path == "avx2" else 1) != path:
+        pytest.skip(f"this CPU has no {path}")
+    try:
+        D, W = 256, 384  # gate/up groups of 128 over D, down groups of 128 over the width W
+        experts, levels = [], [3, 1, 2]
+        for e, level in enumerate(levels):
+            lins = []
+            for j, shape in enumerate(((W, D), (W, D), (D, W))):
+                params = {"bits": [2, 3, 4], "group": 128}
+                codec, params, segs = _encode("mwq", params, shape, seed=3 * e + j)
+                lins.append(kernel_for(codec).build(shape, params, segs[:level], dtype))
+            experts.append(tuple(lins))
+        assert fastkernels.mwq_fusable(experts)
+        coef = [0.5, 0.3, 0.2]
+        x = torch.randn(1, D).to(dtype)
+        want = torch.zeros(1, D)
+        for (g, u, d), c in zip(experts, coef):
+            want += c * expert_forward(x, ExpertWeights(g, u, d)).float()
+        got = torch.zeros(D)
+        fastkernels.mwq_experts(x[0], experts, coef, got)
+        err = ((got - want[0]).norm() / want.norm()).item()
+        assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
+    finally:
+        fastkernels.isa(1)
+
+
+@pytest.mark.skipif(not fastkernels.mwq_available(), reason="no AVX2/F16C or no C compiler")
 def test_mwq_borrows_its_stored_bytes():
     """Built with borrow=True an mwq weight computes on the caller's bytes in place: it
     counts none of them (the lender does), and a level appended later counts its own."""

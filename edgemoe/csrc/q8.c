@@ -706,6 +706,21 @@ static void mwq_job(void* p, int tid, int nth) {
 // y [T, N] = x [T, K] f32 times an mwq weight at level `levels` (1 + the sign planes given):
 // planes[0..b1) the code planes, planes[b1..) the sign planes, scales = s1, z1, s2, ... (f16
 // [N, G] each). Returns 0, or -1 when scratch memory could not be allocated.
+// XS [T, K / group]: each group's sum of the INT8-rounded activations (see mwq_rows).
+static void mwq_xs(const Acts* a, int64_t group, float* XS) {
+  const int64_t T = a->T, K = a->K, G = K / group, per = group / QK;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < G; ++j) {
+      double s = 0.0;
+      for (int64_t b = j * per; b < (j + 1) * per; ++b) {
+        int32_t q = 0;
+        for (int i = 0; i < QK; ++i) q += a->xq[t * K + b * QK + i];
+        s += (double)a->xs[t * (K / QK) + b] * q;
+      }
+      XS[t * G + j] = (float)s;
+    }
+}
+
 int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes, int b1,
              int nplanes, const uint16_t* const* scales, int64_t N, int64_t group, float* y,
              int threads) {
@@ -720,17 +735,7 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
     return -1;
   }
   acts_fill(&a, x);
-  const int64_t per = group / QK;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < G; ++j) {
-      double s = 0.0;
-      for (int64_t b = j * per; b < (j + 1) * per; ++b) {
-        int32_t q = 0;
-        for (int i = 0; i < QK; ++i) q += a.xq[t * K + b * QK + i];
-        s += (double)a.xs[t * (K / QK) + b] * q;
-      }
-      XS[t * G + j] = (float)s;
-    }
+  mwq_xs(&a, group, XS);
   Mwq c = {&a, XS, T, K, planes, b1, nplanes, scales, N, group, y};
   team_run(mwq_job, &c, threads);
   free(XS);
@@ -1124,6 +1129,94 @@ int q8_moe1(const float* x, int64_t D, int64_t I, int n, const int8_t* const* wg
   }
   for (int i = 0; mem && i < n + threads; ++i) free(mem[i]);
   free(mem);
+  free(h);
+  free(ah);
+  free(ax);
+  return ok ? 0 : -1;
+}
+
+// ---------------------------------------------------------------- a token's mwq experts
+//
+// out [D] += sum_e coef[e] * down_e(silu(gate_e(x)) * up_e(x)) for one token, every weight
+// an mwq one at its own level (MwqW: its planes and scales as mwq_gemm takes them), in one
+// call as q8_moe1 does for INT8: x quantized once per thread, one wake-up of the team. The
+// gate and up weights share one group size, the down weights another.
+#define MWQ_MAXP 16
+typedef struct {
+  const uint8_t* planes[MWQ_MAXP];
+  const uint16_t* scales[MWQ_MAXP + 2];
+  int b1, nplanes;
+  int64_t group;
+} MwqW;
+
+static void mwq_any(const Acts* a, const float* XS, const MwqW* w, int64_t r0, int64_t r1,
+                    float* y, int64_t ldy) {
+  if (isa == 1)
+    mwq_rows(a->xq, a->sv, XS, a->T, a->K, w->planes, w->b1, w->nplanes, w->scales, w->group,
+             r0, r1, y, ldy);
+  else
+    mwq_rows_avx2(a->xq, a->xs, XS, a->T, a->K, w->planes, w->b1, w->nplanes, w->scales,
+                  w->group, r0, r1, y, ldy);
+}
+
+typedef struct {
+  const float* x;
+  int64_t D, I;
+  int n, rnd;
+  const MwqW* w;  // [n][3]: gate, up, down
+  const float* coef;
+  float* out;
+  float *h, *u, *y;  // [n, I], [n, I], [n, D]
+  Acts *ax, *ah;     // x per thread, h per expert
+  float *xsx, *xsh;  // their group sums
+} MwqMoe1;
+
+static void mwq_moe1_job(void* p, int tid, int nth) {
+  const MwqMoe1* c = p;
+  const int64_t D = c->D, I = c->I, GD = D / c->w[0].group, GI = I / c->w[2].group;
+  int64_t r0, r1;
+  acts_fill(&c->ax[tid], c->x);
+  mwq_xs(&c->ax[tid], c->w[0].group, c->xsx + tid * GD);
+  share_t(I, tid, nth, &r0, &r1);
+  for (int e = 0; e < c->n; ++e) {
+    mwq_any(&c->ax[tid], c->xsx + tid * GD, &c->w[3 * e], r0, r1, c->h + e * I + r0, I);
+    mwq_any(&c->ax[tid], c->xsx + tid * GD, &c->w[3 * e + 1], r0, r1, c->u + e * I + r0, I);
+    silu_mul(c->h + e * I + r0, c->u + e * I + r0, r1 - r0);
+  }
+  bar_wait(&team.bar, nth);
+  for (int e = tid; e < c->n; e += nth) {
+    acts_fill(&c->ah[e], c->h + e * I);
+    mwq_xs(&c->ah[e], c->w[2].group, c->xsh + e * GI);
+  }
+  bar_wait(&team.bar, nth);
+  share_t(D, tid, nth, &r0, &r1);
+  for (int e = 0; e < c->n; ++e)
+    mwq_any(&c->ah[e], c->xsh + e * GI, &c->w[3 * e + 2], r0, r1, c->y + e * D + r0, D);
+  for (int e = 0; e < c->n; ++e)
+    for (int64_t i = r0; i < r1; ++i) c->out[i] += c->coef[e] * rd(c->y[e * D + i], c->rnd);
+}
+
+int mwq_moe1(const float* x, int64_t D, int64_t I, int n, const MwqW* w, const float* coef,
+             int rnd, float* out, int threads) {
+  q8_isa(-1);
+  if (threads < 1) threads = 1;
+  if (threads > MAX_TEAM) threads = MAX_TEAM;
+  Acts* ax = calloc((size_t)threads, sizeof(Acts));
+  Acts* ah = calloc((size_t)n, sizeof(Acts));
+  void** mem = calloc((size_t)(n + threads), sizeof(void*));
+  float* h = malloc(sizeof(float) * (size_t)(2 * n * I + n * D));
+  float* xs = malloc(sizeof(float) * (size_t)(threads * (D / w[0].group) + n * (I / w[2].group)));
+  int ok = ax && ah && mem && h && xs;
+  for (int e = 0; ok && e < n; ++e) ok = (mem[e] = acts_alloc(&ah[e], 1, I)) != NULL;
+  for (int t = 0; ok && t < threads; ++t) ok = (mem[n + t] = acts_alloc(&ax[t], 1, D)) != NULL;
+  if (ok) {
+    MwqMoe1 c = {x, D, I, n, rnd, w, coef, out, h, h + n * I, h + 2 * n * I, ax, ah,
+                 xs, xs + threads * (D / w[0].group)};
+    team_run(mwq_moe1_job, &c, threads);
+  }
+  for (int i = 0; mem && i < n + threads; ++i) free(mem[i]);
+  free(mem);
+  free(xs);
   free(h);
   free(ah);
   free(ax);

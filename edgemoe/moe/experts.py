@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from edgemoe import fastkernels
-from edgemoe.kernels import Linear, on_q8_kernel
+from edgemoe.kernels import Linear, MwqLinear, on_q8_kernel
 
 
 @dataclass
@@ -38,6 +38,12 @@ def _q8(gate: Linear, up: Linear, down: Linear) -> bool:
 def q8_expert(ew: ExpertWeights) -> bool:
     """Whether the expert runs on the Q8 kernel (fastkernels.q8_swiglu, q8_experts)."""
     return _q8(ew.gate, ew.up, ew.down)
+
+
+def mwq_expert(ew: ExpertWeights) -> bool:
+    """Whether the expert's three weights are mwq ones computed as stored (fastkernels.mwq_experts
+    takes a token's such experts in one call)."""
+    return all(type(p) is MwqLinear for p in (ew.gate, ew.up, ew.down))
 
 
 def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:

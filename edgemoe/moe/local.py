@@ -35,7 +35,7 @@ from edgemoe.cache import Entry, ExpertCache, Key
 from edgemoe.moe.combine import combine_into
 from edgemoe.moe.dispatch import Assignment, dispatch
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
-from edgemoe.moe.experts import ExpertWeights, expert_forward, q8_expert
+from edgemoe.moe.experts import ExpertWeights, expert_forward, mwq_expert, q8_expert
 from edgemoe.moe.schedule import LayerSchedule, Slice, Wave, schedule
 from edgemoe.prepare import downgrade_expert, expert_at
 from edgemoe.store import ExpertStore
@@ -389,24 +389,35 @@ class LocalExecutor(ExpertExecutor):
 
         def compute_hits() -> None:
             """The hits in memory: a single token's INT8 experts that read nothing more in
-            one kernel call (fused.py), the others as compute() does."""
-            fused = []
+            one kernel call (fused.py), its mwq ones in another, the others as compute()
+            does."""
+            q8, mwq = [], []
             for key, entry in h.plan.hits:
                 ew = self._value(h, key, entry)
                 if h.x.shape[0] == 1 and not pending.get(key):
                     a = h.groups[key][-1]
                     use = expert_at(ew, a.level)
                     if q8_expert(use):
-                        fused.append((key, a, use))
+                        q8.append((key, a, use))
+                        continue
+                    if mwq_expert(use):
+                        mwq.append((key, a, use))
                         continue
                 compute(key, ew, h.plan.have[key])
-            if not fused:
-                return
-            fastkernels.q8_experts(
-                h.x[0], [(u.gate, u.up, u.down) for _, _, u in fused],
-                [float(a.weights[0]) for _, a, _ in fused], out[0],
-            )  # fmt: skip
-            for key, a, use in fused:
+            if q8:
+                fused(fastkernels.q8_experts, q8)
+            if mwq and fastkernels.mwq_fusable([(u.gate, u.up, u.down) for _, _, u in mwq]):
+                fused(fastkernels.mwq_experts, mwq)
+            else:
+                for key, a, use in mwq:
+                    compute(key, use, a.level)
+
+        def fused(call, hits) -> None:
+            """One token's experts `hits` [(key, its assignment, the expert at its level)]
+            through one kernel call."""
+            triples = [(u.gate, u.up, u.down) for _, _, u in hits]
+            call(h.x[0], triples, [float(a.weights[0]) for _, a, _ in hits], out[0])
+            for key, a, use in hits:
                 if self.weight_bits is not None:
                     self._pairs += 1
                     self._pair_bits += self.weight_bits(h.layer, key[1], use.level)
