@@ -22,6 +22,7 @@ RUN += ["--temperature", "0"]  # greedy: the same tokens at every budget
 RUN += [arg for p in PROMPTS for arg in ("-p", p)]  # a batch of three: more experts touched
 # the floor is measured anew in every run; a little slack absorbs its jitter
 SLACK = Bytes.parse("512KiB")
+UNCOUNTED = Bytes.parse("32MiB")  # pages touched after the floor is measured (see below)
 
 
 def _run(memory_cap, model, mem):
@@ -48,7 +49,14 @@ def test_capped_runs_from_all_experts_to_the_minimum(memory_cap):
     rows, reads = [], []
     for name, mem in budgets.items():
         r, text, s = _run(memory_cap, path, mem)
-        assert r.peak <= mem
+        # inside a cgroup equal to --mem the cap itself cannot be passed (the cgroup's peak
+        # is at most its limit), so hold the process to its plan instead: its own peak RSS
+        # within what the plan counted, less a margin for the library pages the floor is
+        # measured before (the tokenizer's, the kernel library's: ~10-27 MiB measured)
+        p = s["plan"]
+        counted = sum(p[k] for k in ("floor", "resident", "kv_cache", "io_buffers", "workspace"))
+        counted += p["expert_cache"]
+        assert s["peak_rss"] <= counted + UNCOUNTED, (name, s["peak_rss"], counted)
         # the summary's peak is the cap's own figure (page cache and all), read inside it
         assert s["peak_source"] == "cgroup" and s["peak"] <= r.peak, (s["peak"], r.peak)
         assert text == ref_text, f"{name}: output differs"
