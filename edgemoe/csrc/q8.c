@@ -1108,30 +1108,50 @@ static void moe1_job(void* p, int tid, int nth) {
     for (int64_t i = r0; i < r1; ++i) c->out[i] += c->coef[e] * rd(c->y[e * D + i], c->rnd);
 }
 
+// The scratch of one token's experts (q8_moe1, mwq_moe1): activations of x per thread and
+// of each expert's hidden state, h and u [n, I] and the experts' outputs y [n, D].
+typedef struct {
+  Acts *ax, *ah;
+  void** mem;
+  float* h;
+  int n, threads;
+} Room1;
+
+static int room1(Room1* r, int n, int threads, int64_t D, int64_t I) {
+  r->n = n;
+  r->threads = threads < 1 ? 1 : threads > MAX_TEAM ? MAX_TEAM : threads;
+  r->ax = calloc((size_t)r->threads, sizeof(Acts));
+  r->ah = calloc((size_t)n, sizeof(Acts));
+  r->mem = calloc((size_t)(n + r->threads), sizeof(void*));
+  r->h = malloc(sizeof(float) * (size_t)(2 * n * I + n * D));
+  int ok = r->ax && r->ah && r->mem && r->h;
+  for (int e = 0; ok && e < n; ++e) ok = (r->mem[e] = acts_alloc(&r->ah[e], 1, I)) != NULL;
+  for (int t = 0; ok && t < r->threads; ++t)
+    ok = (r->mem[n + t] = acts_alloc(&r->ax[t], 1, D)) != NULL;
+  return ok;
+}
+
+static void room1_free(Room1* r) {
+  for (int i = 0; r->mem && i < r->n + r->threads; ++i) free(r->mem[i]);
+  free(r->mem);
+  free(r->h);
+  free(r->ah);
+  free(r->ax);
+}
+
 int q8_moe1(const float* x, int64_t D, int64_t I, int n, const int8_t* const* wg,
             const float* const* sg, const int8_t* const* wu, const float* const* su,
             const int8_t* const* wd, const float* const* sd, const float* coef, int rnd,
             float* out, int threads) {
   q8_isa(-1);
-  if (threads < 1) threads = 1;
-  if (threads > MAX_TEAM) threads = MAX_TEAM;
-  Acts* ax = calloc((size_t)threads, sizeof(Acts));
-  Acts* ah = calloc((size_t)n, sizeof(Acts));
-  void** mem = calloc((size_t)(n + threads), sizeof(void*));
-  float* h = malloc(sizeof(float) * (size_t)(2 * n * I + n * D));
-  int ok = ax && ah && mem && h;
-  for (int e = 0; ok && e < n; ++e) ok = (mem[e] = acts_alloc(&ah[e], 1, I)) != NULL;
-  for (int t = 0; ok && t < threads; ++t) ok = (mem[n + t] = acts_alloc(&ax[t], 1, D)) != NULL;
+  Room1 r;
+  const int ok = room1(&r, n, threads, D, I);
   if (ok) {
-    Moe1 c = {x, D, I, n, rnd, wg, wu, wd, sg, su, sd, coef, out, h, h + n * I, h + 2 * n * I,
-              ax, ah};
-    team_run(moe1_job, &c, threads);
+    Moe1 c = {x, D, I, n, rnd, wg, wu, wd, sg, su, sd, coef, out, r.h, r.h + n * I,
+              r.h + 2 * n * I, r.ax, r.ah};
+    team_run(moe1_job, &c, r.threads);
   }
-  for (int i = 0; mem && i < n + threads; ++i) free(mem[i]);
-  free(mem);
-  free(h);
-  free(ah);
-  free(ax);
+  room1_free(&r);
   return ok ? 0 : -1;
 }
 
@@ -1199,28 +1219,18 @@ static void mwq_moe1_job(void* p, int tid, int nth) {
 int mwq_moe1(const float* x, int64_t D, int64_t I, int n, const MwqW* w, const float* coef,
              int rnd, float* out, int threads) {
   q8_isa(-1);
-  if (threads < 1) threads = 1;
-  if (threads > MAX_TEAM) threads = MAX_TEAM;
-  Acts* ax = calloc((size_t)threads, sizeof(Acts));
-  Acts* ah = calloc((size_t)n, sizeof(Acts));
-  void** mem = calloc((size_t)(n + threads), sizeof(void*));
-  float* h = malloc(sizeof(float) * (size_t)(2 * n * I + n * D));
-  float* xs = malloc(sizeof(float) * (size_t)(threads * (D / w[0].group) + n * (I / w[2].group)));
-  int ok = ax && ah && mem && h && xs;
-  for (int e = 0; ok && e < n; ++e) ok = (mem[e] = acts_alloc(&ah[e], 1, I)) != NULL;
-  for (int t = 0; ok && t < threads; ++t) ok = (mem[n + t] = acts_alloc(&ax[t], 1, D)) != NULL;
-  if (ok) {
-    MwqMoe1 c = {x, D, I, n, rnd, w, coef, out, h, h + n * I, h + 2 * n * I, ax, ah,
-                 xs, xs + threads * (D / w[0].group)};
-    team_run(mwq_moe1_job, &c, threads);
+  Room1 r;
+  int ok = room1(&r, n, threads, D, I);
+  const int64_t gd = D / w[0].group, gi = I / w[2].group;
+  float* xs = ok ? malloc(sizeof(float) * (size_t)(r.threads * gd + n * gi)) : NULL;
+  if (xs) {
+    MwqMoe1 c = {x, D, I, n, rnd, w, coef, out, r.h, r.h + n * I, r.h + 2 * n * I, r.ax, r.ah,
+                 xs, xs + r.threads * gd};
+    team_run(mwq_moe1_job, &c, r.threads);
   }
-  for (int i = 0; mem && i < n + threads; ++i) free(mem[i]);
-  free(mem);
   free(xs);
-  free(h);
-  free(ah);
-  free(ax);
-  return ok ? 0 : -1;
+  room1_free(&r);
+  return xs ? 0 : -1;
 }
 
 // ---------------------------------------------------------------- a decode step's layers
