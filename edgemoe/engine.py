@@ -16,7 +16,6 @@ their forward passes take turns and each holds its own KV cache slots.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -537,7 +536,7 @@ class EdgeModel:
         st, p = stats or RunStats(), self.plan
         ex = st.executor if stats is not None else self.executor.stats()
         decode_tokens = max(0, st.new_tokens - st.batch)
-        rss = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        rss = memcap.own_rss_peak()
         capped = memcap.own_peak()  # under a cap, what the cap counts (page cache included)
         return {
             "model": str(self.path),
@@ -558,7 +557,7 @@ class EdgeModel:
             "o_direct": self.store.direct,
             "peak_rss": int(rss),
             "peak": int(capped if capped is not None else rss),
-            "peak_source": "cgroup" if capped is not None else "ru_maxrss",
+            "peak_source": "cgroup" if capped is not None else "VmHWM",
             "budget": None if self.mem is None else int(self.mem),
             "floor": int(p.floor),
             "expert_cache": int(p.expert_cache),

@@ -114,6 +114,19 @@ def evict_page_cache(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def own_rss_peak() -> Bytes:
+    """This process's peak resident memory: /proc/self/status VmHWM, which starts anew at exec.
+    Not ru_maxrss: Linux carries it across fork and exec, so a process started from a large
+    one (a test runner of 1.4 GiB) reports its parent's peak as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return Bytes(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # not Linux: KiB
+
+
 def own_peak() -> Bytes | None:
     """The peak memory of the capped cgroup this process runs in (what the cap counts: RSS,
     page cache and every process in it), or None when no memory limit applies to it."""

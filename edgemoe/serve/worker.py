@@ -393,13 +393,12 @@ class Worker:
 
     def summary_line(self) -> str:
         """Requests served, tokens, expert traffic and peak memory since start."""
-        import resource
-
+        from edgemoe import memcap
         from edgemoe.units import Bytes
 
         m = self.model
         ex = m.executor_stats()
-        peak = Bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak = memcap.own_rss_peak()
         budget = "unlimited" if m.mem is None else str(m.mem)
         return (
             f"{self.served} requests, {self.generated} tokens in {self.steps} steps (prefill "
