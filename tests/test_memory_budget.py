@@ -22,7 +22,9 @@ RUN += ["--temperature", "0"]  # greedy: the same tokens at every budget
 RUN += [arg for p in PROMPTS for arg in ("-p", p)]  # a batch of three: more experts touched
 # the floor is measured anew in every run; a little slack absorbs its jitter
 SLACK = Bytes.parse("512KiB")
-UNCOUNTED = Bytes.parse("32MiB")  # pages touched after the floor is measured (see below)
+# library pages touched after the floor is measured, which no term of the plan counts:
+# ~9 MiB measured in a warm environment, 44 MiB in the first run of a fresh clone's venv
+UNCOUNTED = Bytes.parse("64MiB")
 
 
 def _run(memory_cap, model, mem):
@@ -52,7 +54,7 @@ def test_capped_runs_from_all_experts_to_the_minimum(memory_cap):
         # inside a cgroup equal to --mem the cap itself cannot be passed (the cgroup's peak
         # is at most its limit), so hold the process to its plan instead: its own peak RSS
         # within what the plan counted, less a margin for the library pages the floor is
-        # measured before (the tokenizer's, the kernel library's: ~10-27 MiB measured)
+        # measured before (UNCOUNTED)
         p = s["plan"]
         counted = sum(p[k] for k in ("floor", "resident", "kv_cache", "io_buffers", "workspace"))
         counted += p["expert_cache"]
