@@ -103,9 +103,25 @@ def _load():
     lib.q8_gemm.restype = ctypes.c_int
     lib.q8_swiglu.argtypes = [p, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int]
     lib.q8_swiglu.restype = ctypes.c_int
+    lib.q8_gateup.argtypes = [p, i64, i64, i64, p, p, p, p, p, ctypes.c_int]
+    lib.q8_gateup.restype = ctypes.c_int
+    lib.q8_down.argtypes = [p, i64, i64, i64, p, p, p, ctypes.c_int]
+    lib.q8_down.restype = ctypes.c_int
     lib.q8_isa.argtypes = [ctypes.c_int]
     lib.q8_isa.restype = ctypes.c_int
-    lib.mwq_gemm.argtypes = [p, i64, i64, p, ctypes.c_int, ctypes.c_int, p, i64, i64, p, ctypes.c_int]
+    lib.mwq_gemm.argtypes = [
+        p,
+        i64,
+        i64,
+        p,
+        ctypes.c_int,
+        ctypes.c_int,
+        p,
+        i64,
+        i64,
+        p,
+        ctypes.c_int,
+    ]
     lib.mwq_gemm.restype = ctypes.c_int
     lib.layer1_attn.argtypes = [*[p] * 10, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.layer1_attn.restype = ctypes.c_int
@@ -274,6 +290,38 @@ def q8_swiglu(x: torch.Tensor, gate, up, down) -> torch.Tensor:
             x.data_ptr(), t, d, gate.out_features, gate.q.data_ptr(), gate.scales.data_ptr(),
             up.q.data_ptr(), up.scales.data_ptr(), down.q.data_ptr(), down.scales.data_ptr(),
             y.data_ptr(), torch.get_num_threads(),
+        )
+    )  # fmt: skip
+    return y
+
+
+def q8_gate_up(x: torch.Tensor, gate, up) -> torch.Tensor:
+    """q8_swiglu's first half: h = silu(gate(x)) * up(x), f32 [T, I], for an expert whose down
+    rows have not landed yet; q8_down(h, down) then gives q8_swiglu's result bit for bit."""
+    lib = _lib[0] if _lib else library()
+    x = x.float().contiguous()
+    t, d = x.shape
+    i = gate.out_features
+    h = torch.empty(t, i, dtype=torch.float32)
+    _check(
+        lib.q8_gateup(
+            x.data_ptr(), t, d, i, gate.q.data_ptr(), gate.scales.data_ptr(), up.q.data_ptr(),
+            up.scales.data_ptr(), h.data_ptr(), torch.get_num_threads(),
+        )
+    )  # fmt: skip
+    return h
+
+
+def q8_down(h: torch.Tensor, down) -> torch.Tensor:
+    """q8_swiglu's second half: down(h), f32 [T, D], from q8_gate_up's h."""
+    lib = _lib[0] if _lib else library()
+    t, i = h.shape
+    d = down.out_features
+    y = torch.empty(t, d, dtype=torch.float32)
+    _check(
+        lib.q8_down(
+            h.data_ptr(), t, d, i, down.q.data_ptr(), down.scales.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
         )
     )  # fmt: skip
     return y

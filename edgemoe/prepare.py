@@ -9,9 +9,11 @@ knows the per-expert chunk layout of SPEC.md §3.2.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 
+from edgemoe import fastkernels
 from edgemoe.kernels import Int4Linear, Linear, NotUpgradable, kernel_for
 from edgemoe.moe.experts import ExpertWeights
 from formats import constants as C
@@ -70,6 +72,40 @@ def prepare_expert(
     ew = ExpertWeights(linears["gate"], linears["up"], linears["down"], len(payloads))
     ew.slab = slab
     return ew
+
+
+def head_of(
+    reader: EmoeReader, e: ExpertEntry, level: int, dtype: torch.dtype
+) -> tuple[int, Callable] | None:
+    """(n, build) where expert e at `level` is one chunk whose first n bytes hold its gate and
+    up ahead of its down, all three INT8 computed by the Q8 kernel in place: build(those n
+    bytes, a view into the read's slab) gives the (gate, up) Linears on them, so gate and up
+    can be computed while down is still being read (fastkernels.q8_gate_up). None otherwise."""
+    if level != 1 or not can_borrow(reader, e, level):
+        return None
+    ts = {role: reader.tensors[e.tensors[role]] for role in C.EXPERT_ROLES}
+    if not fastkernels.available() or any(
+        int(t.codec.id) != int(C.CodecId.INT8)
+        or len(t.parts) != 1
+        or int(t.shape[1]) % fastkernels.QK
+        for t in ts.values()
+    ):
+        return None
+    if any(t.parts[0][0] != e.levels[0] for t in ts.values()):
+        return None
+    n = max(off + size for _, off, size in (ts["gate"].parts[0], ts["up"].parts[0]))
+    if ts["down"].parts[0][1] < n:
+        return None
+
+    def build(head) -> tuple[Linear, Linear]:
+        gate, up = (
+            kernel_for(t.codec).build(t.shape, t.params, _segments(t, [head], 0), dtype, True,
+                                      borrow=True)
+            for t in (ts["gate"], ts["up"])
+        )  # fmt: skip
+        return gate, up
+
+    return n, build
 
 
 def upgrade_expert(

@@ -239,6 +239,9 @@ for path in paths:
         three = lins[2](F.silu(lins[0](x)) * lins[1](x))
         one = fastkernels.q8_swiglu(x, *lins)
         assert torch.allclose(one, three, rtol=1e-4, atol=1e-4), (path, t, (one - three).abs().max())
+        # in two calls (gate and up as they land, down after): the same bits
+        two = fastkernels.q8_down(fastkernels.q8_gate_up(x, lins[0], lins[1]), lins[2])
+        assert torch.equal(two, one), (path, t, (two - one).abs().max())
 print("ok")
 """
     env = dict(os.environ, EDGEMOE_KERNEL_DIR=str(tmp_path / "k"))

@@ -238,3 +238,78 @@ def test_read_slabs_page_size_follows_the_cache_share(monkeypatch):
         m = anon(8 << 20, huge)
         m.write(b"\1" * len(m))  # fault every page in
         assert (huge_kib(m) > 0) is huge, huge
+
+
+def test_split_reads_land_in_parts_head_first(tiny_emoe, monkeypatch, tmp_path):
+    """An owned raw read larger than a part goes in parts: its payloads equal the file's
+    chunks, it counts as one read of its bytes, its head (the gate and up an INT8 expert
+    stores first) lands as a future of its own, and a corrupt chunk fails the read."""
+    from edgemoe import store as store_mod
+    from edgemoe.prepare import head_of, prepare_expert
+    from formats.errors import ChecksumMismatch
+
+    monkeypatch.setattr(store_mod, "PART", 4096)
+    src = tiny_emoe("mixtral", experts="int8", dense="bf16")
+    with EmoeReader(src) as r:
+        store = ExpertStore(r, threads=2)
+        key = max(r.experts, key=lambda k: r.chunks[r.experts[k].levels[0]].length)
+        e = r.experts[key]
+        span = store._span(*key, 0, 1)[1]
+        assert span > 2 * 4096, "the test needs an expert of several parts"
+        head = head_of(r, e, 1, torch.float32)
+        assert head is not None and 0 < head[0] < r.chunks[e.levels[0]].length
+        fut = store.fetch(*key, 1, own=True, head=head)
+        gate, up = fut.head.result(timeout=30)
+        got = fut.result(timeout=30)
+        assert [bytes(p) for p in got] == [bytes(r.read_chunk(ci)) for ci in e.levels]
+        assert got.slab is not None and store.reads == 1 and store.bytes_read == span
+        # the head's Linears are the whole expert's, on the same bytes of the slab
+        whole = prepare_expert(r, e, got, torch.float32, slab=got.slab)
+        assert torch.equal(gate.q, whole.gate.q) and torch.equal(up.scales, whole.up.scales)
+        assert gate.q.data_ptr() == whole.gate.q.data_ptr()
+        store.close()
+    bad = tmp_path / "bad.emoe"
+    data = bytearray(Path(src).read_bytes())
+    with EmoeReader(src) as r:
+        c = r.chunks[r.experts[key].levels[0]]
+        data[r.data_offset + c.offset + c.length - 10] ^= 0xFF  # in down's rows: after the head
+    bad.write_bytes(bytes(data))
+    with EmoeReader(bad) as r:
+        store = ExpertStore(r, threads=2)
+        fut = store.fetch(*key, 1, own=True, head=head_of(r, r.experts[key], 1, torch.float32))
+        fut.head.result(timeout=30)  # the head's bytes are intact
+        with pytest.raises(ChecksumMismatch):
+            fut.result(timeout=30)
+        store.close()
+
+
+def test_early_gate_up_decodes_the_same_tokens(tiny_emoe, monkeypatch):
+    """Reads in parts, gate and up computed as they land and down after: the same greedy
+    tokens as whole reads, at a cache small enough that decode misses."""
+    from edgemoe import fastkernels
+    from edgemoe import store as store_mod
+
+    if not fastkernels.available():
+        pytest.skip("no AVX2 INT8 kernel")
+    path = tiny_emoe("mixtral", experts="int8", dense="bf16")
+    ids = None
+    runs = {}
+    for part in (1 << 30, 4096):
+        monkeypatch.setattr(store_mod, "PART", part)
+        calls = {"n": 0}
+        real = fastkernels.q8_gate_up
+
+        def spy(*a, _real=real, _calls=calls):
+            _calls["n"] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(fastkernels, "q8_gate_up", spy)
+        m = edgemoe.load(path, ctx=128, batch=1, expert_cache="30%")
+        ids = ids or m.tokenizer.encode(PROMPT)
+        got, _ = greedy_ours(m.model, [ids], 16)
+        runs[part] = (got[0], calls["n"], m.executor.stats().misses)
+        m.close()
+        monkeypatch.setattr(fastkernels, "q8_gate_up", real)
+    whole, split = runs[1 << 30], runs[4096]
+    assert whole[1] == 0 and split[1] > 0, runs  # the head path ran only with parts
+    assert split[0] == whole[0] and split[2] > 0, runs

@@ -397,9 +397,9 @@ typedef struct {
 static void bar_wait(Barrier* b, int nth);
 static Barrier* team_barrier(void);
 
-static void swiglu_job(void* p, int tid, int nth) {
-  const Swiglu* c = p;
-  const int64_t T = c->T, I = c->I, D = c->D;
+// The expert's first half: x quantized, h = silu(gate x) * (up x) for this thread's rows.
+static void gateup_phase(const Swiglu* c, int tid, int nth) {
+  const int64_t T = c->T, I = c->I;
   const int64_t t0 = T * tid / nth, t1 = T * (tid + 1) / nth;  // this thread's tokens
   if (t1 > t0) acts_fill_range(c->ax, c->x, t0, t1);
   bar_wait(team_barrier(), nth);
@@ -408,12 +408,27 @@ static void swiglu_job(void* p, int tid, int nth) {
   rows(c->ax, c->wg, c->sg, r0, r1, c->h + r0, I);
   rows(c->ax, c->wu, c->su, r0, r1, c->u + r0, I);
   for (int64_t t = 0; t < T; ++t) silu_mul(c->h + t * I + r0, c->u + t * I + r0, r1 - r0);
-  bar_wait(team_barrier(), nth);
+}
+
+// The second half: h quantized, y = down h for this thread's rows.
+static void down_phase(const Swiglu* c, int tid, int nth) {
+  const int64_t T = c->T, D = c->D;
+  const int64_t t0 = T * tid / nth, t1 = T * (tid + 1) / nth;
   if (t1 > t0) acts_fill_range(c->ah, c->h, t0, t1);
   bar_wait(team_barrier(), nth);
+  int64_t r0, r1;
   share_t(D, tid, nth, &r0, &r1);
   rows(c->ah, c->wd, c->sd, r0, r1, c->y + r0, D);
 }
+
+static void swiglu_job(void* p, int tid, int nth) {
+  gateup_phase(p, tid, nth);
+  bar_wait(team_barrier(), nth);
+  down_phase(p, tid, nth);
+}
+
+static void gateup_job(void* p, int tid, int nth) { gateup_phase(p, tid, nth); }
+static void down_job(void* p, int tid, int nth) { down_phase(p, tid, nth); }
 
 // One SwiGLU expert for T tokens: y [T, D] = down(silu(gate(x)) * up(x)), x [T, D] f32,
 // gate and up [I, D], down [D, I], each int8 with f32 row scales. D and I multiples of 32.
@@ -438,6 +453,37 @@ int q8_swiglu(const float* x, int64_t T, int64_t D, int64_t I, const int8_t* wg,
   free(mh);
   free(mx);
   return ok ? 0 : -1;
+}
+
+// q8_swiglu in two calls, for an expert whose down rows are still being read when its gate
+// and up rows have landed: q8_gateup writes h [T, I] (f32), q8_down then gives y [T, D] from
+// it. The two give q8_swiglu's y bit for bit.
+int q8_gateup(const float* x, int64_t T, int64_t D, int64_t I, const int8_t* wg, const float* sg,
+              const int8_t* wu, const float* su, float* h, int threads) {
+  q8_isa(-1);
+  Acts ax;
+  void* mx = acts_alloc(&ax, T, D);
+  float* u = malloc(sizeof(float) * (size_t)(T * I));
+  int ok = mx && u;
+  if (ok) {
+    Swiglu c = {x, T, D, I, wg, sg, wu, su, NULL, NULL, NULL, h, u, &ax, NULL};
+    team_run(gateup_job, &c, threads);
+  }
+  free(u);
+  free(mx);
+  return ok ? 0 : -1;
+}
+
+int q8_down(const float* h, int64_t T, int64_t D, int64_t I, const int8_t* wd, const float* sd,
+            float* y, int threads) {
+  q8_isa(-1);
+  Acts ah;
+  void* mh = acts_alloc(&ah, T, I);
+  if (!mh) return -1;
+  Swiglu c = {NULL, T, D, I, NULL, NULL, NULL, NULL, wd, sd, y, (float*)h, NULL, NULL, &ah};
+  team_run(down_job, &c, threads);
+  free(mh);
+  return 0;
 }
 
 // ---------------------------------------------------------------- mwq, computed as stored

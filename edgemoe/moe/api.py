@@ -24,7 +24,7 @@ from edgemoe.moe.dispatch import Assignment, dispatch
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor, ResidentExecutor
 from edgemoe.moe.experts import ExpertWeights, expert_forward
 from edgemoe.moe.local import LocalExecutor
-from edgemoe.prepare import load_all_experts, prepare_expert, upgraded_expert
+from edgemoe.prepare import head_of, load_all_experts, prepare_expert, upgraded_expert
 from edgemoe.routing import RoutingTrace
 from edgemoe.store import ExpertStore
 from formats.reader import EmoeReader
@@ -60,6 +60,14 @@ class ExecutorContext:
         slab = getattr(payloads, "slab", None)
         return prepare_expert(self.reader, e, payloads, self.dtype, self.fused, slab=slab)
 
+    def head(self, layer: int, expert: int, level: int) -> tuple[int, Callable] | None:
+        """Where a read of the expert may be computed on before it has landed whole: (bytes
+        of its gate and up, their builder) for an INT8 expert computed in place
+        (prepare.head_of), else None."""
+        if self.borrow is None or not self.fused or not self.borrow(layer, expert, level):
+            return None
+        return head_of(self.reader, self.reader.expert(layer, expert), level, self.dtype)
+
     def upgrade(self, layer: int, expert: int, ew: ExpertWeights, payloads: list) -> ExpertWeights:
         """ew raised by the next level chunks' payloads (a copy sharing its built levels)."""
         return upgraded_expert(
@@ -81,6 +89,7 @@ class ExecutorContext:
             self.level_nbytes,
             self.order,
             self.worth,
+            self.head,
         )
 
 

@@ -86,6 +86,9 @@ class LocalExecutor(ExpertExecutor):
         None: expert_nbytes(layer) at every level.
     order: the read order, "hebf" or "fifo" (moe/schedule.py).
     worth: whether an upgrade slice is worth its read (schedule.UpgradeCost); None: always.
+    head: (layer, expert, level) -> (bytes, builder) of the gate and up an owned whole read
+        lands first (ExecutorContext.head), or None: given, the expert's gate and up are
+        computed as soon as they land, its down once the rest has (store.fetch's head).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class LocalExecutor(ExpertExecutor):
         level_nbytes: Callable[[int, int], int] | None = None,
         order: str = "hebf",
         worth: Callable[[Slice], bool] | None = None,
+        head: Callable[[int, int, int], tuple[int, Callable] | None] | None = None,
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
         self.level, self.expert_nbytes = level, expert_nbytes
@@ -109,6 +113,7 @@ class LocalExecutor(ExpertExecutor):
         self.bits, self.weight_bits, self.upgrade = bits, weight_bits, upgrade
         self.level_nbytes = level_nbytes or (lambda layer, level: expert_nbytes(layer))
         self.order, self.worth = order, worth
+        self.head = head or (lambda layer, expert, level: None)
         cache.on_evict = self._recycle
         cache.shrink = self._shrink
         self._reads = self._uncached = self._upgrades = 0
@@ -152,7 +157,12 @@ class LocalExecutor(ExpertExecutor):
         if have == 0:
             own = self.borrow(layer, expert, s.level)
             return self.store.fetch(
-                layer, expert, s.level, then=lambda p: self.prepare(layer, expert, p), own=own
+                layer,
+                expert,
+                s.level,
+                then=lambda p: self.prepare(layer, expert, p),
+                own=own,
+                head=self.head(layer, expert, s.level) if own else None,
             )
         self._upgrades += 1
         if not isinstance(base, Future):  # the levels below are in memory: upgrade as it lands
@@ -340,7 +350,9 @@ class LocalExecutor(ExpertExecutor):
     def _finish_hits(self, h: _Hits) -> torch.Tensor:
         out = torch.zeros(h.x.shape, dtype=torch.float32)  # [1, D]
         try:
-            fastkernels.q8_experts(h.x[0], [(u.gate, u.up, u.down) for u in h.experts], h.coef, out[0])
+            fastkernels.q8_experts(
+                h.x[0], [(u.gate, u.up, u.down) for u in h.experts], h.coef, out[0]
+            )
         finally:
             for key in h.keys:
                 self.cache.release(key)
@@ -364,15 +376,20 @@ class LocalExecutor(ExpertExecutor):
         pending = h.plan.pending  # the schedule lowers it as it merges slices
         done: dict[Key, int] = {}  # the highest level computed of each expert
 
-        def compute(key: Key, ew: ExpertWeights, upto: int) -> None:
+        def compute(key: Key, ew: ExpertWeights, upto: int, early=None) -> None:
             """Compute the groups of `key` at levels done[key]+1 .. upto on ew (all that are
-            left once no read of it is pending: those above what is read compute at ew's)."""
+            left once no read of it is pending: those above what is read compute at ew's).
+            early: the one group's silu(gate) * up, computed as the read's head landed."""
             if not pending.get(key):
                 upto = h.groups[key][-1].level
             for a in h.groups[key]:
                 if done.get(key, 0) < a.level <= upto:
                     use = expert_at(ew, a.level)
-                    combine_into(out, a.tokens, expert_forward(h.x[a.tokens], use), a.weights)
+                    if early is None:
+                        y = expert_forward(h.x[a.tokens], use)
+                    else:  # as expert_forward's q8_swiglu, bit for bit
+                        y = fastkernels.q8_down(early, use.down).to(use.down.dtype)
+                    combine_into(out, a.tokens, y.to(h.x.dtype), a.weights)
                     if self.weight_bits is not None:
                         self._pairs += len(a.tokens)
                         self._pair_bits += len(a.tokens) * self.weight_bits(
@@ -450,16 +467,28 @@ class LocalExecutor(ExpertExecutor):
     def _serve(self, h: _Handle, wave: Wave, reads: list[Future], compute, pending) -> None:
         """Compute each slice's groups as it lands, cache it, release what is done."""
         for s, entry, fut in zip(wave.slices, wave.entries, reads):
+            early = self._early(h, s, fut)
             ew = self._wait(fut)
             pending[s.key] -= 1
             if entry is None:
                 self._uncached += 1
             else:  # its size once no level is in flight: room for those stays taken till then
                 self.cache.fill(s.key, ew, None if pending[s.key] else ew.nbytes)
-            compute(s.key, ew, s.level)
+            compute(s.key, ew, s.level, early)
             if entry is None and s.have == 0 and not pending[s.key]:
                 self._recycle(ew)  # a whole read no one keeps
             del ew
+
+    def _early(self, h: _Handle, s: Slice, fut: Future) -> torch.Tensor | None:
+        """silu(gate x) * up x of the slice's one group, computed on the read's head (its gate
+        and up) as soon as that lands, while the rest of the read is in flight; None where
+        the read has no head or the expert serves more than this slice's one group."""
+        head = getattr(fut, "head", None)
+        groups = h.groups[s.key]
+        if head is None or len(groups) != 1 or groups[0].level != s.level:
+            return None
+        gate, up = self._wait(head)
+        return fastkernels.q8_gate_up(h.x[groups[0].tokens], gate, up)
 
     def _value(self, h: _Handle, key: Key, entry: Entry) -> ExpertWeights:
         """A hit's prepared expert, waiting for it if a prefetch is still reading it."""
