@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from edgemoe import fastkernels
 from edgemoe.kernels import Int4Linear, Linear, NotUpgradable, kernel_for
 from edgemoe.moe.experts import ExpertWeights
 from formats import constants as C
@@ -76,36 +75,36 @@ def prepare_expert(
 
 def head_of(
     reader: EmoeReader, e: ExpertEntry, level: int, dtype: torch.dtype
-) -> tuple[int, Callable] | None:
-    """(n, build) where expert e at `level` is one chunk whose first n bytes hold its gate and
-    up ahead of its down, all three INT8 computed by the Q8 kernel in place: build(those n
-    bytes, a view into the read's slab) gives the (gate, up) Linears on them, so gate and up
-    can be computed while down is still being read (fastkernels.q8_gate_up). None otherwise."""
-    if level != 1 or not can_borrow(reader, e, level):
+) -> tuple[list[tuple[int, int]], Callable] | None:
+    """(ranges, build) for a whole read of expert e's levels 1..level (one span of its level
+    chunks, computed in place): ranges are the byte ranges of the span that hold its gate and
+    up at every level, and build(the span's bytes, a view into the read's slab, once those
+    ranges have landed) gives the (gate, up) Linears at `level` on them. The store reads
+    those ranges first (store.fetch's head), so silu(gate) * up is computed while down is
+    still being read (moe/experts.py swiglu_head). None where the expert is not computed on
+    its read in place."""
+    if not can_borrow(reader, e, level):
         return None
-    ts = {role: reader.tensors[e.tensors[role]] for role in C.EXPERT_ROLES}
-    if not fastkernels.available() or any(
-        int(t.codec.id) != int(C.CodecId.INT8)
-        or len(t.parts) != 1
-        or int(t.shape[1]) % fastkernels.QK
-        for t in ts.values()
-    ):
+    ts = [reader.tensors[e.tensors[role]] for role in C.EXPERT_ROLES]
+    chunks = e.levels[:level]
+    if any(tuple(ci for ci, _, _ in t.parts[:level]) != tuple(chunks) for t in ts):
         return None
-    if any(t.parts[0][0] != e.levels[0] for t in ts.values()):
-        return None
-    n = max(off + size for _, off, size in (ts["gate"].parts[0], ts["up"].parts[0]))
-    if ts["down"].parts[0][1] < n:
-        return None
+    base = reader.data_offset + reader.chunks[chunks[0]].offset
+    rel = [reader.data_offset + reader.chunks[ci].offset - base for ci in chunks]
+    lengths = [reader.chunks[ci].length for ci in chunks]
+    ranges = [
+        (r + off, r + off + size) for t in ts[:2] for r, (_, off, size) in zip(rel, t.parts[:level])
+    ]
 
-    def build(head) -> tuple[Linear, Linear]:
-        gate, up = (
-            kernel_for(t.codec).build(t.shape, t.params, _segments(t, [head], 0), dtype, True,
+    def build(span) -> tuple[Linear, Linear]:
+        payloads = [memoryview(span)[r : r + n] for r, n in zip(rel, lengths)]
+        return tuple(
+            kernel_for(t.codec).build(t.shape, t.params, _segments(t, payloads, 0), dtype, True,
                                       borrow=True)
-            for t in (ts["gate"], ts["up"])
+            for t in ts[:2]
         )  # fmt: skip
-        return gate, up
 
-    return n, build
+    return ranges, build
 
 
 def upgrade_expert(

@@ -11,9 +11,9 @@ place, so a missed expert is neither copied nor given fresh pages (a fresh
 page costs ~4 ms/MB here, a 33 MB expert 130 ms). Slabs come back through
 `recycle` when the cache evicts their expert and are reused. An owned read of
 more than PART bytes goes to the reader threads in parts queued in order, so the
-first of a layer's experts lands before the second, and an INT8 expert's gate
-and up rows (its first two thirds) are computed while its down rows are still
-being read (`head`; edgemoe/moe/local.py). A chunk's CRC
+first of a layer's experts lands before the second, and an expert's gate and
+up (an INT8 expert's first two thirds) are computed while the rest of its down
+is still being read (`head`; edgemoe/moe/local.py). A chunk's CRC
 is checked the first time this process reads it; `edgemoe verify` checks
 every chunk (CRC-32 of a 33 MB expert costs 30-55 ms here, more than reading it). Where O_DIRECT is refused (tmpfs, some
 filesystems) the store falls back to buffered reads and drops the pages it
@@ -78,6 +78,35 @@ def huge_slabs(cached_share: float) -> bool:
     if env in ("0", "1"):
         return env == "1"
     return cached_share < HUGE_SLABS_BELOW
+
+
+def _pages(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """Byte ranges widened to whole 4 KiB pages (O_DIRECT's unit) within [0, length),
+    sorted and merged."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted((lo // 4096 * 4096, min(length, align_up(hi))) for lo, hi in ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _complement(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """[0, length) less sorted, disjoint ranges."""
+    out, at = [], 0
+    for lo, hi in ranges:
+        if lo > at:
+            out.append((at, lo))
+        at = max(at, hi)
+    if at < length:
+        out.append((at, length))
+    return out
+
+
+def _split(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges cut into (offset, size) parts of at most PART bytes, in order."""
+    return [(o, min(PART, hi - o)) for lo, hi in ranges for o in range(lo, hi, PART)]
 
 
 def _close(slab: mmap.mmap) -> None:
@@ -196,11 +225,11 @@ class ExpertStore:
 
         own: read into a slab the payloads keep (`payloads.slab`, None when the chunks are
         compressed and were inflated into fresh bytes); give it back with `recycle`.
-        head: (n, build) for an owned raw read of more than one part (PART): the future then
-            has `head`, a future of build(the first n bytes of the first chunk), set on the
-            reader thread as soon as those bytes have landed, before the rest of the read.
-            The bytes are not checked yet: a corrupt chunk fails the read's own future, so
-            what was computed on them is never used.
+        head: (ranges, build) for an owned raw read of more than one part (PART): the byte
+            ranges of the read (from its start) are read first, and the future has `head`, a
+            future of build(a view of the read) set on a reader thread as soon as they have
+            landed, before the rest. Those bytes are not checked yet: a corrupt chunk fails
+            the read's own future, so what was computed on them is never used.
         """
         if own and not self.compressed(layer, expert, level):
             start, length = self._span(layer, expert, have, level)
@@ -218,24 +247,25 @@ class ExpertStore:
         return self._pool.submit(job)
 
     def _fetch_parts(self, layer, expert, level, have, then, head, start, length) -> Future:
-        """An owned raw read as parts of PART bytes queued in order on the reader threads: the
-        threads share one expert's read before they start the next one's, so the first
-        expert of a layer lands whole while the second is read (and is computed meanwhile),
-        and its first bytes (`head`) land before its last."""
+        """An owned raw read as parts of PART bytes queued in order on the reader threads (the
+        head's ranges first): the threads share one expert's read before they start the next
+        one's, so the first expert of a layer lands whole while the second is read (and is
+        computed meanwhile), and its head lands before the rest."""
         buf = self._slab(length)
         view = memoryview(buf)[:length]
         out: Future = Future()
         out.set_running_or_notify_cancel()
-        edges = list(range(0, length, PART))
-        n_head = 0 if head is None else sum(1 for o in edges if o < head[0])
+        first = [] if head is None else _pages(head[0], length)
+        parts = [(o, n, True) for o, n in _split(first)]
+        parts += [(o, n, False) for o, n in _split(_complement(first, length))]
+        n_head = sum(1 for p in parts if p[2])
         if n_head:
             out.head = Future()
             out.head.set_running_or_notify_cancel()
         # "head_ok": the head's parts all landed with no error, so its thread settles it
-        state = {"left": len(edges), "head": n_head, "error": None, "head_ok": False}
+        state = {"left": len(parts), "head": n_head, "error": None, "head_ok": False}
 
-        def part(i: int, o: int) -> None:
-            n = min(PART, length - o)
+        def part(i: int, o: int, n: int, in_head: bool) -> None:
             try:
                 if self.throttle is not None:
                     self.throttle(n)
@@ -252,21 +282,21 @@ class ExpertStore:
                 state["left"] -= 1
                 last = state["left"] == 0
                 head_now = False
-                if o < (head[0] if head else 0):
+                if in_head:
                     state["head"] -= 1
                     head_now = state["head_ok"] = state["head"] == 0 and state["error"] is None
                 if last:
                     self.reads += 1
             if head_now:
                 try:
-                    out.head.set_result(head[1](view[: head[0]]))
+                    out.head.set_result(head[1](view))
                 except BaseException as e:  # noqa: BLE001
                     out.head.set_exception(e)
             if last:
                 self._land(layer, expert, level, have, then, buf, view, start, state, out)
 
-        for i, o in enumerate(edges):
-            self._pool.submit(part, i, o)
+        for i, (o, n, in_head) in enumerate(parts):
+            self._pool.submit(part, i, o, n, in_head)
         return out
 
     def _land(self, layer, expert, level, have, then, buf, view, start, state, out) -> None:

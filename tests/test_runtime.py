@@ -257,7 +257,8 @@ def test_split_reads_land_in_parts_head_first(tiny_emoe, monkeypatch, tmp_path):
         span = store._span(*key, 0, 1)[1]
         assert span > 2 * 4096, "the test needs an expert of several parts"
         head = head_of(r, e, 1, torch.float32)
-        assert head is not None and 0 < head[0] < r.chunks[e.levels[0]].length
+        assert head is not None
+        assert 0 < max(hi for _, hi in head[0]) < r.chunks[e.levels[0]].length  # gate, up
         fut = store.fetch(*key, 1, own=True, head=head)
         gate, up = fut.head.result(timeout=30)
         got = fut.result(timeout=30)
@@ -283,33 +284,34 @@ def test_split_reads_land_in_parts_head_first(tiny_emoe, monkeypatch, tmp_path):
         store.close()
 
 
-def test_early_gate_up_decodes_the_same_tokens(tiny_emoe, monkeypatch):
+@pytest.mark.parametrize("experts,bits", [("int8", None), ("mwq:2,3,4", "fixed:2")])
+def test_early_gate_up_decodes_the_same_tokens(tiny_emoe, monkeypatch, experts, bits):
     """Reads in parts, gate and up computed as they land and down after: the same greedy
     tokens as whole reads, at a cache small enough that decode misses."""
     from edgemoe import fastkernels
     from edgemoe import store as store_mod
+    from edgemoe.moe import local
 
     if not fastkernels.available():
         pytest.skip("no AVX2 INT8 kernel")
-    path = tiny_emoe("mixtral", experts="int8", dense="bf16")
+    path = tiny_emoe("mixtral", experts=experts, dense="bf16")
     ids = None
     runs = {}
+    real = local.swiglu_head
     for part in (1 << 30, 4096):
         monkeypatch.setattr(store_mod, "PART", part)
         calls = {"n": 0}
-        real = fastkernels.q8_gate_up
 
-        def spy(*a, _real=real, _calls=calls):
+        def spy(*a, _calls=calls):
             _calls["n"] += 1
-            return _real(*a)
+            return real(*a)
 
-        monkeypatch.setattr(fastkernels, "q8_gate_up", spy)
-        m = edgemoe.load(path, ctx=128, batch=1, expert_cache="30%")
+        monkeypatch.setattr(local, "swiglu_head", spy)
+        m = edgemoe.load(path, ctx=128, batch=1, expert_cache="30%", bits=bits)
         ids = ids or m.tokenizer.encode(PROMPT)
         got, _ = greedy_ours(m.model, [ids], 16)
         runs[part] = (got[0], calls["n"], m.executor.stats().misses)
         m.close()
-        monkeypatch.setattr(fastkernels, "q8_gate_up", real)
     whole, split = runs[1 << 30], runs[4096]
     assert whole[1] == 0 and split[1] > 0, runs  # the head path ran only with parts
     assert split[0] == whole[0] and split[2] > 0, runs

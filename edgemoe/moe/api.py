@@ -61,9 +61,9 @@ class ExecutorContext:
         return prepare_expert(self.reader, e, payloads, self.dtype, self.fused, slab=slab)
 
     def head(self, layer: int, expert: int, level: int) -> tuple[int, Callable] | None:
-        """Where a read of the expert may be computed on before it has landed whole: (bytes
-        of its gate and up, their builder) for an INT8 expert computed in place
-        (prepare.head_of), else None."""
+        """Where a whole read of the expert's levels 1..level may be computed on before it
+        has landed: (bytes that hold its gate and up, their builder) for an expert computed
+        in place on its read (prepare.head_of), else None."""
         if self.borrow is None or not self.fused or not self.borrow(layer, expert, level):
             return None
         return head_of(self.reader, self.reader.expert(layer, expert), level, self.dtype)

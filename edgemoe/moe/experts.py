@@ -56,6 +56,21 @@ def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Ten
     return down(F.silu(gate(x)) * up(x))
 
 
+def swiglu_head(x: torch.Tensor, gate: Linear, up: Linear) -> torch.Tensor:
+    """swiglu's first half, silu(gate(x)) * up(x), for an expert whose down has not landed
+    yet; swiglu_tail finishes it, the two giving swiglu's result bit for bit."""
+    if on_q8_kernel(gate) and on_q8_kernel(up):
+        return fastkernels.q8_gate_up(x, gate, up)
+    return F.silu(gate(x)) * up(x)
+
+
+def swiglu_tail(h: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
+    """swiglu's second half, down(h), from swiglu_head's h on the same gate and up."""
+    if q8_expert(ew):
+        return fastkernels.q8_down(h, ew.down).to(ew.down.dtype)
+    return ew.down(h)
+
+
 def expert_forward(x: torch.Tensor, ew: ExpertWeights) -> torch.Tensor:
     """[N, D] -> [N, D] in x's dtype."""
     return swiglu(x, ew.gate, ew.up, ew.down).to(x.dtype)

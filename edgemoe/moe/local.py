@@ -35,7 +35,14 @@ from edgemoe.cache import Entry, ExpertCache, Key
 from edgemoe.moe.combine import combine_into
 from edgemoe.moe.dispatch import Assignment, dispatch
 from edgemoe.moe.executor import ExecutorStats, ExpertExecutor
-from edgemoe.moe.experts import ExpertWeights, expert_forward, mwq_expert, q8_expert
+from edgemoe.moe.experts import (
+    ExpertWeights,
+    expert_forward,
+    mwq_expert,
+    q8_expert,
+    swiglu_head,
+    swiglu_tail,
+)
 from edgemoe.moe.schedule import LayerSchedule, Slice, Wave, schedule
 from edgemoe.prepare import downgrade_expert, expert_at
 from edgemoe.store import ExpertStore
@@ -387,8 +394,8 @@ class LocalExecutor(ExpertExecutor):
                     use = expert_at(ew, a.level)
                     if early is None:
                         y = expert_forward(h.x[a.tokens], use)
-                    else:  # as expert_forward's q8_swiglu, bit for bit
-                        y = fastkernels.q8_down(early, use.down).to(use.down.dtype)
+                    else:  # as expert_forward computes it, bit for bit
+                        y = swiglu_tail(early, use)
                     combine_into(out, a.tokens, y.to(h.x.dtype), a.weights)
                     if self.weight_bits is not None:
                         self._pairs += len(a.tokens)
@@ -488,7 +495,7 @@ class LocalExecutor(ExpertExecutor):
         if head is None or len(groups) != 1 or groups[0].level != s.level:
             return None
         gate, up = self._wait(head)
-        return fastkernels.q8_gate_up(h.x[groups[0].tokens], gate, up)
+        return swiglu_head(h.x[groups[0].tokens], gate, up)
 
     def _value(self, h: _Handle, key: Key, entry: Entry) -> ExpertWeights:
         """A hit's prepared expert, waiting for it if a prefetch is still reading it."""
