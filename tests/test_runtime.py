@@ -240,6 +240,22 @@ def test_read_slabs_page_size_follows_the_cache_share(monkeypatch):
         assert (huge_kib(m) > 0) is huge, huge
 
 
+def test_read_parts_cover_the_span_once_head_first(monkeypatch):
+    """The head's byte ranges widen to whole pages and merge; the rest of the span is their
+    complement; both are cut into parts of at most PART bytes, in order."""
+    from edgemoe import store as store_mod
+
+    monkeypatch.setattr(store_mod, "PART", 8192)
+    head = store_mod._pages([(9000, 9100), (10, 5000), (4096, 6000)], 20000)
+    assert head == [(0, 12288)]
+    assert store_mod._pages([(100, 200), (20000, 20480)], 20480) == [(0, 4096), (16384, 20480)]
+    rest = store_mod._complement([(0, 4096), (16384, 20480)], 24576)
+    assert rest == [(4096, 16384), (20480, 24576)]
+    parts = store_mod._split([(4096, 16384), (20480, 24576)])
+    assert parts == [(4096, 8192), (12288, 4096), (20480, 4096)]
+    assert sum(n for _, n in parts) + 8192 == 24576
+
+
 def test_split_reads_land_in_parts_head_first(tiny_emoe, monkeypatch, tmp_path):
     """An owned raw read larger than a part goes in parts: its payloads equal the file's
     chunks, it counts as one read of its bytes, its head (the gate and up an INT8 expert
