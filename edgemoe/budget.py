@@ -67,45 +67,8 @@ class Plan:
 
 
 def process_floor() -> Bytes:
-    """This process's resident set (anonymous + file-backed pages) once the code a forward
-    pass runs is paged in (warm_up)."""
-    warm_up()
+    """This process's resident set now (anonymous + file-backed pages)."""
     return Bytes(psutil.Process().memory_info().rss)
-
-
-_warm: list[bool] = []
-
-
-def warm_up() -> None:
-    """Run the kinds of op a forward pass runs once, on tiny tensors (linear, SwiGLU, softmax,
-    top-k, norms, attention, the INT8 kernel library), so that the library code pages they
-    touch are resident before the floor is measured. Measured on the demo: a first forward
-    pass adds 21 MiB of file-backed pages after a bare floor; 15 of them come in here,
-    in ~10 ms."""
-    if _warm:
-        return
-    import torch.nn.functional as F
-
-    from edgemoe import fastkernels
-    from edgemoe.kernels import Int8Linear
-
-    with torch.inference_mode():
-        for dt in (torch.float32, torch.bfloat16):
-            x, w = torch.ones(4, 64, dtype=dt), torch.ones(96, 64, dtype=dt)
-            y = F.silu(F.linear(x, w)) * F.linear(x, w)
-            s = torch.softmax(y.float(), -1)
-            torch.topk(s, 2, -1)
-            x.float().pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
-            F.embedding(torch.tensor([1, 2]), w)
-            q = torch.ones(1, 4, 8, 16, dtype=dt)
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
-            torch.cat([x, x]).index_select(0, torch.tensor([0, 1]))
-        if fastkernels.available():
-            gate = Int8Linear(torch.ones(96, 64, dtype=torch.int8), torch.ones(96), torch.float32)
-            down = Int8Linear(torch.ones(64, 96, dtype=torch.int8), torch.ones(64), torch.float32)
-            fastkernels.q8_swiglu(torch.ones(2, 64), gate, gate, down)
-            gate(torch.ones(1, 64))
-    _warm.append(True)
 
 
 def expert_nbytes(
