@@ -60,10 +60,10 @@ class ExecutorContext:
         slab = getattr(payloads, "slab", None)
         return prepare_expert(self.reader, e, payloads, self.dtype, self.fused, slab=slab)
 
-    def head(self, layer: int, expert: int, level: int) -> tuple[int, Callable] | None:
+    def head(self, layer: int, expert: int, level: int) -> tuple[list, Callable] | None:
         """Where a whole read of the expert's levels 1..level may be computed on before it
-        has landed: (bytes that hold its gate and up, their builder) for an expert computed
-        in place on its read (prepare.head_of), else None."""
+        has landed: (the byte ranges that hold its gate and up, their builder) for an expert
+        computed in place on its read (prepare.head_of), else None."""
         if self.borrow is None or not self.fused or not self.borrow(layer, expert, level):
             return None
         return head_of(self.reader, self.reader.expert(layer, expert), level, self.dtype)

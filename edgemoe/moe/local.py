@@ -93,9 +93,9 @@ class LocalExecutor(ExpertExecutor):
         None: expert_nbytes(layer) at every level.
     order: the read order, "hebf" or "fifo" (moe/schedule.py).
     worth: whether an upgrade slice is worth its read (schedule.UpgradeCost); None: always.
-    head: (layer, expert, level) -> (bytes, builder) of the gate and up an owned whole read
-        lands first (ExecutorContext.head), or None: given, the expert's gate and up are
-        computed as soon as they land, its down once the rest has (store.fetch's head).
+    head: (layer, expert, level) -> (byte ranges, builder) of the gate and up a whole read
+        into a slab lands first (ExecutorContext.head), or None: given, the expert's gate and
+        up are computed as soon as they land, its down once the rest has (store.fetch's head).
     """
 
     def __init__(
@@ -112,7 +112,7 @@ class LocalExecutor(ExpertExecutor):
         level_nbytes: Callable[[int, int], int] | None = None,
         order: str = "hebf",
         worth: Callable[[Slice], bool] | None = None,
-        head: Callable[[int, int, int], tuple[int, Callable] | None] | None = None,
+        head: Callable[[int, int, int], tuple[list, Callable] | None] | None = None,
     ):
         self.store, self.cache, self.prepare = store, cache, prepare
         self.level, self.expert_nbytes = level, expert_nbytes
