@@ -97,3 +97,56 @@ def instant(name: str, cat: str, **args) -> None:
     t = _TRACER
     if t is not None:
         t.instant(name, cat, **args)
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) spans."""
+    total, end = 0.0, None
+    start = 0.0
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            if end is not None:
+                total += end - start
+            start, end = a, b
+        else:
+            end = max(end, b)
+    return total + (end - start if end is not None else 0.0)
+
+
+def summarize(path: str | os.PathLike) -> dict:
+    """Where a run's decode time went, from its trace: the decode steps (every forward pass
+    after the first, the prompt's), per token: their wall time, the stalls on reads in them,
+    the MoE layers' spans, the expert reads begun (a read in parts counts once), and the
+    share of the time at least one read was in flight (disk busy). Empty when the trace has
+    no decode step."""
+    events = json.loads(Path(path).read_text())["traceEvents"]
+    spans = [e for e in events if e.get("ph") == "X"]
+    steps = sorted((e for e in spans if e["cat"] == "step"), key=lambda e: e["ts"])[1:]
+    if not steps:
+        return {}
+    io = [e for e in spans if e["cat"] == "io"]
+    reads = [(e["ts"], e["ts"] + e["dur"]) for e in io]
+    firsts = [e["ts"] for e in io if not e.get("args", {}).get("part")]  # a read's first part
+    wall = busy = stall = moe = 0.0
+    n_reads = 0
+    for s in steps:
+        a, b = s["ts"], s["ts"] + s["dur"]
+        wall += b - a
+        inside = [(max(a, x), min(b, y)) for x, y in reads if x < b and y > a]
+        busy += _union(inside)
+        n_reads += sum(1 for x in firsts if a <= x < b)
+        for e in spans:
+            if a <= e["ts"] < b and e["cat"] in ("stall", "moe"):
+                if e["cat"] == "stall":
+                    stall += e["dur"]
+                else:
+                    moe += e["dur"]
+    n = len(steps)
+    return {
+        "decode_steps": n,
+        "ms_per_step": wall / n / 1e3,
+        "disk_busy": busy / wall if wall else 0.0,
+        "stall_ms_per_step": stall / n / 1e3,
+        "moe_ms_per_step": moe / n / 1e3,
+        "reads_per_step": n_reads / n,
+    }

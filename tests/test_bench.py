@@ -233,6 +233,7 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     cmd += ["--caps", "none", "--repeats", "1", "--prompt-tokens", "16", "--new-tokens", "8"]
     cmd += ["--no-doc", "--no-drop-caches", "--json", str(out)]
     cmd += ["--bits", "fixed:1", "--lever-emoe", str(DEMO)]  # a D²MoE lever system beside
+    cmd += ["--traces", str(tmp_path / "traces")]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -245,6 +246,13 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     (lever,) = [r for r in record["runs"] if r["system"] == "edgemoe+fixed:1"]
     assert lever["status"] == OK and lever["extra"]["bits_policy"] == "fixed:1"
     assert lever["extra"]["average_bits"] > 0
+    # one traced run of each edgemoe system at the cap, kept and summed up
+    traces = record["traces"]
+    assert set(traces) == {f"{name} at none" for name in record["systems"]}, traces
+    assert {"edgemoe at none", "edgemoe+fixed:1 at none"} <= set(traces)
+    for t in traces.values():
+        assert Path(t["file"]).parent == tmp_path / "traces" and Path(t["file"]).is_file()
+        assert t["decode_steps"] >= 1 and t["ms_per_step"] > 0 and 0 <= t["disk_busy"] <= 1
 
 
 def test_cap_sizes_for_the_reference_measurement():

@@ -33,3 +33,33 @@ def test_run_writes_a_chrome_trace(tmp_path):
     assert moes and all(
         any(a <= m["ts"] and m["ts"] + m["dur"] <= b + 1 for a, b in spans) for m in moes
     )
+
+
+def test_summarize_counts_decode_steps_reads_and_idle_disk(tmp_path):
+    """The summary skips the prompt's forward pass; a read in parts counts once; the disk is
+    busy where any read is in flight (overlaps counted once)."""
+    from edgemoe.trace import summarize
+
+    def x(name, cat, ts, dur, **args):
+        return {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        x("forward", "step", 0, 1000),  # the prompt: not a decode step
+        x("read L0 E1", "io", 100, 500, level=1),
+        x("forward", "step", 2000, 1000),
+        x("read L0 E2", "io", 2000, 400, level=1, part=0),
+        x("read L0 E2", "io", 2200, 400, level=1, part=1),  # overlaps the first part
+        x("stall", "stall", 2100, 300),
+        x("moe L0", "moe", 2050, 800),
+        x("forward", "step", 4000, 3000),
+        x("read L0 E3", "io", 6500, 1000, level=1),  # half inside the step
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = summarize(path)
+    assert s["decode_steps"] == 2 and s["ms_per_step"] == 2.0
+    assert s["disk_busy"] == (600 + 500) / 4000
+    assert s["reads_per_step"] == 1.0 and s["stall_ms_per_step"] == 0.15
+    assert s["moe_ms_per_step"] == 0.4
+    path.write_text(json.dumps({"traceEvents": events[:2]}))
+    assert summarize(path) == {}

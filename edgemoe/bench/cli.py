@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgemoe import memcap
+from edgemoe import memcap, trace
 from edgemoe.bench import report
 from edgemoe.bench.models import SHAPES, make_model
 from edgemoe.bench.prepare import (
@@ -141,6 +141,13 @@ def add_parser(sub) -> None:
         "these same options",
     )
     b.add_argument("--plot", help="write the plot here (default with the doc: docs/bench-NAME.png)")
+    b.add_argument(
+        "--traces",
+        help="after the measured runs, one more cold run of each edgemoe system at each cap "
+        "with `--trace`, kept here as SYSTEM-CAP-bBATCH.json and summed up in the doc (default: "
+        "the cache's bench/traces/NAME)",
+    )
+    b.add_argument("--no-traces", action="store_true", help="skip the traced runs")
     b.add_argument("--no-doc", action="store_true", help="do not write docs/BENCHMARKS.md")
     b.add_argument(
         "--doc",
@@ -318,6 +325,11 @@ def cmd_bench(a) -> int:
             )
             if a.json:
                 _dump(a.json, prep, systems, caps, base, runs, when)
+    traces = {}
+    if not (a.no_traces or a.from_json):
+        traces = _traced_runs(a, prep, plan, known, levers, lever_emoe, prompts, base, settings)
+    if a.json and traces:
+        _dump(a.json, prep, systems, caps, base, runs, when, traces)
     lines = report.table(runs, systems, baseline, caps, batches)
     print("\n".join(lines))
     plot_path = a.plot or (
@@ -330,11 +342,41 @@ def cmd_bench(a) -> int:
             f"bench: {plot_note}" if plot_note else f"bench: plot -> {plot_path}", file=sys.stderr
         )
     if not a.no_doc:
-        _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when)
+        _write_doc(
+            a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when, traces
+        )
     return 0
 
 
-def _dump(path, prep, systems, caps, base, runs, when) -> None:
+def _traced_runs(a, prep, plan, known, levers, lever_emoe, prompts, base, settings) -> dict:
+    """One more cold, capped run of each edgemoe system at each cap and batch, traced (the
+    per-layer path: its speed is not the table's); "SYSTEM at CAP[, batch B]" -> its trace's
+    file and trace.summarize's figures."""
+    folder = Path(a.traces or CACHE / "bench" / "traces" / _section(a, prep)).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    seen = set()
+    for _, cap, b, order in plan:
+        for name in order:
+            if name == LLAMA_CPP or (name, cap.label, b) in seen:
+                continue
+            seen.add((name, cap.label, b))
+            emoe = lever_emoe if name in levers else prep.emoe
+            safe = re.sub(r"[^A-Za-z0-9.=+-]", "_", f"{name}-{cap.label}-b{b}")
+            path = folder / f"{safe}.json"
+            run = run_edgemoe(
+                known[name], emoe, prompts[b], cap.label, cap.bytes(base), 0, settings, path
+            )
+            label = f"{name} at {cap.label}" + (f", batch {b}" if b != 1 else "")
+            if run.status != OK or not path.is_file():
+                print(f"bench: traced run of {label}: {run.note or run.status}", file=sys.stderr)
+                continue
+            out[label] = {"file": str(path), **trace.summarize(path)}
+            print(f"bench: trace of {label} -> {path}", file=sys.stderr, flush=True)
+    return out
+
+
+def _dump(path, prep, systems, caps, base, runs, when, traces=None) -> None:
     record = {
         "date": when.timestamp(),
         "commit": _git_head(),
@@ -346,6 +388,8 @@ def _dump(path, prep, systems, caps, base, runs, when) -> None:
         "systems": systems,
         "runs": [r.to_dict() for r in runs],
     }
+    if traces:
+        record["traces"] = traces
     Path(path).write_text(json.dumps(record, indent=1))
 
 
@@ -368,14 +412,16 @@ def _llama_source(a) -> str:
 
 
 def _measured_args(args: list[str]) -> list[str]:
-    """The command line less the output paths (--json, --plot, --doc), which change nothing."""
+    """The command line less the output paths (--json, --plot, --doc, --traces), which change
+    nothing."""
     out, skip = [], False
+    paths = ("--json", "--plot", "--doc", "--from-json", "--traces")
     for arg in args:
         if skip:
             skip = False
-        elif arg in ("--json", "--plot", "--doc", "--from-json"):
+        elif arg in paths:
             skip = True
-        elif not arg.startswith(("--json=", "--plot=", "--doc=", "--from-json=")):
+        elif not arg.startswith(tuple(f"{p}=" for p in paths)):
             out.append(arg)
     return out
 
@@ -409,7 +455,9 @@ def _bound_shares(runs) -> dict:
     return {k: statistics.median(v) for k, v in got.items()}
 
 
-def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when):
+def _write_doc(
+    a, prep, systems, skipped, caps, base, runs, lines, plot_path, plot_note, when, traces=None
+):
     now = when.strftime("%Y-%m-%d %H:%M UTC")
     argv = " ".join(shlex.quote(x) for x in ["edgemoe", "bench", *_measured_args(sys.argv[2:])])
     llama = next(
@@ -493,6 +541,22 @@ def _write_doc(a, prep, systems, skipped, caps, base, runs, lines, plot_path, pl
             )
             + "; medians): "
             + "; ".join(f"{name} at {cap}: {share:.0%}" for (name, cap), share in shares.items())
+            + ".",
+        ]
+    if any(t.get("decode_steps") for t in traces or {}):
+        out += [
+            "",
+            "Where decode time goes, from one more cold run of each edgemoe system and cap with "
+            "`--trace` (the per-layer path, so a little slower than the table; its trace is kept "
+            f"in {Path(next(iter(traces.values()))['file']).parent}): per decode step, its time, "
+            "the share of it with an expert read in flight (disk busy), the stalls on reads, and "
+            "the reads begun: "
+            + "; ".join(
+                f"{label} {t['ms_per_step']:.1f} ms, disk busy {t['disk_busy']:.0%}, stalls "
+                f"{t['stall_ms_per_step']:.1f} ms, {t['reads_per_step']:.1f} reads"
+                for label, t in traces.items()
+                if t.get("decode_steps")
+            )
             + ".",
         ]
     repack = [r.extra["repack_off"] for r in runs if r.extra.get("repack_off")]

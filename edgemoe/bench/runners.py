@@ -266,8 +266,10 @@ def run_edgemoe(
     limit: Bytes | None,
     repeat: int,
     s: Settings,
+    trace: Path | None = None,
 ) -> Run:
-    """`edgemoe run --json` once, with --mem equal to the cgroup's cap."""
+    """`edgemoe run --json` once, with --mem equal to the cgroup's cap (and `--trace trace`
+    when given: a traced run runs the per-layer path, so its speed is not the table's)."""
     batch = len(prompts)
     run = Run(system.name, cap, repeat, batch, limit=limit)
     cmd = [sys.executable, "-m", "edgemoe.cli", "run", str(emoe), "--json", "-q"]
@@ -291,6 +293,8 @@ def run_edgemoe(
         cmd += ["--bound", bound]
     if s.replay:
         cmd += ["--replay-routing", s.replay]
+    if trace is not None:
+        cmd += ["--trace", str(trace)]
     cmd += list(system.argv)
     fastkernels.library()  # compiled here, outside the cap, before the first capped run
     res = _capped(run, cmd, limit, [emoe], s, system.env)
