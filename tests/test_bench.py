@@ -231,7 +231,9 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     out = tmp_path / "runs.json"
     cmd = [sys.executable, "-m", "edgemoe.cli", "bench", str(DEMO), "--baseline", "none"]
     cmd += ["--caps", "none", "--repeats", "1", "--prompt-tokens", "16", "--new-tokens", "8"]
-    cmd += ["--no-doc", "--no-drop-caches", "--json", str(out)]
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n")
+    cmd += ["--doc", str(doc), "--no-drop-caches", "--json", str(out)]
     cmd += ["--bits", "fixed:1", "--lever-emoe", str(DEMO)]  # a D²MoE lever system beside
     cmd += ["--traces", str(tmp_path / "traces")]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
@@ -253,6 +255,9 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     for t in traces.values():
         assert Path(t["file"]).parent == tmp_path / "traces" and Path(t["file"]).is_file()
         assert t["decode_steps"] >= 1 and t["ms_per_step"] > 0 and 0 <= t["disk_busy"] <= 1
+    text = doc.read_text()  # the section, with the traces summed up
+    assert "<!-- bench-demo:start -->" in text and "Where decode time goes" in text
+    assert "edgemoe+fixed:1 at none" in text.split("Where decode time goes")[1]
 
 
 def test_cap_sizes_for_the_reference_measurement():

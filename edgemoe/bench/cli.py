@@ -325,7 +325,7 @@ def cmd_bench(a) -> int:
             )
             if a.json:
                 _dump(a.json, prep, systems, caps, base, runs, when)
-    traces = {}
+    traces = record.get("traces", {}) if a.from_json else {}
     if not (a.no_traces or a.from_json):
         traces = _traced_runs(a, prep, plan, known, levers, lever_emoe, prompts, base, settings)
     if a.json and traces:
@@ -543,7 +543,7 @@ def _write_doc(
             + "; ".join(f"{name} at {cap}: {share:.0%}" for (name, cap), share in shares.items())
             + ".",
         ]
-    if any(t.get("decode_steps") for t in traces or {}):
+    if any(t.get("decode_steps") for t in (traces or {}).values()):
         out += [
             "",
             "Where decode time goes, from one more cold run of each edgemoe system and cap with "
