@@ -217,7 +217,7 @@ class ExpertStore:
         have: int = 0,
         then: Callable | None = None,
         own: bool = False,
-        head: tuple[int, Callable] | None = None,
+        head: tuple[list[tuple[int, int]], Callable] | None = None,
     ) -> Future:
         """Future of the raw (checked, inflated) payloads of levels have+1..level, or of
         then(payloads) computed on the reader thread (so the payloads are freed there, and
