@@ -115,8 +115,15 @@ def plan(
     threads: int = 2,
     prefill_chunk: int = 512,
     floor: Bytes | None = None,
+    slotless: bool = True,
 ) -> Plan:
     """Split `mem` (None: unlimited, every expert cached) for one file's ModelFacts.
+
+    slotless: whether a read may find no slot and go without one (moe/schedule.py): only
+        when the cache's room is held, by hits waiting on their upgrades (a bit policy that
+        mixes levels) or by prefetches. With one level and no prefetch, every later wave
+        evicts what this layer released, so in place no read goes without a slot and the
+        I/O term is zero: the room is the cache's.
 
     Raises:
         BudgetTooSmall: naming the smallest budget that works (rounded up, so it does).
@@ -146,6 +153,8 @@ def plan(
     # one expert computed without a slot (moe/schedule.py: its room held by hits waiting on
     # their upgrades, or by prefetches), one at a time; in place, it is a thread's slab above
     io = Bytes(threads * per_thread + (0 if borrow else int(largest)))
+    if borrow and not slotless:
+        io = Bytes(0)
     tokens = batch * min(ctx, prefill_chunk)
     # activations of one prefill chunk (hidden, q/k/v, MLP width, attention scores) and the logits
     workspace = Bytes(

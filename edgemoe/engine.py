@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from edgemoe import budget, memcap, trace
-from edgemoe.bits import BitPolicy
+from edgemoe.bits import BitPolicy, Fixed
 from edgemoe.bits import make as bit_policy
 from edgemoe.cache import DEFAULT_POLICY, POLICIES
 from edgemoe.demo import DEMO
@@ -205,14 +205,22 @@ class EdgeModel:
             raise BadRequest(
                 f"mem={mem!r}: {e}", "pass mem like '4GB', '512MiB' or '0.5G'", "mem"
             ) from None
-        self.plan = budget.plan(
-            f, self.mem, ctx=self.ctx, batch=batch, level=self.level, threads=threads, floor=floor
-        )
-        if expert_cache is not None:
-            self.plan = dataclasses.replace(self.plan, expert_cache=self._cache_size(expert_cache))
         if engine not in ("fast", "naive"):
             raise BadRequest(f"engine={engine!r}", "use engine='fast' or 'naive'", "engine")
         naive = engine == "naive"
+        mixes = self.bits is not None and not isinstance(self.bits, Fixed)  # upgrades hold hits
+        self.plan = budget.plan(
+            f,
+            self.mem,
+            ctx=self.ctx,
+            batch=batch,
+            level=self.level,
+            threads=threads,
+            floor=floor,
+            slotless=naive or prefetch or mixes,
+        )
+        if expert_cache is not None:
+            self.plan = dataclasses.replace(self.plan, expert_cache=self._cache_size(expert_cache))
         if naive:
             policy, prefetch = "lru", False
         if policy not in POLICIES:

@@ -69,7 +69,7 @@ def make_plan(path, device, mem=None, ctx: int = 2048, batch: int = 1, dtype: st
         f = ModelFacts(r, parse_args(r.family, r.config), resolve_dtype(dtype, r))
         ctx = min(ctx, f.max_positions)
         mem = Bytes.parse(mem) if mem is not None else device.usable_memory
-        p = budget.plan(f, mem, ctx=ctx, batch=batch)
+        p = budget.plan(f, mem, ctx=ctx, batch=batch, slotless=False)  # as `edgemoe run` plans
         trace = RoutingTrace.load(r)
         kw = dict(
             moe_layers=len(f.moe_layers),

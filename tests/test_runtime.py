@@ -331,3 +331,30 @@ def test_early_gate_up_decodes_the_same_tokens(tiny_emoe, monkeypatch, experts, 
     whole, split = runs[1 << 30], runs[4096]
     assert whole[1] == 0 and split[1] > 0, runs  # the head path ran only with parts
     assert split[0] == whole[0] and split[2] > 0, runs
+
+
+@pytest.mark.parametrize("experts,bits", [("int8", None), ("mwq:2,3,4", "fixed:2")])
+def test_one_level_in_place_plans_no_io_room_and_reads_into_slots(tiny_emoe, experts, bits):
+    """At one level, read in place and without prefetch, every read gets a cache slot (later
+    waves evict what the layer released), so the plan's I/O term is zero; a batch of three
+    at a cache of one expert reads nothing without a slot and decodes the same tokens.
+    A policy that mixes levels or prefetch keeps the room for a read without a slot."""
+    path = tiny_emoe("mixtral", experts=experts, dense="bf16")
+    ref = edgemoe.load(path, ctx=128, batch=3, bits=bits)
+    assert ref.plan.io_buffers == 0
+    prompts = [PROMPT, "In the beginning", "The database server"]
+    ids = [ref.tokenizer.encode(p) for p in prompts]
+    want, _ = greedy_ours(ref.model, ids, 12)
+    one = ref.plan.largest_expert
+    ref.close()
+    m = edgemoe.load(path, ctx=128, batch=3, expert_cache=one, bits=bits)
+    assert m.plan.expert_slots < 2
+    got, _ = greedy_ours(m.model, ids, 12)
+    s = m.executor.stats()
+    m.close()
+    assert got == want and s.misses > 0 and s.uncached == 0, s
+    keep = [dict(prefetch=True)] + ([dict(bits="gate:q=0.5")] if bits else [])
+    for kw in keep:
+        p = edgemoe.load(path, ctx=128, batch=3, **kw)
+        assert p.plan.io_buffers > 0, kw
+        p.close()
