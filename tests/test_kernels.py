@@ -3,6 +3,8 @@ against what it builds; in-place upgrades against building at the higher level."
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -335,3 +337,52 @@ def test_mwq_borrows_its_stored_bytes():
     assert ((lin(x) - want).norm() / want.norm()).item() < 0.02
     k.upgrade(lin, shape, params, [segs[2]], torch.float32)
     assert lin.level == 3 and lin.nbytes == len(segs[2])
+
+
+PLACE_PROBE = """
+import ctypes, json, os, torch
+from edgemoe import fastkernels
+from edgemoe.kernels import Int8Linear
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+def lin(n, k):
+    return Int8Linear(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+                      torch.rand(n, generator=g) / 100, torch.float32)
+gate, up, down = lin(256, 128), lin(256, 128), lin(128, 256)
+getcpu = ctypes.CDLL(None).sched_getcpu
+before = set(os.listdir("/proc/self/task"))
+fastkernels.q8_swiglu(torch.randn(1, 128), gate, up, down)
+new = sorted(set(os.listdir("/proc/self/task")) - before)
+allowed = sorted(os.sched_getaffinity(0))
+for _ in range(50):  # the caller may move between the call and getcpu: until they agree
+    fastkernels.q8_swiglu(torch.randn(1, 128), gate, up, down)
+    cpu = getcpu()
+    masks = [sorted(os.sched_getaffinity(int(t))) for t in new]
+    if masks == [[c for c in allowed if c != cpu]]:
+        break
+print(json.dumps([allowed, cpu, masks]))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_the_kernel_team_wakes_off_the_callers_cpu_unless_told_not_to():
+    """The team's worker may run on every CPU the process may use but the one its caller
+    ran the last job on; the caller keeps its own mask; EDGEMOE_TEAM_PLACE=0 leaves both."""
+    import json
+    import subprocess
+    import sys
+
+    if not fastkernels.available():
+        pytest.skip("no AVX2 INT8 kernel")
+    got = {}
+    for place in ("1", "0"):
+        env = dict(os.environ, EDGEMOE_TEAM_PLACE=place)
+        p = subprocess.run([sys.executable, "-c", PLACE_PROBE], capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        got[place] = json.loads(p.stdout.strip().splitlines()[-1])
+    allowed, cpu, masks = got["1"]
+    assert len(masks) == 1, masks  # one worker for two threads
+    assert masks[0] == [c for c in allowed if c != cpu] and cpu in allowed
+    allowed, cpu, masks = got["0"]
+    assert masks == [allowed]
