@@ -809,8 +809,9 @@ int mwq_gemm(const float* x, int64_t T, int64_t K, const uint8_t* const* planes,
 // its own share of every job). Left to the scheduler, a worker woken after an I/O stall was
 // often placed on the caller's CPU, and the two shares of a job ran one after the other:
 // two cached experts of the bench model took 5.3 ms in a 50%-cap decode against 2.6 ms
-// uncapped, and 5.5-6 ms against 3.2 ms with the worker kept off the caller's CPU, called
-// after 30 ms sleeps as a decode calls it after its stalls. In 50%-cap decode (traced) a
+// uncapped, and 5.29 ms against 2.93 ms with the worker kept off the caller's CPU, called
+// after 30 ms waits as a decode calls it after its stalls (tools/team_placement.py,
+// docs/BENCHMARKS.md). In 50%-cap decode (traced) a
 // layer on two cached experts went from 5.0-5.5 to 2.8-3.2 ms, the gap between MoE layers
 // (attention) from 1.4-1.5 to 0.8-1.0 ms; decode +4% at 50%, +3% at 25% (cold, paired). The caller is not pinned (that
 // cost cold prefill 16%: threads it starts inherit its mask), nor is any other
