@@ -152,9 +152,9 @@ def plan(
         per_thread += facts.build_scratch
     # one expert computed without a slot (moe/schedule.py: its room held by hits waiting on
     # their upgrades, or by prefetches), one at a time; in place, it is a thread's slab above
-    io = Bytes(threads * per_thread + (0 if borrow else int(largest)))
-    if borrow and not slotless:
-        io = Bytes(0)
+    io = Bytes(
+        0 if borrow and not slotless else threads * per_thread + (0 if borrow else int(largest))
+    )
     tokens = batch * min(ctx, prefill_chunk)
     # activations of one prefill chunk (hidden, q/k/v, MLP width, attention scores) and the logits
     workspace = Bytes(

@@ -884,6 +884,11 @@ static struct {
   int backoff;  // jobs left before placing the workers again (see team_judge)
 } team = {PTHREAD_MUTEX_INITIALIZER, 0, 0};
 
+// Every worker's CPU mask (call with team.lock held).
+static void team_mask(const cpu_set_t* m) {
+  for (int k = 1; k <= team.workers; ++k) pthread_setaffinity_np(team.tids[k], sizeof *m, m);
+}
+
 // Keep the workers off the CPU the caller runs on (call with team.lock held).
 static void team_place(void) {
   if (team.place < 0) {
@@ -901,7 +906,7 @@ static void team_place(void) {
   cpu_set_t m;
   if (sched_getaffinity(0, sizeof m, &m) != 0 || !CPU_ISSET(cpu, &m) || CPU_COUNT(&m) < 2) return;
   CPU_CLR(cpu, &m);
-  for (int k = 1; k <= team.workers; ++k) pthread_setaffinity_np(team.tids[k], sizeof m, &m);
+  team_mask(&m);
   team.off = cpu;
 }
 
@@ -921,7 +926,7 @@ static void team_judge(int nth) {
   if (team.off < 0 || worked < 200000 || slowest <= 2 * worked) return;
   cpu_set_t m;
   if (sched_getaffinity(0, sizeof m, &m) != 0) return;
-  for (int k = 1; k <= team.workers; ++k) pthread_setaffinity_np(team.tids[k], sizeof m, &m);
+  team_mask(&m);
   team.off = -1;
   team.backoff = 64;
 }
