@@ -542,8 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--prefetch",
-        action="store_true",
-        help="predict the next layer's experts with its router and read them early",
+        nargs="?",
+        const="idle",
+        default="off",
+        choices=("off", "idle", "eager"),
+        help="predict the next layer's experts with its router (default off). idle (the flag "
+        "alone): read the likeliest uncached one into room of its own while the disk would "
+        "idle, drop it if unused; eager: read every predicted one into the cache at once",
     )
     r.add_argument(
         "--replay-routing",

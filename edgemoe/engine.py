@@ -85,6 +85,9 @@ class Completion:
 ExecutorFactory = Callable[[ExecutorContext], ExpertExecutor]
 
 
+PREFETCH = ("off", "idle", "eager")
+
+
 class EdgeModel:
     """A .emoe loaded inside a memory budget.
 
@@ -111,9 +114,15 @@ class EdgeModel:
             ExpertExecutor to use (default: ExecutorContext.local, this machine's flash).
         policy: the expert cache's eviction policy ("lfu", "lru": edgemoe.cache.POLICIES).
         prefetch: each MoE layer predicts the next one's experts with that layer's router and
-            hints the executor, which starts their reads early. Off by default: measured, it
-            read 1.5-2.4x the bytes for no clear speed-up (random bench weights predict 40%
-            of experts; on the demo it cost 20% of decode speed).
+            hints the executor. "off" (False, the default) predicts nothing. "idle" reads the
+            likeliest uncached one into room of its own while the disk would idle, and drops
+            it unused (moe/local.py); where the cache holds every expert it is off. Measured on
+            the bench model at the 50% cap it guessed 61-66% right but decoded 2% slower than
+            off (6.87 against 7.00 tok/s, 5 repeats paired): its windows are the ~3 ms between
+            a layer's last read and the next one's, and its room costs the cache one slot.
+            "eager" (True) reads every predicted expert into the cache at once: measured, it
+            read 1.5-2.4x the bytes for no speed-up (-23% at the 50% cap; on the demo it cost
+            20% of decode speed).
         bound_device: a device profile (a name or a .profile path) the summary's decode bound
             is computed on, for the bytes the run moved, without emulating that device (the
             emulated device's by default).
@@ -142,7 +151,7 @@ class EdgeModel:
         device: str | None = None,
         executor: ExecutorFactory | None = None,
         policy: str = DEFAULT_POLICY,
-        prefetch: bool = False,
+        prefetch: bool | str = "off",
         engine: str = "fast",
         bits: str | None = None,
         bound_device: str | None = None,
@@ -209,20 +218,37 @@ class EdgeModel:
             raise BadRequest(f"engine={engine!r}", "use engine='fast' or 'naive'", "engine")
         naive = engine == "naive"
         mixes = self.bits is not None and not isinstance(self.bits, Fixed)  # upgrades hold hits
-        self.plan = budget.plan(
-            f,
-            self.mem,
-            ctx=self.ctx,
-            batch=batch,
-            level=self.level,
-            threads=threads,
-            floor=floor,
-            slotless=naive or prefetch or mixes,
-        )
-        if expert_cache is not None:
-            self.plan = dataclasses.replace(self.plan, expert_cache=self._cache_size(expert_cache))
+        mode = {False: "off", True: "eager"}.get(prefetch, prefetch)
+        if mode not in PREFETCH:
+            raise BadRequest(
+                f"prefetch={prefetch!r}", f"use one of {', '.join(PREFETCH)}", "prefetch"
+            )
         if naive:
-            policy, prefetch = "lru", False
+            policy, mode = "lru", "off"
+
+        def plan(ahead: bool) -> budget.Plan:
+            p = budget.plan(
+                f,
+                self.mem,
+                ctx=self.ctx,
+                batch=batch,
+                level=self.level,
+                threads=threads,
+                floor=floor,
+                slotless=naive or mode == "eager" or mixes,
+                ahead=ahead,
+            )
+            if expert_cache is not None:
+                p = dataclasses.replace(p, expert_cache=self._cache_size(expert_cache, p))
+            return p
+
+        self.plan = plan(False)
+        # read ahead where the cache cannot hold every expert, at one level (a policy that
+        # mixes levels reads upgrades the read ahead could not take)
+        ahead = mode == "idle" and not mixes and self.plan.expert_cache < self.plan.all_experts
+        if ahead:
+            self.plan = plan(True)
+        self.prefetch = "idle" if ahead else "eager" if mode == "eager" else "off"
         if policy not in POLICIES:
             raise BadRequest(
                 f"policy={policy!r} is not a cache policy",
@@ -252,9 +278,13 @@ class EdgeModel:
         self.executor = (executor or ExecutorContext.local)(context)
         self.weights = ResidentWeights(r, self.dtype, fused)
         self.model = build_model(r.family, f.args, self.weights, self.executor)
+        if ahead and hasattr(self.executor, "ahead"):
+            self.executor.ahead = True
+        elif ahead:
+            self.prefetch = "off"  # an executor of its own: hints it cannot read ahead
         for layer in self.model.layers:
             if hasattr(layer.mlp, "predict"):
-                layer.mlp.predict = prefetch
+                layer.mlp.predict = self.prefetch != "off"
         if replay is not None:
             self._replay(replay, r.config)
         self.weights.drop_page_cache()
@@ -306,8 +336,8 @@ class EdgeModel:
         except ValueError as e:
             raise BadRequest(str(e), "use bits='fixed:L' or 'gate:q=0.5'", "bits") from None
 
-    def _cache_size(self, size) -> Bytes:
-        p = self.plan
+    def _cache_size(self, size, p: budget.Plan) -> Bytes:
+        """The expert cache `size` asks for, within plan p's room."""
         try:
             if isinstance(size, str) and size.strip().endswith("%"):
                 want = Bytes(int(p.all_experts * float(size.strip()[:-1]) / 100))
@@ -562,6 +592,11 @@ class EdgeModel:
             "expert_reads": ex.reads,
             "bytes_read": ex.bytes_read,
             "io_wait_s": ex.io_wait_s,
+            "prefetch": self.prefetch,
+            "prefetch_issued": ex.prefetch_issued,
+            "prefetch_used": ex.prefetch_used,
+            "prefetch_bytes_wasted": ex.prefetch_bytes_wasted,
+            "prediction_accuracy": ex.prediction_accuracy,
             "o_direct": self.store.direct,
             "peak_rss": int(rss),
             "peak": int(capped if capped is not None else rss),

@@ -4,6 +4,7 @@ begin/finish with reads in flight, and a failed read that leaves nothing held.""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from edgemoe.moe.api import (
     load_all_experts,
 )
 from edgemoe.sampling import Sampling
+from formats.reader import EmoeReader
 
 GREEDY = Sampling(temperature=0)
 PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
@@ -57,7 +59,7 @@ def test_hint_prefetches_into_reservations_that_survive_the_layer_before(tiny_em
     size = probe.facts.expert_nbytes(0, probe.level)
     probe.close()
     # room for 3 experts: layer 0 needs 2 others, which must not evict layer 1's prefetch
-    with edgemoe.load(path, ctx=64, expert_cache=3 * size) as m:
+    with edgemoe.load(path, ctx=64, expert_cache=3 * size, prefetch="eager") as m:
         ex = m.executor
         ex.hint(1, torch.tensor([[2]]))
         assert ex.stats().prefetch_issued == 1 and (1, 2, m.level) in ex.cache
@@ -74,6 +76,71 @@ def test_hint_prefetches_into_reservations_that_survive_the_layer_before(tiny_em
     with edgemoe.load(path, ctx=64) as ref, torch.inference_mode():
         want = ref.executor.run(1, *_layer_inputs(ref, 1, [2, 2]))
     assert torch.equal(y, want)
+
+
+def _landed(a, timeout=30.0):
+    """Wait until every part of a read ahead has landed."""
+    end = time.monotonic() + timeout
+    while a.read.left and time.monotonic() < end:
+        time.sleep(0.005)
+    assert a.read.left == 0
+
+
+def test_read_ahead_is_taken_over_or_dropped(tiny_emoe):
+    """With a cache short of every expert, a hint reads the likeliest uncached expert into
+    room of its own (in the plan), not into the cache. The layer that misses on it takes the
+    parts that landed (no byte read twice) and computes what a fresh read gives; a layer
+    that does not use it drops it, its bytes counted wasted and its slab given back."""
+    path = tiny_emoe("mixtral", experts="int8")  # computed in place: read into slabs
+    with edgemoe.load(path, ctx=64, prefetch="idle") as ref, torch.inference_mode():
+        size = ref.facts.expert_nbytes(0, ref.level)
+        want = ref.executor.run(1, *_layer_inputs(ref, 1, [2, 2]))
+        assert ref.prefetch == "off"  # every expert cached: nothing to read ahead
+        room = ref.plan.io_buffers
+    ahead = edgemoe.load(path, ctx=64, expert_cache=3 * size, prefetch="idle")
+    with ahead as m, torch.inference_mode():
+        assert m.plan.io_buffers == room + m.store.max_span  # the read ahead's slab, planned
+        assert m.prefetch == "idle"
+        ex, store = m.executor, m.store
+        ex.hint(1, torch.tensor([[2, 5]]))
+        assert ex.stats().prefetch_issued == 1 and (1, 2) not in ex.cache  # its own room
+        _landed(ex._next)
+        before = store.bytes_read
+        y = ex.run(1, *_layer_inputs(m, 1, [2, 2]))
+        s = ex.stats()
+        assert torch.equal(y, want)
+        assert store.bytes_read == before, "the layer read again what was read ahead"
+        assert s.prefetch_used == 1 and s.misses == 1 and (1, 2) in ex.cache
+        # a wrong guess: dropped when its layer begins, its slab back in the free list
+        ex.hint(1, torch.tensor([[6]]))
+        _landed(ex._next)
+        ex.run(1, *_layer_inputs(m, 1, [2, 2]))
+        s = ex.stats()
+        assert (
+            s.prefetch_wasted == 1 and s.prefetch_bytes_wasted == store._span(1, 6, 0, m.level)[1]
+        )
+        assert ex._next is None and any(store._slabs.values())
+        assert s.prediction_accuracy == 0.5  # [2, 5] then [6], for [2] each time
+
+
+def test_read_ahead_waits_for_demanded_reads(tiny_emoe, monkeypatch):
+    """No part of a read ahead starts while a demanded read has a part queued or in flight."""
+    from edgemoe import store as store_mod
+
+    monkeypatch.setattr(store_mod, "PART", 4096)
+    monkeypatch.setattr(store_mod, "AHEAD_PART", 8192)
+    started = []
+    with EmoeReader(tiny_emoe("mixtral", experts="int8")) as r:
+        store = store_mod.ExpertStore(r, threads=2, throttle=started.append)
+        fut = store.fetch(0, 0, 1, own=True)
+        a = store.ahead(0, 1, 1)
+        fut.result(timeout=30)
+        _landed(a)
+        first, second = store._span(0, 0, 0, 1)[1], store._span(0, 1, 0, 1)[1]
+        n = first // 4096
+        assert started[:n] == [4096] * n and sum(started[n:]) == second, started
+        assert started[n] == 8192
+        store.close()
 
 
 def test_begin_issues_reads_before_finish(tiny_emoe):

@@ -40,6 +40,7 @@ class ExecutorStats:
     prefetch_issued: int = 0  # reads started by hints
     prefetch_used: int = 0  # prefetched experts their layer then used
     prefetch_wasted: int = 0  # prefetched experts their layer did not use (their bytes wasted)
+    prefetch_bytes_wasted: int = 0  # bytes read ahead and dropped (reads ahead only)
     predicted: int = 0  # expert uses in hinted layers that the hint had named
     routed_hinted: int = 0  # expert uses in hinted layers (predicted / this: the accuracy)
     upgrades: int = 0  # reads of levels an expert in memory lacked (only those levels)

@@ -17,6 +17,14 @@ once per forward pass, however many tokens route to it and however small the cac
 `hint(layer, ids)` reserves room for experts a later layer will probably use and
 reads them (at the top level) in the background; the reservation holds them until
 that layer's `begin`, so the layers in between cannot evict them.
+
+With `ahead` set (the engine's prefetch="idle", where the cache cannot hold every
+expert), `hint` instead reads the likeliest uncached one of them into a slab of its own
+(the plan's read-ahead room, not the cache's), only while no demanded read is
+queued or in flight (store.ahead): the disk's idle time between a layer's last read
+and the next layer's first. If that layer then misses on it, its read takes over
+the parts already landed (store.take); if not, it is dropped and only idle disk
+time was spent.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from edgemoe.moe.experts import (
 )
 from edgemoe.moe.schedule import LayerSchedule, Slice, Wave, schedule
 from edgemoe.prepare import downgrade_expert, expert_at
-from edgemoe.store import ExpertStore
+from edgemoe.store import Ahead, ExpertStore
 
 
 @dataclass
@@ -131,6 +139,10 @@ class LocalExecutor(ExpertExecutor):
         self._issued: set[Key] = set()  # reads started by hints, not yet used or dropped
         self._pf_issued = self._pf_used = self._pf_wasted = 0
         self._predicted = self._routed_hinted = 0
+        self.ahead = False  # hints read one expert ahead in idle disk time (module doc)
+        self._next: Ahead | None = None  # that read, until its layer takes or drops it
+        self._guess: tuple[int, set[int]] | None = None  # its layer's hinted experts
+        self._pf_bytes_wasted = 0
 
     def stats(self) -> ExecutorStats:
         return ExecutorStats(
@@ -143,6 +155,7 @@ class LocalExecutor(ExpertExecutor):
             prefetch_issued=self._pf_issued,
             prefetch_used=self._pf_used,
             prefetch_wasted=self._pf_wasted,
+            prefetch_bytes_wasted=self._pf_bytes_wasted,
             predicted=self._predicted,
             routed_hinted=self._routed_hinted,
             pairs=self._pairs,
@@ -163,6 +176,17 @@ class LocalExecutor(ExpertExecutor):
             have = 0  # read it whole
         if have == 0:
             own = self.borrow(layer, expert, s.level)
+            a = self._next
+            if own and a is not None and a.key == s.key and a.level == s.level:
+                self._next = None
+                fut = self.store.take(
+                    a,
+                    then=lambda p: self.prepare(layer, expert, p),
+                    head=self.head(layer, expert, s.level),
+                )
+                if fut is not None:
+                    self._pf_used += 1
+                    return fut
             return self.store.fetch(
                 layer,
                 expert,
@@ -227,6 +251,9 @@ class LocalExecutor(ExpertExecutor):
 
     # ---- prefetch
     def hint(self, layer, predicted_ids):
+        if self.ahead:
+            self._read_ahead(layer, predicted_ids)
+            return
         held = self._prefetched.setdefault(layer, set())
         keys = [(layer, e) for e in torch.unique(predicted_ids).tolist()]
         self._hinted[layer] = set(keys)
@@ -244,6 +271,44 @@ class LocalExecutor(ExpertExecutor):
             held.add(key)
             self._issued.add(key)
             self._pf_issued += 1
+
+    def _read_ahead(self, layer: int, predicted_ids: torch.Tensor) -> None:
+        """Read ahead the likeliest of the predicted experts that is not in memory (the most
+        tokens' choice, then the router's order); drop the previous read ahead."""
+        self._drop_ahead()
+        ids = predicted_ids.reshape(-1).tolist()
+        self._guess = (layer, set(ids))
+        for e in sorted(set(ids), key=lambda e: (-ids.count(e), ids.index(e))):
+            if self.cache.peek((layer, e)) is not None:
+                continue
+            level = self.level(layer, e)
+            if not self.borrow(layer, e, level):
+                return  # its read would not land in a slab of its own
+            self._next = self.store.ahead(layer, e, level, self.head(layer, e, level))
+            if self._next is not None:
+                self._pf_issued += 1
+                trace.instant(f"ahead L{layer} E{e}", "prefetch")
+            return
+
+    def _drop_ahead(self) -> None:
+        if self._next is not None:
+            self._pf_bytes_wasted += self.store.drop(self._next)
+            self._pf_wasted += 1
+            self._next = None
+
+    def _settle_ahead(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """A layer begins: its hint's accuracy; the read ahead it will not take is dropped."""
+        if self._guess is not None and self._guess[0] == layer:
+            routed = set(expert_ids.reshape(-1).tolist())
+            self._predicted += len(self._guess[1] & routed)
+            self._routed_hinted += len(routed)
+            self._guess = None
+        a = self._next
+        if a is not None and (a.key[0] != layer or a.key[1] not in expert_ids.reshape(-1).tolist()):
+            self._drop_ahead()
+
+    def close(self) -> None:
+        self._drop_ahead()
 
     # ---- the fused decode chain (fused.FusedChain)
     def chain_ready(self) -> bool:
@@ -284,6 +349,8 @@ class LocalExecutor(ExpertExecutor):
         """A layer the chain computed on cached experts: observers, hits, the policy's uses."""
         if self._observers:
             self.routed(layer, torch.tensor([ids]))
+        if self.ahead:
+            self._settle_ahead(layer, torch.tensor(ids))
         self.cache.now = layer
         for e in ids:
             self.cache.acquire((layer, e))
@@ -309,6 +376,8 @@ class LocalExecutor(ExpertExecutor):
         return _Hits(layer, x, keys, experts, [w for _, w in pairs], time.perf_counter())
 
     def begin(self, layer, x, expert_ids, expert_weights, levels=None):
+        if self.ahead:
+            self._settle_ahead(layer, expert_ids)
         fast = None if levels is not None else self._all_hits(layer, x, expert_ids, expert_weights)
         self.routed(layer, expert_ids)
         if fast is not None:
