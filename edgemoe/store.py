@@ -441,10 +441,17 @@ class ExpertStore:
         None where a was dropped or failed (read it afresh)."""
         r = a.read
         with self._lock:
-            if r.cancelled or r.out is not None or r.error is not None:
-                return None
-            if r in self._ahead:
-                self._ahead.remove(r)
+            failed = r.error is not None
+            if r.cancelled or r.out is not None or failed:
+                gone = True
+            else:
+                gone = False
+                if r in self._ahead:
+                    self._ahead.remove(r)
+        if gone:
+            if failed:
+                self.drop(a)  # its slab back; the demanded read tries afresh
+            return None
         return self._demand(r, then, head)
 
     def drop(self, a: Ahead) -> int:

@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=96)
     a = ap.parse_args()
-    if memcap.available() is None:
-        raise SystemExit("no writable cgroup memory controller: the caps cannot be enforced")
+    why = memcap.available()
+    if why is not None:
+        raise SystemExit(f"{why}: the caps cannot be enforced")
     modes = a.modes.split(",")
     size = a.model.stat().st_size
     prompt = prompts_of(a.model, 128, 1)[0]
