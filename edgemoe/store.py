@@ -49,6 +49,18 @@ def anon(n: int, huge: bool = False) -> mmap.mmap:
     return m
 
 
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+def populate(m: mmap.mmap) -> None:
+    """Fault every page of m in, writable (one system call where the kernel has it)."""
+    try:
+        m.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        for i in range(0, len(m), 4096):
+            m[i] = 0
+
+
 # An owned raw read larger than this goes to the reader threads in parts of this size (see
 # ExpertStore._fetch_parts). Measured here (2 threads, O_DIRECT into 4 KiB pages, two 33 MB
 # experts, medians of 12): in 4 MiB parts the first expert's gate and up rows (its first 2/3)
@@ -60,9 +72,10 @@ PART = 4 << 20
 HUGE_SLABS_BELOW = 1 / 5
 
 
-def huge_slabs(cached_share: float) -> bool:
+def huge_slabs(cached_share: float, arena: bool = False) -> bool:
     """Whether read slabs go in 2 MiB pages, for an expert cache that holds `cached_share` of
-    all experts (EDGEMOE_HUGE_SLABS=1 or 0 decides instead).
+    all experts, or whose slabs are made at load (`arena`: their faults are paid there, not
+    in a prefill) (EDGEMOE_HUGE_SLABS=1 or 0 decides instead).
 
     Measured here (a VM on virtio-blk): an O_DIRECT read into 2 MiB pages runs at 2.1-2.2
     GB/s, into 4 KiB pages at 1.2-1.3 (the block layer's 254 segments make 1 MiB requests of
@@ -77,7 +90,7 @@ def huge_slabs(cached_share: float) -> bool:
     env = os.environ.get("EDGEMOE_HUGE_SLABS")
     if env in ("0", "1"):
         return env == "1"
-    return cached_share < HUGE_SLABS_BELOW
+    return arena or cached_share < HUGE_SLABS_BELOW
 
 
 def _pages(ranges: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
@@ -267,6 +280,19 @@ class ExpertStore:
         for old in stale:
             _close(old)
         return anon(n, self.huge_slabs)
+
+    def reserve_slabs(self, count: int, length: int) -> None:
+        """Make `count` free slabs of `length` bytes now, their pages faulted in (the expert
+        cache's arena, made at load): reads then land in memory that is already there, in
+        huge pages, and neither a cold prefill nor a decode pays a fault."""
+        made = []
+        for _ in range(count):
+            m = anon(length, self.huge_slabs)
+            populate(m)
+            made.append(m)
+        with self._lock:
+            self._slabs.setdefault(length, []).extend(made)
+            self.slabs_made += count
 
     @property
     def buffer_bytes(self) -> Bytes:

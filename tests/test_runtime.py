@@ -335,6 +335,29 @@ def test_early_gate_up_decodes_the_same_tokens(tiny_emoe, monkeypatch, experts, 
 
 
 @pytest.mark.parametrize("experts,bits", [("int8", None), ("mwq:2,3,4", "fixed:2")])
+def test_a_small_cache_is_made_at_load_and_every_read_lands_in_it(tiny_emoe, experts, bits):
+    """A cache of less than half the experts, read in place at one level: its slabs are made
+    (faulted in) at load, one per slot, and decode reads into them, making none."""
+    path = tiny_emoe("mixtral", experts=experts, dense="bf16")
+    ids = None
+    runs = {}
+    for share in ("100%", "30%"):
+        m = edgemoe.load(path, ctx=128, batch=1, expert_cache=share, bits=bits)
+        made = m.store.slabs_made
+        ids = ids or m.tokenizer.encode(PROMPT)
+        got, _ = greedy_ours(m.model, [ids], 16)
+        level = int(bits[-1]) if bits else m.level
+        slots = int(m.plan.expert_cache // m.facts.expert_nbytes(0, level))
+        runs[share] = (got[0], made, m.store.slabs_made, slots)
+        st = m.executor.stats()
+        m.close()
+    assert runs["100%"][1] == 0  # every expert cached: nothing made at load
+    tokens, made, after, slots = runs["30%"]
+    assert tokens == runs["100%"][0] and st.misses > 0
+    assert made == slots > 0 and after == made, runs
+
+
+@pytest.mark.parametrize("experts,bits", [("int8", None), ("mwq:2,3,4", "fixed:2")])
 def test_one_level_in_place_plans_no_io_room_and_reads_into_slots(tiny_emoe, experts, bits):
     """At one level, read in place and without prefetch, every read gets a cache slot (later
     waves evict what the layer released), so the plan's I/O term is zero; a batch of three
