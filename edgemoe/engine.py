@@ -375,7 +375,7 @@ class EdgeModel:
             sizes.add(f.expert_nbytes(e.layer, level))
         if len(spans) != 1:
             return None
-        return int(p.expert_cache // max(sizes)), spans.pop()
+        return min(len(r.experts), int(p.expert_cache // max(sizes))), spans.pop()
 
     def _cache_size(self, size, p: budget.Plan) -> Bytes:
         """The expert cache `size` asks for, within plan p's room."""
