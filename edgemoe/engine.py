@@ -268,6 +268,7 @@ class EdgeModel:
         self.store.huge_slabs = huge_slabs(
             self.plan.expert_cache / all_experts if all_experts else 1.0, arena is not None
         )
+        self.arena_slabs = 0 if arena is None else arena[0]
         if arena is not None:
             self.store.reserve_slabs(*arena)
         context = ExecutorContext(
@@ -647,6 +648,7 @@ class EdgeModel:
             "floor": int(p.floor),
             "expert_cache": int(p.expert_cache),
             "expert_slots": round(p.expert_slots, 1),
+            "arena_slabs": self.arena_slabs,
             "all_experts": int(p.all_experts),
             "device": self.device.name if self.device else None,
             "bound_tok_s": self._bound(st) if stats is not None else None,

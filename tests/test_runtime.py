@@ -349,6 +349,10 @@ def test_a_small_cache_is_made_at_load_and_every_read_lands_in_it(tiny_emoe, exp
         level = int(bits[-1]) if bits else m.level
         slots = int(m.plan.expert_cache // m.facts.expert_nbytes(0, level))
         runs[share] = (got[0], made, m.store.slabs_made, slots)
+        assert m.arena_slabs == made
+        span = m.store._span(0, 0, 0, level)[1]
+        # the arena is the cache's room: a slab is its expert's bytes rounded up to pages
+        assert made * span <= m.plan.expert_cache + made * 8192, (made, span)
         st = m.executor.stats()
         m.close()
     assert runs["100%"][1] == 0  # every expert cached: nothing made at load
