@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from edgemoe import fastkernels
+from edgemoe import fastkernels, trace
 from edgemoe.kernels import on_q8_kernel
 from edgemoe.moe.router import softmax_topk
 
@@ -128,10 +128,11 @@ class FusedLayer:
         cos, sin = _table(self._rope, pos, self.head_dim, self.theta, self.dtype)
         kc, vc = cache.k[layer], cache.v[layer]  # [N, Hkv, max_len, Dh]: this slot's rows
         at = slot * kc.stride(0) * kc.element_size()
-        rc = fastkernels.library().layer1_attn(
-            self._ref, *self._ptrs, cos.data_ptr(), sin.data_ptr(), kc.data_ptr() + at,
-            vc.data_ptr() + at, kc.shape[2], pos, self.args.rnd, torch.get_num_threads(),
-        )  # fmt: skip
+        with trace.span(f"attn L{layer}", "attn"):
+            rc = fastkernels.library().layer1_attn(
+                self._ref, *self._ptrs, cos.data_ptr(), sin.data_ptr(), kc.data_ptr() + at,
+                vc.data_ptr() + at, kc.shape[2], pos, self.args.rnd, torch.get_num_threads(),
+            )  # fmt: skip
         fastkernels._check(rc)
         h = self.xr.to(self.dtype).view(1, 1, self.d)
         # the MoE input stays float32 (bfloat16 values): the expert kernels take it as it is

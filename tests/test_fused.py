@@ -109,3 +109,48 @@ def test_chain_under_a_small_expert_cache_gives_the_same_tokens(tiny_emoe):
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
     big.close()
     small.close()
+
+
+def test_chain_reads_ahead_and_keeps_its_tokens(tiny_emoe):
+    """With --prefetch idle the chain still runs (the layers it hands back hint the next
+    one): reads ahead are issued and taken, and the logits are those of a run with every
+    expert cached."""
+    path = tiny_emoe("mixtral", experts="int8", dense="int8")
+    big = edgemoe.load(path, ctx=128)
+    small = edgemoe.load(path, ctx=128, expert_cache=big.plan.largest_expert * 3, prefetch="idle")
+    assert small.prefetch == "idle" and small.model.chain is not None
+    ids = big.tokenizer.encode(PROMPT)
+    want = _teacher_forced(big, ids, [])
+    follow = []
+    for _ in range(10):
+        follow.append(int(want[-1].argmax()))
+        want = _teacher_forced(big, ids, follow)
+    got = _teacher_forced(small, ids, follow)
+    s = small.executor.stats()
+    assert s.prefetch_issued > 0 and s.prefetch_used > 0, s
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+    big.close()
+    small.close()
+
+
+def test_the_fused_attention_is_a_span_of_the_compute_lane(tiny_emoe):
+    from edgemoe import trace
+
+    m = edgemoe.load(tiny_emoe("mixtral", experts="int8", dense="int8"), ctx=128)
+    t = trace.Tracer()
+    trace.install(t)
+    try:
+        m.generate(PROMPT, max_tokens=4)
+    finally:
+        trace.install(None)
+        m.close()
+    attn = [e for e in t.events if e.get("cat") == "attn"]
+    moes = [e for e in t.events if e.get("cat") == "moe"]
+    layers = len(m.model.layers)
+    assert len(attn) >= 3 * layers  # each decode step's layers
+    assert {e["tid"] for e in attn} == {e["tid"] for e in moes}
+    # a layer's attention ends before its MoE begins
+    for a in attn:
+        layer = a["name"].split("L")[1]
+        after = [x for x in moes if x["name"] == f"moe L{layer}" and x["ts"] >= a["ts"]]
+        assert after and a["ts"] + a["dur"] <= min(x["ts"] for x in after) + 1
