@@ -90,6 +90,16 @@ def test_fused_path_applies_to_standard_layers_only(tiny_emoe):
     m.close()
 
 
+def _greedy_reference(m, ids, steps):
+    """(logits, tokens) of `steps` greedy tokens after ids, each step teacher-forced."""
+    want = _teacher_forced(m, ids, [])
+    follow = []
+    for _ in range(steps):
+        follow.append(int(want[-1].argmax()))
+        want = _teacher_forced(m, ids, follow)
+    return want, follow
+
+
 def test_chain_under_a_small_expert_cache_gives_the_same_tokens(tiny_emoe):
     # experts are read, evicted and read again inside a step: the chain stops at each layer
     # whose expert is not cached, the executor serves it, and the tables follow the cache
@@ -98,11 +108,7 @@ def test_chain_under_a_small_expert_cache_gives_the_same_tokens(tiny_emoe):
     small = edgemoe.load(path, ctx=128, expert_cache=big.plan.largest_expert * 3)
     assert small.model.chain is not None
     ids = big.tokenizer.encode(PROMPT)
-    want = _teacher_forced(big, ids, [])
-    follow = []
-    for _ in range(10):
-        follow.append(int(want[-1].argmax()))
-        want = _teacher_forced(big, ids, follow)
+    want, follow = _greedy_reference(big, ids, 10)
     got = _teacher_forced(small, ids, follow)
     assert small.executor.cache.evictions > 0
     assert (got - want).abs().max() / want.abs().max() < 1e-4
@@ -120,11 +126,7 @@ def test_chain_reads_ahead_and_keeps_its_tokens(tiny_emoe):
     small = edgemoe.load(path, ctx=128, expert_cache=big.plan.largest_expert * 3, prefetch="idle")
     assert small.prefetch == "idle" and small.model.chain is not None
     ids = big.tokenizer.encode(PROMPT)
-    want = _teacher_forced(big, ids, [])
-    follow = []
-    for _ in range(10):
-        follow.append(int(want[-1].argmax()))
-        want = _teacher_forced(big, ids, follow)
+    want, follow = _greedy_reference(big, ids, 10)
     got = _teacher_forced(small, ids, follow)
     s = small.executor.stats()
     assert s.prefetch_issued > 0 and s.prefetch_used > 0, s

@@ -14,8 +14,6 @@ token, and writes docs/BENCHMARKS.md (section prefetch-idle).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,25 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_doc import machine, write_section  # noqa: E402
+from cold_pairs import one as run_cold  # noqa: E402
 
 from edgemoe import memcap  # noqa: E402
 from edgemoe.bench.runners import prompts_of  # noqa: E402
 
 
 def one(model: Path, cap: int, mode: str, prompt: str, tokens: int) -> dict:
-    memcap.evict_page_cache(model)
-    cmd = [
-        sys.executable, "-m", "edgemoe.cli", "run", str(model), "--json", "-q",
-        "-n", str(tokens), "--temperature", "0", "--ctx", str(128 + tokens + 32),
-        "-p", prompt, "--mem", str(cap), "--prefetch", mode,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    out = memcap.run_capped(cmd, cap, timeout=1200, env=env)
-    if out.returncode:
-        raise SystemExit(f"{mode} at {cap} bytes failed ({out.returncode}): {out.stderr[-600:]}")
-    s = json.loads(out.stdout)["summary"]
-    s["cgroup_peak"] = int(out.peak)
-    return s
+    return run_cold(model, cap, {}, ["--prefetch", mode], prompt, tokens)
 
 
 def main() -> None:
