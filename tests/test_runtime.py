@@ -297,6 +297,12 @@ def test_split_reads_land_in_parts_head_first(tiny_emoe, monkeypatch, tmp_path):
         fut.head.result(timeout=30)  # the head's bytes are intact
         with pytest.raises(ChecksumMismatch):
             fut.result(timeout=30)
+        # read ahead, then taken: the same head first, the same error, no hang
+        a = store.ahead(*key, 1, head=head_of(r, r.experts[key], 1, torch.float32))
+        fut = store.take(a, head=head_of(r, r.experts[key], 1, torch.float32))
+        fut.head.result(timeout=30)
+        with pytest.raises(ChecksumMismatch):
+            fut.result(timeout=30)
         store.close()
 
 
