@@ -42,6 +42,7 @@ from edgemoe.store import HUGE_SLABS_BELOW, ExpertStore, huge_slabs
 from edgemoe.tokenizer import Tokenizer
 from edgemoe.units import Bytes
 from edgemoe.weights import ResidentWeights
+from formats.constants import align_up
 from formats.errors import EmoeError
 from formats.reader import EmoeReader
 
@@ -372,7 +373,7 @@ class EdgeModel:
         for e in r.experts.values():
             if not f.borrows(e.layer, e.expert, level):
                 return None
-            spans.add(self.store._span(e.layer, e.expert, 0, level)[1])
+            spans.add(align_up(r.expert_span(e.layer, e.expert, level)[1]))  # a read's slab
             sizes.add(f.expert_nbytes(e.layer, level))
         if len(spans) != 1:
             return None

@@ -148,12 +148,12 @@ class _Read:
 
     def __init__(self, store, layer, expert, level, have, start, length, head, part):
         self.layer, self.expert, self.level, self.have = layer, expert, level, have
-        self.start, self.length = start, length
+        self.start = start
         self.buf = store._slab(length)
         self.view = memoryview(self.buf)[:length]
         first = [] if head is None else _pages(head[0], length)
-        cut = _split(first, part) + _split(_complement(first, length), part)
-        self.parts = [(o, n, i < len(_split(first, part))) for i, (o, n) in enumerate(cut)]
+        self.parts = [(o, n, True) for o, n in _split(first, part)]
+        self.parts += [(o, n, False) for o, n in _split(_complement(first, length), part)]
         self.n_head = self.head_left = sum(1 for p in self.parts if p[2])
         self.issued = 0  # parts handed to the threads
         self.left = len(self.parts)  # parts not landed
@@ -200,10 +200,6 @@ class Ahead:
         self.read = read
         self.key = (read.layer, read.expert)
         self.level = read.level
-
-    @property
-    def bytes_read(self) -> int:
-        return self.read.got
 
 
 class ExpertStore:
@@ -363,7 +359,6 @@ class ExpertStore:
             out.head.set_running_or_notify_cancel()
         with self._lock:
             r.out, r.then, r.build = out, then, None if head is None else head[1]
-            r.recut(PART)
             todo = list(range(r.issued, len(r.parts)))
             r.issued = len(r.parts)
             r.inflight += len(todo)
@@ -474,6 +469,7 @@ class ExpertStore:
                 gone = False
                 if r in self._ahead:
                     self._ahead.remove(r)
+                r.recut(PART)  # no longer issued by _pump: its parts left are demanded ones
         if gone:
             if failed:
                 self.drop(a)  # its slab back; the demanded read tries afresh

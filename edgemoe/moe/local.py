@@ -298,13 +298,13 @@ class LocalExecutor(ExpertExecutor):
 
     def _settle_ahead(self, layer: int, expert_ids: torch.Tensor) -> None:
         """A layer begins: its hint's accuracy; the read ahead it will not take is dropped."""
+        routed = set(expert_ids.reshape(-1).tolist())
         if self._guess is not None and self._guess[0] == layer:
-            routed = set(expert_ids.reshape(-1).tolist())
             self._predicted += len(self._guess[1] & routed)
             self._routed_hinted += len(routed)
             self._guess = None
         a = self._next
-        if a is not None and (a.key[0] != layer or a.key[1] not in expert_ids.reshape(-1).tolist()):
+        if a is not None and (a.key[0] != layer or a.key[1] not in routed):
             self._drop_ahead()
 
     def close(self) -> None:
