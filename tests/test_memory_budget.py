@@ -9,6 +9,7 @@ evicted from the page cache before every run, so each starts cold.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -27,8 +28,10 @@ SLACK = Bytes.parse("512KiB")
 UNCOUNTED = Bytes.parse("64MiB")
 
 
-def _run(memory_cap, model, mem):
-    r = memory_cap(RUN + [str(model), "--mem", str(int(mem))], mem, evict=[model], timeout=600)
+def _run(memory_cap, model, mem, extra=(), env=None):
+    cmd = RUN + [str(model), "--mem", str(int(mem)), *extra]
+    env = None if env is None else {**os.environ, **env}
+    r = memory_cap(cmd, mem, evict=[model], timeout=600, env=env)
     assert not r.oom_killed, f"OOM-killed under {mem}"
     assert r.returncode == 0, r.stderr[-1500:]
     rec = json.loads(r.stdout)
@@ -70,6 +73,29 @@ def test_capped_runs_from_all_experts_to_the_minimum(memory_cap):
         )
     print("\n" + "\n".join(rows))
     assert reads[0] <= reads[1] < reads[2] < reads[3], reads
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_a_cache_made_at_load_and_a_read_ahead_stay_inside_the_cap(memory_cap, tiny_emoe):
+    """The expert cache's slabs made at load and a read ahead in its own slab, inside a
+    cgroup equal to --mem: the process within its plan, the same tokens as with every expert
+    cached. A tiny model's experts weigh less than the floor's jitter, so --expert-cache
+    makes the cache a third of them and EDGEMOE_ARENA=1 makes its slabs at load."""
+    path = tiny_emoe("mixtral", experts="int8", dense="int8")  # read in place: slabs
+    _, ref_text, s = _run(memory_cap, path, Bytes.parse("8GiB"))
+    plan = s["plan"]
+    mem = Bytes(plan["minimum"] + plan["all_experts"]) + SLACK
+    extra = ["--prefetch", "idle", "--expert-cache", "33%"]
+    r, text, s = _run(memory_cap, path, mem, extra, {"EDGEMOE_ARENA": "1"})
+    assert s["arena_slabs"] > 0 and s["prefetch"] == "idle" and s["prefetch_issued"] > 0, {
+        k: s[k] for k in ("arena_slabs", "prefetch", "prefetch_issued", "expert_slots", "hit_rate")
+    }
+    p = s["plan"]
+    counted = sum(p[k] for k in ("floor", "resident", "kv_cache", "io_buffers", "workspace"))
+    assert s["peak_rss"] <= counted + p["expert_cache"] + UNCOUNTED, (s["peak_rss"], counted)
+    assert s["peak_source"] == "cgroup" and s["peak"] <= r.peak
+    assert text == ref_text
 
 
 @pytest.mark.cgroup
