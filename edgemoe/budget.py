@@ -116,7 +116,6 @@ def plan(
     prefill_chunk: int = 512,
     floor: Bytes | None = None,
     slotless: bool = True,
-    ahead: bool = False,
 ) -> Plan:
     """Split `mem` (None: unlimited, every expert cached) for one file's ModelFacts.
 
@@ -125,8 +124,6 @@ def plan(
         mixes levels) or by prefetches. With one level and no prefetch, every later wave
         evicts what this layer released, so in place no read goes without a slot and the
         I/O term is zero: the room is the cache's.
-    ahead: room for one expert read ahead in its own slab (moe/local.py), when experts are
-        computed in place.
 
     Raises:
         BudgetTooSmall: naming the smallest budget that works (rounded up, so it does).
@@ -156,8 +153,7 @@ def plan(
     # one expert computed without a slot (moe/schedule.py: its room held by hits waiting on
     # their upgrades, or by prefetches), one at a time; in place, it is a thread's slab above
     io = Bytes(
-        (0 if borrow and not slotless else threads * per_thread + (0 if borrow else int(largest)))
-        + (facts.largest_span() if borrow and ahead else 0)
+        0 if borrow and not slotless else threads * per_thread + (0 if borrow else int(largest))
     )
     tokens = batch * min(ctx, prefill_chunk)
     # activations of one prefill chunk (hidden, q/k/v, MLP width, attention scores) and the logits

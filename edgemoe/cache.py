@@ -351,6 +351,18 @@ class ExpertCache:
             self.evict(key)
         return True
 
+    def set_aside(self, nbytes: int) -> bool:
+        """Take nbytes of the cache's room for a value outside it (a read ahead's slab,
+        moe/local.py), evicting as `make_room` does; False (nothing taken) if holds prevent
+        it. `give_back` returns the room."""
+        if not self.make_room(nbytes):
+            return False
+        self.used = self.used + nbytes
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.used = Bytes(max(0, self.used - nbytes))
+
     def _downgrade_one(self) -> bool:
         """Cut the unheld entry whose layer comes back last (the previous layer's first), its
         highest level first, to its base level; False if none can be cut."""

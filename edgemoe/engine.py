@@ -233,28 +233,24 @@ class EdgeModel:
         if naive:
             policy, mode = "lru", "off"
 
-        def plan(ahead: bool) -> budget.Plan:
-            p = budget.plan(
-                f,
-                self.mem,
-                ctx=self.ctx,
-                batch=batch,
-                level=self.level,
-                threads=threads,
-                floor=floor,
-                slotless=naive or mode == "eager" or mixes,
-                ahead=ahead,
+        self.plan = budget.plan(
+            f,
+            self.mem,
+            ctx=self.ctx,
+            batch=batch,
+            level=self.level,
+            threads=threads,
+            floor=floor,
+            slotless=naive or mode == "eager" or mixes,
+        )
+        if expert_cache is not None:
+            self.plan = dataclasses.replace(
+                self.plan, expert_cache=self._cache_size(expert_cache, self.plan)
             )
-            if expert_cache is not None:
-                p = dataclasses.replace(p, expert_cache=self._cache_size(expert_cache, p))
-            return p
-
-        self.plan = plan(False)
         # read ahead where the cache cannot hold every expert, at one level (a policy that
-        # mixes levels reads upgrades the read ahead could not take)
+        # mixes levels reads upgrades the read ahead could not take); its slab is the room
+        # of an expert the cache gives up for it (ExpertCache.set_aside), none of its own
         ahead = mode == "idle" and not mixes and self.plan.expert_cache < self.plan.all_experts
-        if ahead:
-            self.plan = plan(True)
         self.prefetch = "idle" if ahead else "eager" if mode == "eager" else "off"
         if policy not in POLICIES:
             raise BadRequest(

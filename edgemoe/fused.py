@@ -17,6 +17,7 @@ head_dim a multiple of 8, computing in float32 or bfloat16 (bfloat16 values are 
 where torch rounds them on the path it replaces, models/base.py); anything else takes that
 path. EDGEMOE_FUSED=0 turns it off.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -68,7 +69,11 @@ class FusedLayer:
         a = layer.attn
         if not enabled():
             return None
-        if a.qk_norm or a.clip is not None or not all(on_q8_kernel(p) for p in (a.q, a.k, a.v, a.o)):
+        if (
+            a.qk_norm
+            or a.clip is not None
+            or not all(on_q8_kernel(p) for p in (a.q, a.k, a.v, a.o))
+        ):
             return None
         dtype = a.q.dtype
         d = a.q.in_features
@@ -140,8 +145,9 @@ class FusedLayer:
         if self.moe is None:
             return h + self.layer.mlp(xn.to(self.dtype), None)
         routed = (self.ids, self.w) if self.args.topk and self.moe.replay is None else None
-        out = self.moe(xn, None, logits=self.logits, routed=routed)
-        return h + out.to(self.dtype)
+        out = h + self.moe(xn, None, logits=self.logits, routed=routed).to(self.dtype)
+        self.moe.refine(out)
+        return out
 
 
 class _Chain1(ctypes.Structure):  # csrc/q8.c Chain1
@@ -197,7 +203,9 @@ class FusedChain:
             self.fused[0].applies(x, cache)  # one token of one sequence, the plain cache
             and self.model.replay is None
             and (
-                getattr(self.executor, "ahead", False)  # a layer it hands back hints (models/base.py)
+                getattr(
+                    self.executor, "ahead", False
+                )  # a layer it hands back hints (models/base.py)
                 or not any(f.moe.predict and f.moe.next is not None for f in self.fused)
             )
             and self.executor.chain_ready()
@@ -233,6 +241,7 @@ class FusedChain:
         while True:
             self._refresh()
             done = ctypes.c_int(0)
+            t0 = trace.now()
             rc = lib.decode_chain(
                 ctypes.addressof(self.chain) + start * self._size, self.n - start,
                 self.xr.data_ptr(), self.xn.data_ptr(), self.logits.data_ptr(),
@@ -241,6 +250,8 @@ class FusedChain:
             )  # fmt: skip
             fastkernels._check(rc)
             end = start + done.value
+            if t0 is not None:  # the layers it ran whole, and the attention half of the next
+                trace.complete(f"chain L{start}-L{end}", "chain", t0, layers=done.value)
             ids = self.ids.tolist()
             for i in range(start, end):
                 self.executor.account_hits(self.layers[i], ids[i])
@@ -252,6 +263,7 @@ class FusedChain:
             routed = (self.ids[end : end + 1], self.w[end : end + 1])
             out = f.moe(self.xn.view(1, 1, self.d), None, logits=self.logits, routed=routed)
             self.xr.copy_(h + out.reshape(-1).to(self.dtype))
+            f.moe.refine(self.xr.view(1, 1, self.d))
             start = end + 1
             if start == self.n:
                 break

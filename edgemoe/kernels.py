@@ -625,9 +625,7 @@ class MwqKernel(_NestedKernel):
     weight the decoder has reached (shared with the weight when dtype is float32)."""
 
     def _fused_ok(self, shape, params):
-        return _mwq_native_ok(shape, params) or (
-            _int4_ok(shape, params) and params["bits"][0] <= 4
-        )
+        return _mwq_native_ok(shape, params) or (_int4_ok(shape, params) and params["bits"][0] <= 4)
 
     def _fused_nbytes(self, shape, params, levels, dtype):
         if _mwq_native_ok(shape, params):

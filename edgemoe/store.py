@@ -163,6 +163,7 @@ class _Read:
         self.out: Future | None = None  # set once demanded
         self.then = self.build = None
         self.cancelled = False
+        self.freed = False  # cancelled and its slab recycled
         self.head_fired = self.head_fired_ok = self.landed = False
 
     def recut(self, part: int) -> None:
@@ -200,6 +201,12 @@ class Ahead:
         self.read = read
         self.key = (read.layer, read.expert)
         self.level = read.level
+
+    @property
+    def freed(self) -> bool:
+        """Dropped, and its slab back in the store's free list (a part in flight when it was
+        dropped lands first)."""
+        return self.read.freed
 
 
 class ExpertStore:
@@ -377,7 +384,9 @@ class ExpertStore:
             if self.throttle is not None:
                 self.throttle(n)
             kind = {} if demanded else {"ahead": 1}
-            with trace.span(f"read L{r.layer} E{r.expert}", "io", level=r.level, part=i, **kind):
+            with trace.span(
+                f"read L{r.layer} E{r.expert}", "io", level=r.level, part=i, bytes=n, **kind
+            ):
                 got = self._pread(r.view[o : o + n], r.start + o)
         except BaseException as e:  # noqa: BLE001 (handed to the read's future)
             got, error = 0, e
@@ -401,6 +410,7 @@ class ExpertStore:
             free = r.cancelled and r.inflight == 0
         if free:
             self.recycle(r.buf)
+            r.freed = True
         self._settle(r, fire_head, fire_land, inline=True)
         self._pump()
 
@@ -491,6 +501,7 @@ class ExpertStore:
             got = r.got
         if free:
             self.recycle(r.buf)
+            r.freed = True
         return got
 
     def _pump(self) -> None:

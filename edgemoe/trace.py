@@ -1,9 +1,10 @@
 """Where time goes: a Chrome / Perfetto trace of a run (`edgemoe run --trace trace.json`).
 
-Lanes: the computing thread (each forward pass, each MoE layer from `begin`
-to `finish`, and inside it every stall on a read), one lane per reader thread
-(each expert read, and its preparation), and instants for prefetches and
-evictions. Open the file in https://ui.perfetto.dev or chrome://tracing.
+Lanes: the computing thread (each forward pass, each fused attention half, each
+MoE layer from `begin` to `finish` and inside it every stall on a read, each
+call of the fused decode chain over cached layers), one lane per reader thread
+(each expert read or part of one, with its bytes, and its preparation), and
+instants for prefetches and evictions. Open the file in https://ui.perfetto.dev or chrome://tracing.
 
 Recording is off unless a Tracer is installed (`install`); the hooks then
 cost one list append per event.
@@ -97,6 +98,20 @@ def instant(name: str, cat: str, **args) -> None:
     t = _TRACER
     if t is not None:
         t.instant(name, cat, **args)
+
+
+def now() -> float | None:
+    """The installed tracer's clock (microseconds), or None when none is installed."""
+    t = _TRACER
+    return None if t is None else t._now()
+
+
+def complete(name: str, cat: str, start_us: float, **args) -> None:
+    """A span from start_us (`now()`) to now on the calling thread's lane, if a tracer is
+    installed."""
+    t = _TRACER
+    if t is not None:
+        t.complete(name, cat, start_us, t._now() - start_us, **args)
 
 
 def _union(spans: list[tuple[float, float]]) -> float:

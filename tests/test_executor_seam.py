@@ -88,9 +88,10 @@ def _landed(a, timeout=30.0):
 
 def test_read_ahead_is_taken_over_or_dropped(tiny_emoe):
     """With a cache short of every expert, a hint reads the likeliest uncached expert into
-    room of its own (in the plan), not into the cache. The layer that misses on it takes the
-    parts that landed (no byte read twice) and computes what a fresh read gives; a layer
-    that does not use it drops it, its bytes counted wasted and its slab given back."""
+    a slab of its own whose room the cache sets aside (no room of its own in the plan). The
+    layer that misses on it takes the parts that landed (no byte read twice), computes what
+    a fresh read gives, and the room becomes that expert's entry; a layer that does not use
+    it drops it, its bytes counted wasted, its slab and its room given back."""
     path = tiny_emoe("mixtral", experts="int8")  # computed in place: read into slabs
     with edgemoe.load(path, ctx=64, prefetch="idle") as ref, torch.inference_mode():
         size = ref.facts.expert_nbytes(0, ref.level)
@@ -99,11 +100,12 @@ def test_read_ahead_is_taken_over_or_dropped(tiny_emoe):
         room = ref.plan.io_buffers
     ahead = edgemoe.load(path, ctx=64, expert_cache=3 * size, prefetch="idle")
     with ahead as m, torch.inference_mode():
-        assert m.plan.io_buffers == room + m.store.max_span  # the read ahead's slab, planned
+        assert m.plan.io_buffers == room  # the read ahead's room is the cache's
         assert m.prefetch == "idle"
         ex, store = m.executor, m.store
         ex.hint(1, torch.tensor([[2, 5]]))
-        assert ex.stats().prefetch_issued == 1 and (1, 2) not in ex.cache  # its own room
+        assert ex.stats().prefetch_issued == 1 and (1, 2) not in ex.cache  # not an entry
+        assert ex.cache.used == size  # but its room is set aside
         _landed(ex._next)
         before = store.bytes_read
         y = ex.run(1, *_layer_inputs(m, 1, [2, 2]))
@@ -111,8 +113,10 @@ def test_read_ahead_is_taken_over_or_dropped(tiny_emoe):
         assert torch.equal(y, want)
         assert store.bytes_read == before, "the layer read again what was read ahead"
         assert s.prefetch_used == 1 and s.misses == 1 and (1, 2) in ex.cache
+        assert ex.cache.used == size  # the room set aside became (1, 2)'s entry
         # a wrong guess: dropped when its layer begins, its slab back in the free list
         ex.hint(1, torch.tensor([[6]]))
+        assert ex.cache.used == 2 * size
         _landed(ex._next)
         ex.run(1, *_layer_inputs(m, 1, [2, 2]))
         s = ex.stats()
@@ -120,7 +124,41 @@ def test_read_ahead_is_taken_over_or_dropped(tiny_emoe):
             s.prefetch_wasted == 1 and s.prefetch_bytes_wasted == store._span(1, 6, 0, m.level)[1]
         )
         assert ex._next is None and any(store._slabs.values())
+        assert ex.cache.used == size  # the room given back
         assert s.prediction_accuracy == 0.5  # [2, 5] then [6], for [2] each time
+
+
+def test_read_ahead_room_evicts_and_looks_past_cached_layers(tiny_emoe):
+    """A full cache gives its next victim's room to a read ahead; where the next layer's
+    guessed experts are all cached, the read ahead is one of a later layer's (`later`), and
+    the layers in between leave it alone; dropped, its room comes back with its slab."""
+    path = tiny_emoe("mixtral", experts="int8")
+    with edgemoe.load(path, ctx=64, prefetch="idle") as ref:
+        size = ref.facts.expert_nbytes(0, ref.level)
+    with edgemoe.load(path, ctx=64, expert_cache=2 * size, prefetch="idle") as m:
+        with torch.inference_mode():
+            ex = m.executor
+            ex.run(0, *_layer_inputs(m, 0, [0, 1]))  # the cache is full: (0, 0), (0, 1)
+            assert ex.cache.used == 2 * size and ex.cache.free == 0
+            evicted = ex.cache.evictions
+            ex.hint(0, torch.tensor([[0, 1]]), lambda: iter([(1, torch.tensor([[3, 4]]))]))
+            assert ex._next is not None and ex._next.key == (1, 3)  # layer 0's are cached
+            assert ex.cache.evictions == evicted + 1 and ex.cache.used == 2 * size
+            ex.account_hits(0, [1])  # layer 0 (the chain's way) leaves layer 1's read alone
+            assert ex._next is not None and ex._next.key == (1, 3)
+            # dropped (as by a layer that routes elsewhere): its room comes back with its slab
+            a = ex._next
+            ex._drop_ahead()
+            _landed_or_freed(a)
+            ex._reclaim()
+            assert ex.cache.used == size and not ex._limbo
+
+
+def _landed_or_freed(a, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not a.freed and time.monotonic() < end:
+        time.sleep(0.005)
+    assert a.freed
 
 
 def test_read_ahead_waits_for_demanded_reads(tiny_emoe, monkeypatch):

@@ -138,7 +138,9 @@ def test_chain_reads_ahead_and_keeps_its_tokens(tiny_emoe):
 def test_the_fused_attention_is_a_span_of_the_compute_lane(tiny_emoe):
     from edgemoe import trace
 
-    m = edgemoe.load(tiny_emoe("mixtral", experts="int8", dense="int8"), ctx=128)
+    # prefetch hints want the per-layer path (no chain): each layer's attention is a call
+    path = tiny_emoe("mixtral", experts="int8", dense="int8")
+    m = edgemoe.load(path, ctx=128, prefetch="eager")
     t = trace.Tracer()
     trace.install(t)
     try:
@@ -146,6 +148,7 @@ def test_the_fused_attention_is_a_span_of_the_compute_lane(tiny_emoe):
     finally:
         trace.install(None)
         m.close()
+    assert not [e for e in t.events if e.get("cat") == "chain"]
     attn = [e for e in t.events if e.get("cat") == "attn"]
     moes = [e for e in t.events if e.get("cat") == "moe"]
     layers = len(m.model.layers)
@@ -156,3 +159,24 @@ def test_the_fused_attention_is_a_span_of_the_compute_lane(tiny_emoe):
         layer = a["name"].split("L")[1]
         after = [x for x in moes if x["name"] == f"moe L{layer}" and x["ts"] >= a["ts"]]
         assert after and a["ts"] + a["dur"] <= min(x["ts"] for x in after) + 1
+
+
+def test_a_traced_decode_step_runs_the_chain_and_shows_it(tiny_emoe):
+    """A trace does not change the path a step takes: with every expert cached, each decode
+    step is one chain call over every layer, a span on the compute lane."""
+    from edgemoe import trace
+
+    m = edgemoe.load(tiny_emoe("mixtral", experts="int8", dense="int8"), ctx=128)
+    t = trace.Tracer()
+    trace.install(t)
+    try:
+        m.generate(PROMPT, max_tokens=4)
+    finally:
+        trace.install(None)
+        m.close()
+    chain = [e for e in t.events if e.get("cat") == "chain"]
+    steps = [e for e in t.events if e.get("cat") == "step"][1:]  # after the prompt's
+    layers = len(m.model.layers)
+    assert len(chain) == len(steps) >= 3
+    assert all(e["args"]["layers"] == layers for e in chain)
+    assert not [e for e in t.events if e.get("cat") == "attn"]

@@ -98,9 +98,14 @@ class ExpertExecutor(ABC):
         for fn in self._observers:
             fn(layer, expert_ids)
 
-    def hint(self, layer: int, predicted_ids: torch.Tensor) -> None:
+    # whether hint() wants a second, better guess from a layer's output (RoutedMoE.refine)
+    refines = False
+
+    def hint(self, layer: int, predicted_ids: torch.Tensor, later=None) -> None:
         """Layer `layer` will probably route to these experts ([T, K] or [N] int64): an
-        executor may start fetching them. The default ignores hints."""
+        executor may start fetching them. `later`, if given, is a function that yields
+        (layer, predicted_ids) for the MoE layers after it, guessed from the same hidden
+        state. The default ignores hints."""
         return None
 
     @abstractmethod

@@ -19,16 +19,23 @@ reads them (at the top level) in the background; the reservation holds them unti
 that layer's `begin`, so the layers in between cannot evict them.
 
 With `ahead` set (the engine's prefetch="idle", where the cache cannot hold every
-expert), `hint` instead reads the likeliest uncached one of them into a slab of its own
-(the plan's read-ahead room, not the cache's), only while no demanded read is
-queued or in flight (store.ahead): the disk's idle time between a layer's last read
-and the next layer's first. If that layer then misses on it, its read takes over
-the parts already landed (store.take); if not, it is dropped and only idle disk
-time was spent.
+expert), `hint` instead reads the likeliest uncached one of them into a slab of its own,
+only while no demanded read is queued or in flight (store.ahead): the disk's idle time
+between a layer's last read and the next layer's first. Its room is the cache's: the
+cache sets it aside (evicting its next victim) rather than the plan keeping a slot of
+its own, which cost the 25% cap 7% of its decode speed (one slot of about five). Where
+the next layer's guessed experts are all cached, it reads one of a later layer's (the
+chain of cached layers would leave the disk idle). A layer's output guesses again
+(RoutedMoE.refine: 77% of the next layer's experts right against 61% from its input on
+the bench model) and the read re-aims if the guess changed. If that layer then misses
+on it, its read takes over the parts already landed (store.take) and the room becomes
+its entry; if not, it is dropped and only idle disk time and the evicted expert were
+spent.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +61,12 @@ from edgemoe.moe.experts import (
 from edgemoe.moe.schedule import LayerSchedule, Slice, Wave, schedule
 from edgemoe.prepare import downgrade_expert, expert_at
 from edgemoe.store import Ahead, ExpertStore
+
+# A read ahead looks this many MoE layers on for an expert not in memory, where the guess is
+# that the next layer's are all cached (the layers after it are guessed from the same
+# hidden state, less well: on the bench model 61% of the next layer's experts, 50% of the
+# one after; docs/BENCHMARKS.md "read-ahead").
+AHEAD_LAYERS = int(os.environ.get("EDGEMOE_AHEAD_LAYERS", "3"))
 
 
 @dataclass
@@ -141,6 +154,8 @@ class LocalExecutor(ExpertExecutor):
         self._predicted = self._routed_hinted = 0
         self.ahead = False  # hints read one expert ahead in idle disk time (module doc)
         self._next: Ahead | None = None  # that read, until its layer takes or drops it
+        self._aside = 0  # the cache's room it holds (ExpertCache.set_aside)
+        self._limbo: list[tuple[Ahead, int]] = []  # dropped, a part still landing: its room
         self._guess: tuple[int, set[int]] | None = None  # its layer's hinted experts
         self._pf_bytes_wasted = 0
 
@@ -250,9 +265,13 @@ class LocalExecutor(ExpertExecutor):
         return ew
 
     # ---- prefetch
-    def hint(self, layer, predicted_ids):
+    @property
+    def refines(self) -> bool:
+        return self.ahead
+
+    def hint(self, layer, predicted_ids, later=None):
         if self.ahead:
-            self._read_ahead(layer, predicted_ids)
+            self._read_ahead(layer, predicted_ids, later)
             return
         held = self._prefetched.setdefault(layer, set())
         keys = [(layer, e) for e in torch.unique(predicted_ids).tolist()]
@@ -272,29 +291,67 @@ class LocalExecutor(ExpertExecutor):
             self._issued.add(key)
             self._pf_issued += 1
 
-    def _read_ahead(self, layer: int, predicted_ids: torch.Tensor) -> None:
-        """Read ahead the likeliest of the predicted experts that is not in memory (the most
-        tokens' choice, then the router's order); drop the previous read ahead."""
-        self._drop_ahead()
+    def _uncached_guess(self, layer: int, predicted_ids: torch.Tensor) -> int | None:
+        """The likeliest predicted expert of `layer` not in memory (the most tokens' choice,
+        then the router's order), or None."""
         ids = predicted_ids.reshape(-1).tolist()
-        self._guess = (layer, set(ids))
         for e in sorted(set(ids), key=lambda e: (-ids.count(e), ids.index(e))):
-            if self.cache.peek((layer, e)) is not None:
-                continue
-            level = self.level(layer, e)
-            if not self.borrow(layer, e, level):
-                return  # its read would not land in a slab of its own
-            self._next = self.store.ahead(layer, e, level, self.head(layer, e, level))
-            if self._next is not None:
-                self._pf_issued += 1
-                trace.instant(f"ahead L{layer} E{e}", "prefetch")
+            if self.cache.peek((layer, e)) is None:
+                return e
+        return None
+
+    def _read_ahead(self, layer: int, predicted_ids: torch.Tensor, later=None) -> None:
+        """Read ahead the likeliest predicted expert of `layer` that is not in memory; where
+        the guess is that all of them are, the likeliest of the layers after it (`later`, up
+        to AHEAD_LAYERS in all). A read ahead of the same expert goes on; another is dropped."""
+        self._guess = (layer, set(predicted_ids.reshape(-1).tolist()))
+        want, e = layer, self._uncached_guess(layer, predicted_ids)
+        if e is None and later is not None:
+            for n, (want, ids) in enumerate(later(), start=1):
+                if n >= AHEAD_LAYERS:
+                    break
+                e = self._uncached_guess(want, ids)
+                if e is not None:
+                    break
+        a = self._next
+        if e is not None and a is not None and a.key == (want, e):
+            return  # already reading it
+        self._drop_ahead()
+        if e is None:
             return
+        level = self.level(want, e)
+        if not self.borrow(want, e, level):
+            return  # its read would not land in a slab of its own
+        n = max(1, self._size((want, e), level))
+        self._reclaim()
+        if not self.cache.set_aside(n):  # its room is the cache's: the next victim goes now
+            return
+        self._next = self.store.ahead(want, e, level, self.head(want, e, level))
+        if self._next is None:
+            self.cache.give_back(n)
+            return
+        self._aside = n
+        self._pf_issued += 1
+        trace.instant(f"ahead L{want} E{e}", "prefetch")
 
     def _drop_ahead(self) -> None:
         if self._next is not None:
             self._pf_bytes_wasted += self.store.drop(self._next)
             self._pf_wasted += 1
-            self._next = None
+            self._limbo.append((self._next, self._aside))
+            self._next, self._aside = None, 0
+        self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Give the cache back the room of dropped reads ahead whose slab is free again (a
+        part in flight when it was dropped lands first)."""
+        keep = []
+        for a, n in self._limbo:
+            if a.freed:
+                self.cache.give_back(n)
+            else:
+                keep.append((a, n))
+        self._limbo = keep
 
     def _settle_ahead(self, layer: int, expert_ids: torch.Tensor) -> None:
         """A layer begins: its hint's accuracy; the read ahead it will not take is dropped."""
@@ -304,8 +361,14 @@ class LocalExecutor(ExpertExecutor):
             self._routed_hinted += len(routed)
             self._guess = None
         a = self._next
-        if a is not None and (a.key[0] != layer or a.key[1] not in routed):
-            self._drop_ahead()
+        if a is not None and (a.key[0] < layer or (a.key[0] == layer and a.key[1] not in routed)):
+            self._drop_ahead()  # a read ahead for a later layer goes on
+        elif a is not None and a.key[0] == layer:
+            # taken by this layer's read of it (_fetch): the room it held becomes that
+            # expert's cache entry, reserved next without evicting anyone
+            self.cache.give_back(self._aside)
+            self._aside = 0
+        self._reclaim()
 
     def close(self) -> None:
         self._drop_ahead()
@@ -313,8 +376,8 @@ class LocalExecutor(ExpertExecutor):
     # ---- the fused decode chain (fused.FusedChain)
     def chain_ready(self) -> bool:
         """Whether a decode step may run its layers in one kernel call: no bit policy and no
-        prefetch bookkeeping (each wants the per-layer path), no trace being recorded."""
-        return self._plain() and trace.current() is None
+        prefetch bookkeeping (each wants the per-layer path)."""
+        return self._plain()
 
     def _plain(self) -> bool:
         """No bit policy and no prefetch bookkeeping: a layer's levels are fixed and nothing
