@@ -99,6 +99,22 @@ def measured_bound(
     return _bound(mem, flash_bytes_per_step, memory_bandwidth, rate, hit_rate, batch)
 
 
+def rerated(
+    memory_bytes: float,
+    flash_bytes: float,
+    *,
+    memory_bandwidth: float,
+    flash_rand_read: float,
+    flash_seq_read: float | None,
+    read_bytes: int,
+    batch: int = 1,
+) -> float:
+    """A finished run's bound (its bytes per step from memory and from flash, as its summary
+    gives them) on other rates: tokens/s."""
+    rate = flash_rate(flash_rand_read, flash_seq_read, read_bytes)
+    return _bound(memory_bytes, flash_bytes, memory_bandwidth, rate, 0.0, batch).tokens_per_s
+
+
 SEQUENTIAL_READ = 4 << 20  # reads this large are served at the profile's flash_seq_read
 
 

@@ -648,21 +648,24 @@ class EdgeModel:
             "arena_slabs": self.arena_slabs,
             "all_experts": int(p.all_experts),
             "device": self.device.name if self.device else None,
-            "bound_tok_s": self._bound(st) if stats is not None else None,
+            **self._bound(st if stats is not None else None),
             "bound_device": self.bound_device.name if self.bound_device else None,
             "plan": p.as_dict(),
         }
 
-    def _bound(self, st: RunStats) -> float | None:
-        """The decode bound for a run's measured misses, on the emulated device (None without one)."""
+    def _bound(self, st: RunStats | None) -> dict:
+        """The decode bound for a run's measured misses, on the emulated device: its tokens/s
+        and the bytes per decode step it moves from memory and from flash (None without a
+        device; the bench re-rates them with the rates measured around the run)."""
         dev = self.bound_device
-        if dev is None or st.batch == 0 or st.new_tokens <= st.batch:
-            return None
+        keys = ("bound_tok_s", "bound_memory_bytes_per_step", "bound_flash_bytes_per_step")
+        if dev is None or st is None or st.batch == 0 or st.new_tokens <= st.batch:
+            return dict.fromkeys(keys)
         from edgemoe.bound import measured_bound
 
         f, d = self.facts, st.decode_executor
         steps = max(1, (st.new_tokens - st.batch) // st.batch)
-        return measured_bound(
+        b = measured_bound(
             self.plan,
             moe_layers=len(f.moe_layers),
             top_k=f.top_k,
@@ -674,7 +677,8 @@ class EdgeModel:
             flash_seq_read=dev.flash_seq_read,
             batch=st.batch,
             lookup_only=f.lookup_only,
-        ).tokens_per_s
+        )
+        return dict(zip(keys, (b.tokens_per_s, b.memory_bytes, b.flash_bytes)))
 
     def summary_line(self, stats: RunStats | None = None) -> str:
         s = self.summary(stats)

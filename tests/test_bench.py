@@ -236,6 +236,7 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     cmd += ["--doc", str(doc), "--no-drop-caches", "--json", str(out)]
     cmd += ["--bits", "fixed:1", "--lever-emoe", str(DEMO)]  # a D²MoE lever system beside
     cmd += ["--traces", str(tmp_path / "traces")]
+    cmd += ["--bound", "rpi5-8gb-sd"]  # its rates measured again before and after each run
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -245,6 +246,20 @@ def test_bench_runs_the_demo_model_inside_a_cgroup(memory_cap, tmp_path):
     assert run["decode_tok_s"] > 0 and run["peak"] > 0
     assert 1 <= run["prompt_tokens"] <= 16 and run["new_tokens"] >= 1
     assert "| none |" in p.stdout
+    # its bound on the means of the rates measured before and after it
+    from edgemoe.bound import rerated
+
+    x = run["extra"]
+    before, after = x["bound_rates"], x["bound_rates_after"]
+    mean = {k: (before[k] + after[k]) / 2 for k in before}
+    assert x["bound_tok_s_before"] > 0 and x["bound_tok_s"] > 0
+    assert x["bound_tok_s"] == pytest.approx(
+        rerated(
+            x["bound_memory_bytes_per_step"], x["bound_flash_bytes_per_step"],
+            read_bytes=x["largest_expert"], **mean,
+        ),
+        rel=1e-9,
+    )  # fmt: skip
     (lever,) = [r for r in record["runs"] if r["system"] == "edgemoe+fixed:1"]
     assert lever["status"] == OK and lever["extra"]["bits_policy"] == "fixed:1"
     assert lever["extra"]["average_bits"] > 0

@@ -14,6 +14,8 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 import edgemoe
 from edgemoe.sampling import Sampling
 
@@ -177,3 +179,23 @@ def test_bound_on_a_profile_without_emulating_it():
     assert name and emulated["bound_device"] == name and emulated["bound_tok_s"] > 0
     assert bound["bound_device"] == name and bound["device"] is None
     assert bound["bound_tok_s"] > 0
+    # the bytes it moved, re-rated on the profile's own rates, give the same bound; on a
+    # disk twice as fast the flash part of its time halves (the bench's before/after rates)
+    from devices.profile import load_profile
+    from edgemoe.bound import rerated
+
+    prof = load_profile("rpi5-8gb-sd")
+    rates = dict(
+        memory_bandwidth=prof.memory_bandwidth,
+        flash_rand_read=prof.flash_rand_read,
+        flash_seq_read=prof.flash_seq_read,
+        read_bytes=bound["plan"]["largest_expert"],
+    )
+    mem, flash = bound["bound_memory_bytes_per_step"], bound["bound_flash_bytes_per_step"]
+    assert mem > 0 and flash > 0
+    assert rerated(mem, flash, **rates) == pytest.approx(bound["bound_tok_s"], rel=1e-9)
+    fast = dict(rates, flash_rand_read=2 * rates["flash_rand_read"])
+    fast["flash_seq_read"] = 2 * rates["flash_seq_read"]
+    t = mem / rates["memory_bandwidth"]
+    want = 1 / (t + (1 / bound["bound_tok_s"] - t) / 2)
+    assert rerated(mem, flash, **fast) == pytest.approx(want, rel=1e-9)

@@ -429,6 +429,7 @@ def _measured_args(args: list[str]) -> list[str]:
 def _rates_range(runs) -> str:
     """The re-measured bound rates of the runs, as ranges."""
     got = [r.extra["bound_rates"] for r in runs if r.extra.get("bound_rates")]
+    got += [r.extra["bound_rates_after"] for r in runs if r.extra.get("bound_rates_after")]
     parts = []
     for key, label in (
         ("memory_bandwidth", "memory"),
@@ -532,10 +533,11 @@ def _write_doc(
             "memory at the memory bandwidth, from flash at the read rate for an expert's size, "
             f"on the profile {a.bound} of this machine by `edgemoe profile`"
             + (
-                " with its memory and flash rates measured again just before each run (the "
-                "profiler's memory copy and O_DIRECT reads of the model file: "
+                " with its memory and flash rates measured again just before and just after "
+                "each run, the bound on their means (the profiler's memory copy and O_DIRECT "
+                "reads of the model file: "
                 + _rates_range(runs)
-                + "), since they move from hour to hour here"
+                + "), since they move by 20-30% within minutes here"
                 if any(r.extra.get("bound_rates") for r in runs)
                 else ""
             )
