@@ -128,12 +128,50 @@ def _union(spans: list[tuple[float, float]]) -> float:
     return total + (end - start if end is not None else 0.0)
 
 
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, disjoint spans covering the same time."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        elif b > a:
+            out.append((a, b))
+    return out
+
+
+def _cut(spans: list[tuple[float, float]], off: list[tuple[float, float]]):
+    """(spans less `off`, the length removed): both sorted and disjoint."""
+    out, removed, j = [], 0.0, 0
+    for a, b in spans:
+        at = a
+        while j < len(off) and off[j][1] <= at:
+            j += 1
+        k = j
+        while k < len(off) and off[k][0] < b:
+            lo, hi = max(at, off[k][0]), min(b, off[k][1])
+            if lo > at:
+                out.append((at, lo))
+            removed += hi - lo
+            at = hi
+            k += 1
+        if at < b:
+            out.append((at, b))
+    return out, removed
+
+
+# what the computing thread did while no read was in flight, the innermost first
+IDLE_DURING = (("stall", "stall"), ("attention", "attn"), ("chain", "chain"), ("moe", "moe"))
+
+
 def summarize(path: str | os.PathLike) -> dict:
     """Where a run's decode time went, from its trace: the decode steps (every forward pass
     after the first, the prompt's), per token: their wall time, the stalls on reads in them,
     the MoE layers' spans, the expert reads begun (a read in parts counts once), and the
-    share of the time at least one read was in flight (disk busy). Empty when the trace has
-    no decode step."""
+    share of the time at least one read was in flight (disk busy), and the time no read was
+    (disk idle) by what the computing thread did meanwhile: waited on a read being
+    checked and prepared (stall), a fused attention half, a chain of cached layers, the rest
+    of a MoE layer (before its first read and after its last), anything else (between:
+    norms, the head, sampling, Python). Empty when the trace has no decode step."""
     events = json.loads(Path(path).read_text())["traceEvents"]
     spans = [e for e in events if e.get("ph") == "X"]
     steps = sorted((e for e in spans if e["cat"] == "step"), key=lambda e: e["ts"])[1:]
@@ -142,6 +180,11 @@ def summarize(path: str | os.PathLike) -> dict:
     io = [e for e in spans if e["cat"] == "io"]
     reads = [(e["ts"], e["ts"] + e["dur"]) for e in io]
     firsts = [e["ts"] for e in io if not e.get("args", {}).get("part")]  # a read's first part
+    lanes = {
+        name: _merge([(e["ts"], e["ts"] + e["dur"]) for e in spans if e["cat"] == cat])
+        for name, cat in IDLE_DURING
+    }
+    idle = dict.fromkeys([*lanes, "between"], 0.0)
     wall = busy = stall = moe = 0.0
     n_reads = 0
     for s in steps:
@@ -149,6 +192,11 @@ def summarize(path: str | os.PathLike) -> dict:
         wall += b - a
         inside = [(max(a, x), min(b, y)) for x, y in reads if x < b and y > a]
         busy += _union(inside)
+        gaps, _ = _cut([(a, b)], _merge(inside))
+        for name, lane in lanes.items():
+            gaps, took = _cut(gaps, lane)
+            idle[name] += took
+        idle["between"] += sum(y - x for x, y in gaps)
         n_reads += sum(1 for x in firsts if a <= x < b)
         for e in spans:
             if a <= e["ts"] < b and e["cat"] in ("stall", "moe"):
@@ -164,4 +212,5 @@ def summarize(path: str | os.PathLike) -> dict:
         "stall_ms_per_step": stall / n / 1e3,
         "moe_ms_per_step": moe / n / 1e3,
         "reads_per_step": n_reads / n,
+        "disk_idle_ms_per_step": {k: v / n / 1e3 for k, v in idle.items()},
     }

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_run_writes_a_chrome_trace(tmp_path):
     out = tmp_path / "trace.json"
@@ -53,13 +55,23 @@ def test_summarize_counts_decode_steps_reads_and_idle_disk(tmp_path):
         x("moe L0", "moe", 2050, 800),
         x("forward", "step", 4000, 3000),
         x("read L0 E3", "io", 6500, 1000, level=1),  # half inside the step
+        x("chain L0-L2", "chain", 4100, 500, layers=2),
+        x("attn L2", "attn", 4600, 100),
+        x("stall", "stall", 6400, 200),
     ]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": events}))
     s = summarize(path)
     assert s["decode_steps"] == 2 and s["ms_per_step"] == 2.0
     assert s["disk_busy"] == (600 + 500) / 4000
-    assert s["reads_per_step"] == 1.0 and s["stall_ms_per_step"] == 0.15
+    assert s["reads_per_step"] == 1.0 and s["stall_ms_per_step"] == 0.25
     assert s["moe_ms_per_step"] == 0.4
+    # disk idle: step 2 (2000-3000) idle from 2600; its MoE span runs to 2850; step 3
+    # (4000-7000) idle to 6500, with a chain 4100-4600, an attention 4600-4700 and a stall
+    # (a read being prepared) 6400-6600 of which 100 are idle
+    idle = s["disk_idle_ms_per_step"]
+    assert idle == pytest.approx(
+        {"stall": 0.05, "attention": 0.05, "chain": 0.25, "moe": 0.125, "between": 0.975}
+    )
     path.write_text(json.dumps({"traceEvents": events[:2]}))
     assert summarize(path) == {}

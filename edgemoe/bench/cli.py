@@ -326,6 +326,9 @@ def cmd_bench(a) -> int:
             if a.json:
                 _dump(a.json, prep, systems, caps, base, runs, when)
     traces = record.get("traces", {}) if a.from_json else {}
+    for t in traces.values():  # summed up again by this code, where the file is still there
+        if Path(t.get("file", "")).is_file():
+            t.update(trace.summarize(t["file"]))
     if not (a.no_traces or a.from_json):
         traces = _traced_runs(a, prep, plan, known, levers, lever_emoe, prompts, base, settings)
     if a.json and traces:
@@ -350,8 +353,8 @@ def cmd_bench(a) -> int:
 
 def _traced_runs(a, prep, plan, known, levers, lever_emoe, prompts, base, settings) -> dict:
     """One more cold, capped run of each edgemoe system at each cap and batch, traced (the
-    per-layer path: its speed is not the table's); "SYSTEM at CAP[, batch B]" -> its trace's
-    file and trace.summarize's figures."""
+    same path as an untraced run: the decode chain is one span); "SYSTEM at CAP[, batch B]"
+    -> its trace's file and trace.summarize's figures."""
     folder = Path(a.traces or CACHE / "bench" / "traces" / _section(a, prep)).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     out: dict = {}
@@ -444,6 +447,14 @@ def _rates_range(runs) -> str:
 def _section(a, prep) -> str:
     """The doc section (and plot) a bench writes: a replayed one is a section of its own."""
     return prep.name + ("-replay" if a.replay else "")
+
+
+def _idle_text(idle: dict | None) -> str:
+    """', disk idle 29 ms (chain 14, moe 7.9, ...)' from trace.summarize's figures."""
+    if not idle:
+        return ""
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(idle.items(), key=lambda kv: -kv[1]) if v)
+    return f", disk idle {sum(idle.values()):.1f} ms ({parts})"
 
 
 def _bound_shares(runs) -> dict:
@@ -549,13 +560,15 @@ def _write_doc(
         out += [
             "",
             "Where decode time goes, from one more cold run of each edgemoe system and cap with "
-            "`--trace` (the per-layer path, so a little slower than the table; its trace is kept "
+            "`--trace` (the same path as the table's runs; its trace is kept "
             f"in {Path(next(iter(traces.values()))['file']).parent}): per decode step, its time, "
-            "the share of it with an expert read in flight (disk busy), the stalls on reads, and "
-            "the reads begun: "
+            "the share of it with an expert read in flight (disk busy), the stalls on reads, "
+            "the reads begun, and the disk's idle time by what the computing thread did "
+            "meanwhile (trace.summarize): "
             + "; ".join(
                 f"{label} {t['ms_per_step']:.1f} ms, disk busy {t['disk_busy']:.0%}, stalls "
                 f"{t['stall_ms_per_step']:.1f} ms, {t['reads_per_step']:.1f} reads"
+                + _idle_text(t.get("disk_idle_ms_per_step"))
                 for label, t in traces.items()
                 if t.get("decode_steps")
             )
