@@ -301,6 +301,7 @@ def cmd_bench(a) -> int:
         systems, plan = record["systems"], []
         skipped = [s for s in wanted if s not in systems]
         stamp = record.get("date") or Path(a.from_json).stat().st_mtime
+        a.commit = record.get("commit")  # the doc names the code that ran, not this one
         when = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
     for i, (rep, cap, b, order) in enumerate(plan):
         limit = cap.bytes(base)
@@ -484,7 +485,7 @@ def _write_doc(
     out = [
         f"### edgemoe bench: {_section(a, prep)} under memory caps",
         "",
-        f"`{argv}` on {machine()}, edgemoe {_git_head()}"
+        f"`{argv}` on {machine()}, edgemoe {getattr(a, 'commit', None) or _git_head()}"
         + (
             ", llama.cpp"
             + (f" {llama['build_commit']}" if llama.get("build_commit") != "unknown" else "")
