@@ -203,9 +203,8 @@ class FusedChain:
             self.fused[0].applies(x, cache)  # one token of one sequence, the plain cache
             and self.model.replay is None
             and (
-                getattr(
-                    self.executor, "ahead", False
-                )  # a layer it hands back hints (models/base.py)
+                # a layer it hands back hints (models/base.py)
+                getattr(self.executor, "ahead", False)
                 or not any(f.moe.predict and f.moe.next is not None for f in self.fused)
             )
             and self.executor.chain_ready()

@@ -65,7 +65,7 @@ from edgemoe.store import Ahead, ExpertStore
 # A read ahead looks this many MoE layers on for an expert not in memory, where the guess is
 # that the next layer's are all cached (the layers after it are guessed from the same
 # hidden state, less well: on the bench model 61% of the next layer's experts, 50% of the
-# one after; docs/BENCHMARKS.md "read-ahead").
+# one after; docs/BENCHMARKS.md "prefetch-idle"). EDGEMOE_AHEAD_LAYERS sets it.
 AHEAD_LAYERS = int(os.environ.get("EDGEMOE_AHEAD_LAYERS", "3"))
 
 
