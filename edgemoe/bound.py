@@ -9,6 +9,9 @@ sequential rate (32 MiB reads into huge pages) when one expert is a read of 4 Mi
 expert's levels lie back to back on disk, so a miss is one large read, which the disk serves
 at its sequential rate (measured here: a 33 MiB INT8 expert at 1.7 GB/s against 1.27 GB/s for
 256 KiB random reads; with the random rate a measured speed came out above the "bound").
+`edgemoe bench` measures that rate as such reads are made, reads of the file's largest expert
+at random places over the whole file (bench/runners.py fresh_bound): sequential 32 MiB reads
+of one region ran 4-25% faster than those in the same minute.
 
 Before a run the expected hits and misses per step come from the cache size
 and the file's routing trace, replayed through the runtime's cache protocol

@@ -437,10 +437,15 @@ def _rates_range(runs) -> str:
     parts = []
     for key, label in (
         ("memory_bandwidth", "memory"),
-        ("flash_seq_read", "flash sequential"),
+        (
+            "flash_seq_read",
+            "flash, reads of an expert's span at random places"
+            if any("flash_seq_32m" in g for g in got)
+            else "flash sequential (32 MiB reads)",
+        ),
         ("flash_rand_read", "flash random"),
     ):
-        v = [g[key] / 1e9 for g in got]
+        v = [g[key] / 1e9 for g in got if key in g]
         parts.append(f"{label} {min(v):.2f}-{max(v):.2f} GB/s, median {statistics.median(v):.2f}")
     return "; ".join(parts)
 
