@@ -85,9 +85,11 @@ def main() -> None:
     rows += [
         "",
         "MB read per token counts the prompt's reads too (the whole run over its new tokens). "
-        "`idle` reads the likeliest uncached expert of the next layer into a slab of its own, "
-        "only while no demanded read waits, and a layer that misses on it takes the parts "
-        "already read; `eager` reads every predicted expert into the cache at once.",
+        "`idle` reads the likeliest uncached expert of the next layer (or of up to two after "
+        "it, where the next one's are cached; guessed again from each layer's output) into a "
+        "slab whose room the cache gives up (its next victim), only while no demanded read "
+        "waits, and a layer that misses on it takes the parts already read; `eager` reads "
+        "every predicted expert into the cache at once.",
     ]
     write_section("prefetch-idle", rows)
 
