@@ -114,20 +114,6 @@ def complete(name: str, cat: str, start_us: float, **args) -> None:
         t.complete(name, cat, start_us, t._now() - start_us, **args)
 
 
-def _union(spans: list[tuple[float, float]]) -> float:
-    """Total length covered by (start, end) spans."""
-    total, end = 0.0, None
-    start = 0.0
-    for a, b in sorted(spans):
-        if end is None or a > end:
-            if end is not None:
-                total += end - start
-            start, end = a, b
-        else:
-            end = max(end, b)
-    return total + (end - start if end is not None else 0.0)
-
-
 def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Sorted, disjoint spans covering the same time."""
     out: list[tuple[float, float]] = []
@@ -191,8 +177,9 @@ def summarize(path: str | os.PathLike) -> dict:
         a, b = s["ts"], s["ts"] + s["dur"]
         wall += b - a
         inside = [(max(a, x), min(b, y)) for x, y in reads if x < b and y > a]
-        busy += _union(inside)
-        gaps, _ = _cut([(a, b)], _merge(inside))
+        merged = _merge(inside)
+        busy += sum(y - x for x, y in merged)
+        gaps, _ = _cut([(a, b)], merged)
         for name, lane in lanes.items():
             gaps, took = _cut(gaps, lane)
             idle[name] += took

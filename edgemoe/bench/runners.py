@@ -7,6 +7,7 @@ today's (pre-cache-policy) behaviour, run only when `edgemoe run` offers it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -146,6 +147,7 @@ def fresh_bound(profile: str, model: Path, out: Path) -> dict:
     return rates
 
 
+@functools.cache
 def _largest_span(model: Path) -> int:
     """The largest aligned read of one expert (all its levels) in a .emoe, 0 for another file."""
     from formats.reader import EmoeReader

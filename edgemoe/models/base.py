@@ -248,14 +248,11 @@ class CausalLM(ABC):
         self.dtype = weights.dtype
         self.embed = weights.tensor("model.embed_tokens.weight")
         self.layers = [self.make_layer(i) for i in range(args.num_hidden_layers)]
-        moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, RoutedMoE)]
+        moes = [layer for layer in self.layers if isinstance(layer.mlp, RoutedMoE)]
         for a, b in zip(moes, moes[1:]):
-            a.next = b  # a MoE layer predicts the next one's experts (prefetch hints)
-        for layer in self.layers:
-            if isinstance(layer.mlp, RoutedMoE) and layer.mlp.next is not None:
-                nxt = next(x for x in self.layers if x.mlp is layer.mlp.next)
-                if hasattr(nxt, "ln2"):
-                    layer.mlp.next_norm = (nxt.ln2, nxt.eps)
+            a.mlp.next = b.mlp  # a MoE layer predicts the next one's experts (prefetch hints)
+            if hasattr(b, "ln2"):  # and refines the guess on its output (RoutedMoE.refine)
+                a.mlp.next_norm = (b.ln2, b.eps)
         self.chain = FusedChain.of(self)
         self.norm = weights.tensor("model.norm.weight")
         if weights.has("lm_head.weight"):
